@@ -1,0 +1,1 @@
+"""Model runtime: weights, architectures, KV cache, tokenizer, catalog."""

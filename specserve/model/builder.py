@@ -1,0 +1,102 @@
+"""Build a ``CausalLM`` from a weight source in a chosen execution format."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from specserve.model.config import ModelConfig
+from specserve.model.errors import ModelLoadError
+from specserve.model.linear import DenseLinear, Int4Linear
+from specserve.model.quant import Int4Groups
+from specserve.model.transformer import Block, CausalLM
+from specserve.model.weights import WeightSource
+
+# Execution formats: the dtype of linear layers, and whether GGUF 4-bit tensors stay 4-bit.
+FORMATS = ("int4", "bfloat16", "float32")
+DEFAULT_CONTEXT = 8192  # preallocated RoPE tables / cache length unless asked otherwise
+
+_NORMS_LLAMA = ("attn_norm", "ffn_norm")
+_NORMS_GEMMA = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm",
+                "attn_q_norm", "attn_k_norm")
+
+
+def compute_dtype(fmt: str) -> torch.dtype:
+    return torch.float32 if fmt == "float32" else torch.bfloat16
+
+
+class _Builder:
+    def __init__(self, source: WeightSource, fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown execution format {fmt!r}; choose one of {FORMATS}")
+        self.source = source
+        self.fmt = fmt
+        self.dtype = compute_dtype(fmt)
+        self.names = set(source.names())
+
+    def require(self, name: str) -> str:
+        if name not in self.names:
+            raise ModelLoadError(f"{self.source.path}: missing tensor {name}")
+        return name
+
+    def bias(self, names: list[str]) -> torch.Tensor | None:
+        biases = [n.replace(".weight", ".bias") for n in names]
+        if not any(b in self.names for b in biases):
+            return None
+        return torch.cat([self.source.load(self.require(b)) for b in biases]).to(self.dtype)
+
+    def linear(self, names: list[str]) -> torch.nn.Module:
+        """A fused linear over the rows of ``names`` (e.g. q, k, v)."""
+        for name in names:
+            self.require(name)
+        bias = self.bias(names)
+        if self.fmt == "int4":
+            groups = [self.source.load_int4(n) for n in names]
+            if all(g is not None for g in groups):
+                parts = [g for g in groups if g is not None]
+                fused = Int4Groups(
+                    q=np.concatenate([g.q for g in parts]),
+                    scale=np.concatenate([g.scale for g in parts]),
+                    zero=np.concatenate([g.zero for g in parts]),
+                )
+                return Int4Linear(fused, bias)
+        weight = torch.cat([self.source.load(n).to(self.dtype) for n in names])
+        return DenseLinear(weight, bias)
+
+    def block(self, config: ModelConfig, layer: int) -> Block:
+        p = f"blk.{layer}."
+        modules = {
+            "qkv": self.linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+            "attn_output": self.linear([p + "attn_output.weight"]),
+            "gate_up": self.linear([p + "ffn_gate.weight", p + "ffn_up.weight"]),
+            "ffn_down": self.linear([p + "ffn_down.weight"]),
+        }
+        norm_names = _NORMS_GEMMA if config.architecture == "gemma3" else _NORMS_LLAMA
+        norms = {n: self.source.load(self.require(f"{p}{n}.weight")) for n in norm_names}
+        return Block(config, layer, modules, norms)
+
+
+def build_model(source: WeightSource, fmt: str, max_len: int | None = None,
+                progress: bool = True) -> CausalLM:
+    """Materialize every layer of ``source`` in format ``fmt`` (one tensor at a time)."""
+    config = source.config
+    builder = _Builder(source, fmt)
+    steps = tqdm(total=config.num_layers + 2, desc=f"loading {source.path.name} ({fmt})",
+                 unit="layer", disable=not progress, leave=False)
+    embedding = source.load(builder.require("token_embd.weight")).to(builder.dtype)
+    if embedding.shape[0] < config.vocab_size:
+        raise ModelLoadError(f"{source.path}: embedding has {embedding.shape[0]} rows, "
+                             f"vocabulary {config.vocab_size}")
+    steps.update()
+    blocks = []
+    for layer in range(config.num_layers):
+        blocks.append(builder.block(config, layer))
+        steps.update()
+    output_norm = source.load(builder.require("output_norm.weight"))
+    lm_head = (DenseLinear(embedding) if config.tie_embeddings
+               else builder.linear(["output.weight"]))
+    steps.update()
+    steps.close()
+    context = min(max_len or DEFAULT_CONTEXT, config.max_context)
+    return CausalLM(config, embedding, blocks, output_norm, lm_head, builder.dtype, context)

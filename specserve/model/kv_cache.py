@@ -1,0 +1,58 @@
+"""A preallocated, position-indexed KV cache for a batch of sequences.
+
+Each sequence owns a *slot* (a row of the cache). A forward writes the keys and values of
+its new tokens at their positions; attention only reads positions up to the query's own,
+so rolling back a rejected draft is just starting the next forward at a smaller position —
+the stale entries are overwritten then (gpt-fast's ``KVCache.update`` idea).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.model.config import ModelConfig
+
+
+class KVCache:
+    """Keys/values of all layers: ``[layers, slots, kv_heads, max_len, head_dim]``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (config.num_layers, num_slots, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_len = max_len
+
+    def update(
+        self,
+        layer: int,
+        slots: list[int],
+        starts: list[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        read_len: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new ``k``, ``v`` and return all keys/values up to ``read_len``.
+
+        k, v: ``[B, kv_heads, T, head_dim]``; row ``b`` is written at positions
+        ``starts[b] .. starts[b] + T`` of slot ``slots[b]`` (padding rows past the end of a
+        sequence write harmless garbage that is never read).
+        Returns keys and values ``[B, kv_heads, read_len, head_dim]``.
+        """
+        keys, values = self.keys[layer], self.values[layer]
+        new = k.shape[2]
+        for b, (slot, start) in enumerate(zip(slots, starts, strict=True)):
+            keys[slot, :, start : start + new] = k[b]
+            values[slot, :, start : start + new] = v[b]
+        if len(slots) == 1:
+            slot = slots[0]
+            return keys[slot : slot + 1, :, :read_len], values[slot : slot + 1, :, :read_len]
+        index = torch.tensor(slots, device=keys.device)
+        return keys[index, :, :read_len], values[index, :, :read_len]

@@ -1,0 +1,182 @@
+"""The causal LM: Llama family (Llama 2/3, SmolLM2, Qwen2, Mistral) and Gemma 3.
+
+One implementation, switched by ``ModelConfig``: Gemma 3 adds qk-norm, norms after the
+attention and MLP blocks, embedding scaling, tanh-GELU and sliding-window layers with their
+own RoPE base. The residual stream is float32; linear layers run in the execution format's
+dtype (bfloat16 for int4/bf16, float32 for fp32). Attention is computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specserve.model.config import ModelConfig
+from specserve.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """What one forward processes: ``T`` new tokens for each of ``B`` sequences.
+
+    Row b's tokens sit at positions ``starts[b] .. starts[b] + T - 1`` of cache slot
+    ``slots[b]``; rows with fewer real tokens are padded (their extra logits are ignored).
+    """
+
+    tokens: torch.Tensor  # [B, T] int64
+    slots: list[int]
+    starts: list[int]
+
+
+def rope_tables(base: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[max_len, head_dim]`` for rotate-half RoPE."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[B, heads, T, D]``, cos/sin ``[B, 1, T, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(torch.nn.Module):
+    """One decoder layer. ``qkv`` and ``gate_up`` are fused projections."""
+
+    def __init__(self, config: ModelConfig, layer: int, modules: dict[str, torch.nn.Module],
+                 norms: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.sliding = config.is_sliding(layer)
+        self.qkv = modules["qkv"]
+        self.attn_output = modules["attn_output"]
+        self.gate_up = modules["gate_up"]
+        self.ffn_down = modules["ffn_down"]
+        for name, weight in norms.items():
+            self.register_buffer(name, weight)
+        self.gemma = config.architecture == "gemma3"
+        self.act = (
+            (lambda x: F.gelu(x, approximate="tanh")) if config.activation == "gelu_tanh"
+            else F.silu
+        )
+
+    def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight: torch.Tensor = getattr(self, name)
+        return F.rms_norm(x, weight.shape, weight, self.config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache,
+                rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        cfg = self.config
+        B, T, _ = x.shape  # noqa: N806 - shape names
+        h = self.norm(x, "attn_norm").to(dtype)
+        qkv = self.qkv(h).float()  # (B, T, (H + 2 KVH) * D)
+        qk, v = qkv.split([(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim,
+                           cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        qk = qk.view(B, T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.gemma:
+            q = self.norm(qk[:, : cfg.num_heads], "attn_q_norm")
+            k = self.norm(qk[:, cfg.num_heads :], "attn_k_norm")
+            qk = torch.cat([q, k], dim=1)
+        qk = apply_rope(qk, *rope)  # (B, H + KVH, T, D)
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        keys, values = cache.update(self.layer, batch.slots, batch.starts,
+                                    k.to(cache.keys.dtype), v.to(cache.keys.dtype),
+                                    read_len=mask.shape[-1])
+        group = cfg.num_heads // cfg.num_kv_heads
+        # GQA without repeating K/V: fold the query heads of one KV head into rows.
+        q = q.reshape(B, cfg.num_kv_heads, group * T, cfg.head_dim) * cfg.attention_scale
+        scores = q @ keys.float().transpose(-1, -2)  # (B, KVH, G*T, L)
+        scores = scores.view(B, cfg.num_kv_heads, group, T, -1) + mask
+        probs = scores.softmax(dim=-1).view(B, cfg.num_kv_heads, group * T, -1)
+        attn = (probs @ values.float()).view(B, cfg.num_heads, T, cfg.head_dim)
+        attn = attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+        out = self.attn_output(attn.to(dtype)).float()
+        if self.gemma:
+            out = self.norm(out, "post_attention_norm")
+        x = x + out
+        h = self.norm(x, "ffn_norm").to(dtype)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        out = self.ffn_down(self.act(gate) * up).float()
+        if self.gemma:
+            out = self.norm(out, "post_ffw_norm")
+        return x + out
+
+
+class CausalLM(torch.nn.Module):
+    """Token ids at positions -> next-token logits, reading and writing a ``KVCache``."""
+
+    def __init__(self, config: ModelConfig, embedding: torch.Tensor, blocks: list[Block],
+                 output_norm: torch.Tensor, lm_head: torch.nn.Module, dtype: torch.dtype,
+                 max_len: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype  # compute dtype of the linear layers
+        self.register_buffer("embedding", embedding)  # (V, C) in dtype
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.register_buffer("output_norm", output_norm)
+        self.lm_head = lm_head
+        self.max_len = max_len
+        cos, sin = rope_tables(config.rope_base, config.head_dim, max_len)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+        local = config.rope_local_base or config.rope_base
+        cos_local, sin_local = rope_tables(local, config.head_dim, max_len)
+        self.register_buffer("cos_local", cos_local)
+        self.register_buffer("sin_local", sin_local)
+
+    def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
+        cache_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        return KVCache(self.config, num_slots, max_len or self.max_len, cache_dtype,
+                       self.embedding.device)
+
+    def _masks(self, positions: torch.Tensor, read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive masks ``[B, 1, 1, T, L]``: causal, and causal within the sliding window."""
+        keys = torch.arange(read_len, device=positions.device)
+        query = positions[:, None, None, :, None]
+        allowed = keys <= query
+        causal = torch.zeros(allowed.shape, device=positions.device).masked_fill(
+            ~allowed, float("-inf"))
+        window = self.config.sliding_window
+        if window is None:
+            return causal, causal
+        in_window = allowed & (keys > query - window)
+        sliding = torch.zeros(allowed.shape, device=positions.device).masked_fill(
+            ~in_window, float("-inf"))
+        return causal, sliding
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache, all_logits: bool = True,
+                ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
+        tokens = batch.tokens
+        assert tokens.ndim == 2, "tokens must be [B, T]"
+        T = tokens.shape[1]  # noqa: N806
+        offsets = torch.arange(T, device=tokens.device)
+        positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
+        read_len = max(batch.starts) + T
+        if read_len > cache.max_len:
+            raise ValueError(f"sequence of {read_len} tokens exceeds the cache ({cache.max_len})")
+        causal, sliding = self._masks(positions, read_len)
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None])
+        rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
+        x = self.embedding[tokens].float()
+        if self.config.embedding_scale != 1.0:
+            # Gemma scales in the weights' dtype, as the reference implementation does.
+            x = x * torch.tensor(self.config.embedding_scale, dtype=self.dtype).float()
+        for block in self.blocks:
+            if block.sliding:
+                x = block(x, batch, cache, rope_local, sliding, self.dtype)
+            else:
+                x = block(x, batch, cache, rope, causal, self.dtype)
+        if not all_logits:
+            x = x[:, -1:]
+        x = F.rms_norm(x, self.output_norm.shape, self.output_norm, self.config.rms_norm_eps)
+        return self.lm_head(x.to(self.dtype)).float()

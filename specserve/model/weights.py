@@ -1,0 +1,226 @@
+"""Weight sources: GGUF files and Hugging Face safetensors directories, never pickle.
+
+Both present tensors under GGUF's names (``blk.N.attn_q.weight``...) in PyTorch's
+``[out_features, in_features]`` order, so the model builder has one vocabulary. A source
+hands out one tensor at a time, so peak memory while loading stays near the loaded model
+plus its largest tensor in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from specserve.model.config import ModelConfig, config_from_gguf, config_from_hf
+from specserve.model.errors import ModelLoadError
+from specserve.model.quant import INT4_TYPES, Int4Groups, int4_groups
+
+# The types the loader accepts: what the issue requires plus what common GGUFs mix in.
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in (
+        "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K".split()
+    )
+)
+
+
+class WeightSource(Protocol):
+    """Where a model's tensors come from."""
+
+    path: Path
+    config: ModelConfig
+    metadata: Mapping[str, Any]
+
+    def names(self) -> list[str]: ...
+
+    def load(self, name: str) -> torch.Tensor:
+        """The tensor dequantized to float32, ``[out, in]`` for matrices."""
+        ...
+
+    def load_int4(self, name: str) -> Int4Groups | None:
+        """The tensor as affine 4-bit groups when it is stored that way, else None."""
+        ...
+
+    def type_name(self, name: str) -> str: ...
+
+
+def _reverse_permute(rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation (interleaved -> rotate-half RoPE).
+
+    convert_hf_to_gguf.py reorders each head's rows from [first half | second half] to
+    interleaved pairs for GGML's "normal" RoPE; we run the rotate-half form, so put them back.
+    """
+    half = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(rows)
+
+
+class GGUFSource:
+    """Tensors of one GGUF file, read through a memory map."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._reader = GGUFReader(path)
+        except Exception as exc:  # the reader raises bare ValueError/IndexError/struct errors
+            raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except Exception:  # an exotic field type: keep going, nothing we use
+                continue
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.config = config_from_gguf(self.metadata, set(self._tensors), str(path))
+        self._check_types()
+
+    def _check_types(self) -> None:
+        for tensor in self._tensors.values():
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise ModelLoadError(
+                    f"{self.path}: tensor {tensor.name} has unsupported quantization type "
+                    f"{tensor.tensor_type.name}; supported: "
+                    + ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+                )
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def type_name(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def _row_order(self, name: str, rows: int) -> np.ndarray | None:
+        if self.config.architecture != "llama" or self.metadata["general.architecture"] == "qwen2":
+            return None
+        if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+            return _reverse_permute(rows, self.config.num_heads)
+        if name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+            return _reverse_permute(rows, self.config.num_kv_heads)
+        return None
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        try:
+            array = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: cannot read tensor {name} ({exc})") from None
+        order = self._row_order(name, array.shape[0])
+        if order is not None:
+            array = array[order]
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    def load_int4(self, name: str) -> Int4Groups | None:
+        tensor = self._tensors[name]
+        if tensor.tensor_type not in INT4_TYPES or len(tensor.shape) != 2:
+            return None
+        groups = int4_groups(np.asarray(tensor.data), tensor.tensor_type, int(tensor.shape[0]))
+        order = self._row_order(name, groups.q.shape[0])
+        return groups if order is None else groups.permute_rows(order)
+
+
+# Hugging Face parameter names -> GGUF names (the layer index is substituted).
+_HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_LAYER_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _gguf_name(hf_name: str, architecture: str) -> str | None:
+    if hf_name in _HF_TO_GGUF:
+        return _HF_TO_GGUF[hf_name]
+    match = _HF_LAYER.match(hf_name)
+    if not match:
+        return None
+    layer, module, kind = match.groups()
+    if module == "post_attention_layernorm" and architecture == "llama":
+        return f"blk.{layer}.ffn_norm.{kind}"  # Llama's norm before the MLP
+    mapped = _HF_LAYER_TO_GGUF.get(module)
+    return f"blk.{layer}.{mapped}.{kind}" if mapped else None
+
+
+class SafetensorsSource:
+    """Tensors of a Hugging Face directory: config.json + *.safetensors (+ tokenizer.json)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        config_path = path / "config.json"
+        try:
+            hf_config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{config_path}: cannot read config.json ({exc})") from None
+        self.metadata: dict[str, Any] = hf_config
+        self.config = config_from_hf(hf_config, str(config_path))
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path}: no *.safetensors files")
+        self._where: dict[str, tuple[Any, str]] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as exc:
+                raise ModelLoadError(f"{file}: not a readable safetensors file ({exc})") from None
+            for hf_name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                name = _gguf_name(hf_name, self.config.architecture)
+                if name is not None:
+                    self._where[name] = (handle, hf_name)
+        # Gemma's RMSNorm scales by (1 + w); GGUF files store 1 + w already, so add it here.
+        self._norm_offset = 1.0 if self.config.architecture == "gemma3" else 0.0
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def type_name(self, name: str) -> str:
+        handle, hf_name = self._where[name]
+        return str(handle.get_slice(hf_name).get_dtype())
+
+    def load(self, name: str) -> torch.Tensor:
+        handle, hf_name = self._where[name]
+        try:
+            tensor = handle.get_tensor(hf_name).to(torch.float32)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: cannot read tensor {hf_name} ({exc})") from None
+        if "norm" in name and self._norm_offset:
+            tensor = tensor + self._norm_offset
+        return tensor
+
+    def load_int4(self, name: str) -> Int4Groups | None:
+        return None
+
+
+def open_weights(path: Path) -> WeightSource:
+    """Open a GGUF file or a safetensors directory, with an error naming what is wrong."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return SafetensorsSource(path)
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path}: not a GGUF file (magic {magic!r}) nor a model directory")
+    return GGUFSource(path)
