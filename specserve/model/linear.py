@@ -10,12 +10,25 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from specserve.model.quant import GROUP_SIZE, Int4Groups
 
+# CPU GEMM kernels take a different (GEMV-like) path below 4 rows, which sums in another
+# order; padding to 4 rows makes every row's result independent of how many rows are
+# batched, so a k-token verify forward equals k single-token steps bit for bit.
+MIN_GEMM_ROWS = 4
+
 # innerKTiles of the int4 packing; the CPU kernel ignores it but the op requires it.
 _INNER_K_TILES = 2
+
+
+def matmul_rows_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` whose rows do not depend on how many rows ``a`` has (see MIN_GEMM_ROWS)."""
+    rows = a.shape[-2]
+    if rows >= MIN_GEMM_ROWS:
+        return a @ b
+    pad = a.new_zeros(*a.shape[:-2], MIN_GEMM_ROWS - rows, a.shape[-1])
+    return (torch.cat([a, pad], dim=-2) @ b)[..., :rows, :]
 
 
 class DenseLinear(torch.nn.Module):
@@ -25,7 +38,11 @@ class DenseLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        y = matmul_rows_exact(rows, self.weight.t())
+        y = y.reshape(*shape[:-1], self.weight.shape[0])
+        return y if self.bias is None else y + self.bias
 
 
 class Int4Linear(torch.nn.Module):

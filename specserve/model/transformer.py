@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from specserve.model.config import ModelConfig
 from specserve.model.kv_cache import KVCache
+from specserve.model.linear import matmul_rows_exact
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Block(torch.nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
         cfg = self.config
-        B, T, _ = x.shape  # noqa: N806 - shape names
+        B, T, _ = x.shape
         h = self.norm(x, "attn_norm").to(dtype)
         qkv = self.qkv(h).float()  # (B, T, (H + 2 KVH) * D)
         qk, v = qkv.split([(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim,
@@ -93,10 +94,10 @@ class Block(torch.nn.Module):
         group = cfg.num_heads // cfg.num_kv_heads
         # GQA without repeating K/V: fold the query heads of one KV head into rows.
         q = q.reshape(B, cfg.num_kv_heads, group * T, cfg.head_dim) * cfg.attention_scale
-        scores = q @ keys.float().transpose(-1, -2)  # (B, KVH, G*T, L)
+        scores = matmul_rows_exact(q, keys.float().transpose(-1, -2))  # (B, KVH, G*T, L)
         scores = scores.view(B, cfg.num_kv_heads, group, T, -1) + mask
         probs = scores.softmax(dim=-1).view(B, cfg.num_kv_heads, group * T, -1)
-        attn = (probs @ values.float()).view(B, cfg.num_heads, T, cfg.head_dim)
+        attn = matmul_rows_exact(probs, values.float()).reshape(B, cfg.num_heads, T, cfg.head_dim)
         attn = attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
         out = self.attn_output(attn.to(dtype)).float()
         if self.gemma:
@@ -158,7 +159,7 @@ class CausalLM(torch.nn.Module):
         """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"
-        T = tokens.shape[1]  # noqa: N806
+        T = tokens.shape[1]
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
         read_len = max(batch.starts) + T

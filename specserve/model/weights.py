@@ -114,6 +114,8 @@ class GGUFSource:
         order = self._row_order(name, array.shape[0])
         if order is not None:
             array = array[order]
+        if not array.flags.writeable:  # F32 tensors come back as views of the memory map
+            array = array.copy()
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
     def load_int4(self, name: str) -> Int4Groups | None:

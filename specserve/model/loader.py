@@ -1,0 +1,70 @@
+"""One call from a model name or path to a ready model: weights, tokenizer, execution format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specserve.model.builder import FORMATS, build_model
+from specserve.model.catalog import CatalogEntry, resolve
+from specserve.model.tokenizer import Tokenizer
+from specserve.model.transformer import CausalLM
+from specserve.model.weights import GGUFSource, open_weights
+
+# "auto" picks the format measured fastest here (bench/runtime.py): int4 for GGUF 4-bit
+# tensors on CPU (its kernel is CPU-only), bfloat16 elsewhere.
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *FORMATS)
+
+
+@dataclass
+class Model:
+    """A loaded model: the network, its tokenizer, and where it came from."""
+
+    name: str
+    path: Path
+    lm: CausalLM
+    tokenizer: Tokenizer
+    fmt: str
+    entry: CatalogEntry | None
+
+    @property
+    def max_context(self) -> int:
+        return self.lm.max_len
+
+
+def resolve_format(fmt: str, device: torch.device) -> str:
+    if fmt not in DTYPE_CHOICES:
+        raise ValueError(f"unknown dtype {fmt!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if fmt == AUTO:
+        return "int4" if device.type == "cpu" else "bfloat16"
+    if fmt == "int4" and device.type != "cpu":
+        raise ValueError("the int4 format runs on the CPU only; use bfloat16 on accelerators")
+    return fmt
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = AUTO,
+    max_len: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Model:
+    """Load a catalog model (e.g. ``"smollm2-135m-instruct"``) or a GGUF / safetensors path.
+
+    >>> model = load_model("smollm2-135m-instruct")          # doctest: +SKIP
+    >>> model.tokenizer.encode("Hello")                       # doctest: +SKIP
+    [19556]
+    """
+    path, entry = resolve(name_or_path)
+    fmt = resolve_format(dtype, torch.device(device))
+    source = open_weights(path)
+    if isinstance(source, GGUFSource):
+        tokenizer = Tokenizer.from_gguf_metadata(source.metadata, str(path))
+    else:
+        tokenizer = Tokenizer.from_pretrained_dir(path)
+    lm = build_model(source, fmt, max_len=max_len, progress=progress).to(device)
+    name = entry.name if entry else path.name
+    return Model(name=name, path=path, lm=lm, tokenizer=tokenizer, fmt=fmt, entry=entry)
