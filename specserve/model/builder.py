@@ -46,23 +46,28 @@ class _Builder:
             return None
         return torch.cat([self.source.load(self.require(b)) for b in biases]).to(self.dtype)
 
+    def int4_linear(self, names: list[str]) -> Int4Linear | None:
+        """A fused int4 linear over the rows of ``names``, if all are stored 4-bit-compatibly."""
+        if self.fmt != "int4":
+            return None
+        parts = [g for g in (self.source.load_int4(self.require(n)) for n in names) if g]
+        if len(parts) != len(names) or len({g.input_repeats for g in parts}) != 1:
+            return None
+        fused = Int4Groups(
+            q=np.concatenate([g.q for g in parts]),
+            scale=np.concatenate([g.scale for g in parts]),
+            zero=np.concatenate([g.zero for g in parts]),
+            input_repeats=parts[0].input_repeats,
+        )
+        return Int4Linear(fused, self.bias(names))
+
     def linear(self, names: list[str]) -> torch.nn.Module:
         """A fused linear over the rows of ``names`` (e.g. q, k, v)."""
-        for name in names:
-            self.require(name)
-        bias = self.bias(names)
-        if self.fmt == "int4":
-            groups = [self.source.load_int4(n) for n in names]
-            if all(g is not None for g in groups):
-                parts = [g for g in groups if g is not None]
-                fused = Int4Groups(
-                    q=np.concatenate([g.q for g in parts]),
-                    scale=np.concatenate([g.scale for g in parts]),
-                    zero=np.concatenate([g.zero for g in parts]),
-                )
-                return Int4Linear(fused, bias)
-        weight = torch.cat([self.source.load(n).to(self.dtype) for n in names])
-        return DenseLinear(weight, bias)
+        int4 = self.int4_linear(names)
+        if int4 is not None:
+            return int4
+        weight = torch.cat([self.source.load(self.require(n)).to(self.dtype) for n in names])
+        return DenseLinear(weight, self.bias(names))
 
     def block(self, config: ModelConfig, layer: int) -> Block:
         p = f"blk.{layer}."
@@ -94,8 +99,11 @@ def build_model(source: WeightSource, fmt: str, max_len: int | None = None,
         blocks.append(builder.block(config, layer))
         steps.update()
     output_norm = source.load(builder.require("output_norm.weight"))
-    lm_head = (DenseLinear(embedding) if config.tie_embeddings
-               else builder.linear(["output.weight"]))
+    lm_head: torch.nn.Module
+    if config.tie_embeddings:
+        lm_head = builder.int4_linear(["token_embd.weight"]) or DenseLinear(embedding)
+    else:
+        lm_head = builder.linear(["output.weight"])
     steps.update()
     steps.close()
     context = min(max_len or DEFAULT_CONTEXT, config.max_context)

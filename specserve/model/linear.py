@@ -48,8 +48,10 @@ class DenseLinear(torch.nn.Module):
 class Int4Linear(torch.nn.Module):
     def __init__(self, groups: Int4Groups, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        q = torch.from_numpy(groups.q).to(torch.int32)  # [out, in]
-        self.out_features, self.in_features = q.shape
+        q = torch.from_numpy(groups.q).to(torch.int32)  # [out, in * input_repeats]
+        self.out_features = q.shape[0]
+        self.input_repeats = groups.input_repeats
+        self.in_features = q.shape[1] // groups.input_repeats
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
         self.register_buffer("packed", packed)
         # [in // 32, out, 2]: the kernel's layout of (scale, zero) per group and output row.
@@ -63,8 +65,11 @@ class Int4Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        if self.input_repeats > 1:
+            rows = rows.repeat(1, self.input_repeats)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features), self.packed, GROUP_SIZE, self.scales_zeros
+            rows, self.packed, GROUP_SIZE, self.scales_zeros
         )
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

@@ -16,25 +16,33 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 GROUP_SIZE = 32
-INT4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+INT4_TYPES = (
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q8_0,  # as a pair of 4-bit halves, see _q8_0_pair
+)
 
 
 @dataclass(frozen=True)
 class Int4Groups:
     """Affine 4-bit weights: ``w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32]``."""
 
-    q: np.ndarray  # [rows, cols] uint8 in 0..15
-    scale: np.ndarray  # [rows, cols // 32] float32
-    zero: np.ndarray  # [rows, cols // 32] float32
+    q: np.ndarray  # [rows, cols * input_repeats] uint8 in 0..15
+    scale: np.ndarray  # [rows, cols * input_repeats // 32] float32
+    zero: np.ndarray  # [rows, cols * input_repeats // 32] float32
+    # 2 for an 8-bit tensor split into two 4-bit halves: the input is fed twice (see Q8_0).
+    input_repeats: int = 1
 
     def dequantize(self) -> np.ndarray:
         rows, cols = self.q.shape
         q = self.q.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE).astype(np.float32)
-        w = (q - 8.0) * self.scale[..., None] + self.zero[..., None]
-        return w.reshape(rows, cols)
+        w = ((q - 8.0) * self.scale[..., None] + self.zero[..., None]).reshape(rows, cols)
+        parts = np.split(w, self.input_repeats, axis=1)
+        return np.sum(parts, axis=0) if self.input_repeats > 1 else w
 
     def permute_rows(self, order: np.ndarray) -> Int4Groups:
-        return Int4Groups(self.q[order], self.scale[order], self.zero[order])
+        return Int4Groups(self.q[order], self.scale[order], self.zero[order], self.input_repeats)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -82,6 +90,22 @@ def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(*blocks.shape[:-1], 256), scale, zero
 
 
+def _q8_0_pair(raw: np.ndarray, cols: int) -> Int4Groups:
+    """Q8_0 (``w = d * q``, int8 q) as two 4-bit halves, exactly: with ``q = 16 h + l``,
+    ``h`` in -8..7 and ``l`` in 0..15, ``w = 16 d h + d l``. The kernel computes
+    ``[x | x] @ [W_h | W_l]^T``: half the bytes of a bf16 matmul, same values."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, cols // 32, 34)
+    d = _f16(blocks[..., 0:2])
+    q = blocks[..., 2:34].view(np.int8).astype(np.int16)
+    low = q & 0x0F
+    high = (q - low) // 16 + 8
+    scale = np.concatenate([16.0 * d, d], axis=1)
+    zero = np.concatenate([np.zeros_like(d), 8.0 * d], axis=1)
+    q4 = np.concatenate([high.reshape(rows, cols), low.reshape(rows, cols)], axis=1)
+    return Int4Groups(q4.astype(np.uint8), scale, zero, input_repeats=2)
+
+
 _DECODERS = {
     GGMLQuantizationType.Q4_0: (18, 32, _q4_0),
     GGMLQuantizationType.Q4_1: (20, 32, _q4_1),
@@ -90,7 +114,9 @@ _DECODERS = {
 
 
 def int4_groups(raw: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> Int4Groups:
-    """Raw GGUF rows ``[rows, bytes_per_row]`` of a 4-bit type -> ``Int4Groups``."""
+    """Raw GGUF rows ``[rows, bytes_per_row]`` of a 4-bit type (or Q8_0) -> ``Int4Groups``."""
+    if qtype == GGMLQuantizationType.Q8_0:
+        return _q8_0_pair(raw, cols)
     block_bytes, block_len, decode = _DECODERS[qtype]
     rows = raw.shape[0]
     blocks = raw.reshape(rows, cols // block_len, block_bytes)
