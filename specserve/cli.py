@@ -23,9 +23,68 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="execution format; auto = int4 for 4-bit GGUF weights on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="execution format; auto = int4 for 4-bit GGUF weights on CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("speculation (default: n-gram, length 3, up to 4 draft tokens)")
+    g.add_argument("--draft-model", help="draft model name or path (same vocabulary)")
+    g.add_argument(
+        "--draft-token-count",
+        type=int,
+        help="tokens proposed per step (the upper bound of the self-tuned length)",
+    )
+    g.add_argument(
+        "--ngram-speculation-length", type=int, help="n-gram length for prompt-lookup speculation"
+    )
+    g.add_argument("--prediction-file", help="Predicted Outputs: a file with the expected text")
+    g.add_argument("--no-speculation", action="store_true", help="plain decoding (baseline)")
+    g.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="always propose --draft-token-count tokens (no self-tuning)",
+    )
+
+
+DEFAULT_NGRAM = (3, 4)  # (n-gram length, draft token count) when nothing is configured
+
+
+def speculation_from_flags(args: argparse.Namespace, target: object | None = None) -> object:
+    """The product's flag rules, in one place; returns a ``SpeculationConfig``."""
+    from specserve.engine.speculation import PLAIN, SpeculationConfig
+    from specserve.model.loader import load_model
+
+    if args.draft_model and args.ngram_speculation_length is not None:
+        raise ValueError("--draft-model and --ngram-speculation-length cannot be used together")
+    chosen = args.draft_model or args.ngram_speculation_length is not None
+    if chosen and args.draft_token_count is None:
+        raise ValueError(
+            "--draft-token-count is required with --draft-model or --ngram-speculation-length"
+        )
+    if args.no_speculation:
+        if chosen or args.draft_token_count is not None:
+            raise ValueError("--no-speculation cannot be combined with other speculation flags")
+        return PLAIN
+    adaptive = not args.fixed_length
+    if args.draft_model:
+        draft = load_model(args.draft_model, dtype=args.dtype)
+        return SpeculationConfig(
+            "draft_model", args.draft_token_count, draft_model=draft, adaptive=adaptive
+        )
+    if args.ngram_speculation_length is not None:
+        return SpeculationConfig(
+            "ngram",
+            args.draft_token_count,
+            ngram_length=args.ngram_speculation_length,
+            adaptive=adaptive,
+        )
+    if args.draft_token_count is not None:
+        raise ValueError("--draft-token-count needs --draft-model or --ngram-speculation-length")
+    length, count = DEFAULT_NGRAM
+    return SpeculationConfig("ngram", count, ngram_length=length, adaptive=adaptive)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,17 +104,34 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            min_p=args.min_p, seed=args.seed, max_tokens=args.max_tokens,
-                            stop=tuple(args.stop))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
     model = load_model(args.model, dtype=args.dtype)
+    spec = speculation_from_flags(args)
     tok = model.tokenizer
+    prediction = None
+    if args.prediction_file:
+        with open(args.prediction_file, encoding="utf-8") as handle:
+            prediction = tok.encode(handle.read(), add_special_tokens=False)
     if args.raw:
         prompt_ids = tok.encode(args.prompt)
     else:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    result = generate(model, prompt_ids, params,
-                      on_text=lambda piece: print(piece, end="", flush=True))
+    result = generate(
+        model,
+        prompt_ids,
+        params,
+        spec=spec,  # type: ignore[arg-type]
+        prediction_ids=prediction,
+        on_text=lambda piece: print(piece, end="", flush=True),
+    )
     print()
     print(
         f"[{model.name} {model.fmt}] prompt {result.prompt_tokens} tokens, "
@@ -64,6 +140,25 @@ def _generate(args: argparse.Namespace) -> int:
         f"decode {result.decode_tokens_per_second:.1f} tok/s",
         file=sys.stderr,
     )
+    stats = result.stats
+    print(
+        f"speculation: {stats.tokens_per_step:.2f} tokens per target step, "
+        f"{stats.accepted}/{stats.proposed} drafts accepted",
+        file=sys.stderr,
+    )
+    for method, m in stats.by_method.items():
+        per_position = ", ".join(f"{a:.2f}" for a in m.as_dict()["acceptance_per_position"])
+        print(
+            f"  {method}: {m.steps} steps, mean accepted length "
+            f"{m.mean_accepted_length:.2f}, acceptance per position [{per_position}]",
+            file=sys.stderr,
+        )
+    if result.prediction is not None:
+        print(
+            f"  prediction tokens: {result.prediction.accepted_prediction_tokens} accepted, "
+            f"{result.prediction.rejected_prediction_tokens} rejected",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -83,6 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         return _models()
-    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+    except (ModelLoadError, InvalidRequestError, ValueError, OSError) as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specserve.model.loader import Model, load_model
-from tests.tiny import TinySpec, write_tiny_gguf
+from tests.tiny import write_tiny_gguf
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,9 @@ import torch
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
 
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+SPEC_BENCH = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+)
 
 
 def _forward(model: Model, cache, tokens: list[int], start: int, slot: int = 0) -> torch.Tensor:

@@ -60,9 +60,16 @@ def test_tiny_gguf_matches_transformers(tmp_path: Path, spec: TinySpec) -> None:
 def test_tiny_qwen2_safetensors_with_qkv_bias_matches_transformers(
     tmp_path: Path, tiny_gguf: Path
 ) -> None:
-    config = Qwen2Config(vocab_size=262, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=262,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

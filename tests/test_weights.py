@@ -53,14 +53,14 @@ def test_int4_format_matches_float32_on_4bit_weights(tmp_path: Path) -> None:
 def test_truncated_file_names_file_and_problem(tmp_path: Path, tiny_gguf: Path) -> None:
     broken = tmp_path / "truncated.gguf"
     broken.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
-    with pytest.raises(ModelLoadError, match="truncated.gguf"):
+    with pytest.raises(ModelLoadError, match=r"truncated\.gguf"):
         load_model(str(broken), progress=False)
 
 
 def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    with pytest.raises(ModelLoadError, match="junk.gguf"):
+    with pytest.raises(ModelLoadError, match=r"junk\.gguf"):
         open_weights(junk)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -88,7 +88,7 @@ def test_unsupported_architecture_and_type(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match="iq.gguf"):
+    with pytest.raises(ModelLoadError, match=r"iq\.gguf"):
         GGUFSource(path)
 
 

@@ -59,7 +59,7 @@ def _quantize(array: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarr
     return gguf.quants.quantize(array, qtype)
 
 
-def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:  # noqa: B008
+def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random model of ``spec`` with a byte-level BPE vocabulary to ``path``."""
     rng = np.random.default_rng(spec.seed)
     tokens, types = vocabulary()
@@ -93,11 +93,13 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:  # noqa: B
         if len(shape) == 1:
             array = 1.0 + array  # norm weights near 1
         data = _quantize(array, qtype, rng) if len(shape) == 2 else array
-        writer.add_tensor(name, data, raw_dtype=qtype if len(shape) == 2 and qtype != Q.F32 else None)
+        writer.add_tensor(
+            name, data, raw_dtype=qtype if len(shape) == 2 and qtype != Q.F32 else None
+        )
 
     h, d = spec.hidden, spec.head_dim
     lin = spec.linear_type
-    add("token_embd.weight", (len(tokens), h), 0.5)
+    add("token_embd.weight", (len(tokens), h), 0.05)
     add("output_norm.weight", (h,), 0.1)
     for i in range(spec.layers):
         p = f"blk.{i}."

@@ -18,8 +18,14 @@ FORMATS = ("int4", "bfloat16", "float32")
 DEFAULT_CONTEXT = 8192  # preallocated RoPE tables / cache length unless asked otherwise
 
 _NORMS_LLAMA = ("attn_norm", "ffn_norm")
-_NORMS_GEMMA = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm",
-                "attn_q_norm", "attn_k_norm")
+_NORMS_GEMMA = (
+    "attn_norm",
+    "ffn_norm",
+    "post_attention_norm",
+    "post_ffw_norm",
+    "attn_q_norm",
+    "attn_k_norm",
+)
 
 
 def compute_dtype(fmt: str) -> torch.dtype:
@@ -82,17 +88,25 @@ class _Builder:
         return Block(config, layer, modules, norms)
 
 
-def build_model(source: WeightSource, fmt: str, max_len: int | None = None,
-                progress: bool = True) -> CausalLM:
+def build_model(
+    source: WeightSource, fmt: str, max_len: int | None = None, progress: bool = True
+) -> CausalLM:
     """Materialize every layer of ``source`` in format ``fmt`` (one tensor at a time)."""
     config = source.config
     builder = _Builder(source, fmt)
-    steps = tqdm(total=config.num_layers + 2, desc=f"loading {source.path.name} ({fmt})",
-                 unit="layer", disable=not progress, leave=False)
+    steps = tqdm(
+        total=config.num_layers + 2,
+        desc=f"loading {source.path.name} ({fmt})",
+        unit="layer",
+        disable=None if progress else True,
+        leave=False,
+    )
     embedding = source.load(builder.require("token_embd.weight")).to(builder.dtype)
     if embedding.shape[0] < config.vocab_size:
-        raise ModelLoadError(f"{source.path}: embedding has {embedding.shape[0]} rows, "
-                             f"vocabulary {config.vocab_size}")
+        raise ModelLoadError(
+            f"{source.path}: embedding has {embedding.shape[0]} rows, "
+            f"vocabulary {config.vocab_size}"
+        )
     steps.update()
     blocks = []
     for layer in range(config.num_layers):

@@ -49,8 +49,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Block(torch.nn.Module):
     """One decoder layer. ``qkv`` and ``gate_up`` are fused projections."""
 
-    def __init__(self, config: ModelConfig, layer: int, modules: dict[str, torch.nn.Module],
-                 norms: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        modules: dict[str, torch.nn.Module],
+        norms: dict[str, torch.Tensor],
+    ) -> None:
         super().__init__()
         self.config = config
         self.layer = layer
@@ -63,7 +68,8 @@ class Block(torch.nn.Module):
             self.register_buffer(name, weight)
         self.gemma = config.architecture == "gemma3"
         self.act = (
-            (lambda x: F.gelu(x, approximate="tanh")) if config.activation == "gelu_tanh"
+            (lambda x: F.gelu(x, approximate="tanh"))
+            if config.activation == "gelu_tanh"
             else F.silu
         )
 
@@ -71,15 +77,23 @@ class Block(torch.nn.Module):
         weight: torch.Tensor = getattr(self, name)
         return F.rms_norm(x, weight.shape, weight, self.config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         cfg = self.config
         B, T, _ = x.shape
         h = self.norm(x, "attn_norm").to(dtype)
         qkv = self.qkv(h).float()  # (B, T, (H + 2 KVH) * D)
-        qk, v = qkv.split([(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim,
-                           cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        qk, v = qkv.split(
+            [(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
+            dim=-1,
+        )
         qk = qk.view(B, T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if self.gemma:
             q = self.norm(qk[:, : cfg.num_heads], "attn_q_norm")
@@ -88,9 +102,14 @@ class Block(torch.nn.Module):
         qk = apply_rope(qk, *rope)  # (B, H + KVH, T, D)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        keys, values = cache.update(self.layer, batch.slots, batch.starts,
-                                    k.to(cache.keys.dtype), v.to(cache.keys.dtype),
-                                    read_len=mask.shape[-1])
+        keys, values = cache.update(
+            self.layer,
+            batch.slots,
+            batch.starts,
+            k.to(cache.keys.dtype),
+            v.to(cache.keys.dtype),
+            read_len=mask.shape[-1],
+        )
         group = cfg.num_heads // cfg.num_kv_heads
         # GQA without repeating K/V: fold the query heads of one KV head into rows.
         q = q.reshape(B, cfg.num_kv_heads, group * T, cfg.head_dim) * cfg.attention_scale
@@ -114,9 +133,24 @@ class Block(torch.nn.Module):
 class CausalLM(torch.nn.Module):
     """Token ids at positions -> next-token logits, reading and writing a ``KVCache``."""
 
-    def __init__(self, config: ModelConfig, embedding: torch.Tensor, blocks: list[Block],
-                 output_norm: torch.Tensor, lm_head: torch.nn.Module, dtype: torch.dtype,
-                 max_len: int) -> None:
+    # Buffers (declared for the type checker; registered in __init__).
+    embedding: torch.Tensor  # [V, C]
+    output_norm: torch.Tensor  # [C]
+    cos: torch.Tensor  # [max_len, D]
+    sin: torch.Tensor
+    cos_local: torch.Tensor
+    sin_local: torch.Tensor
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        embedding: torch.Tensor,
+        blocks: list[Block],
+        output_norm: torch.Tensor,
+        lm_head: torch.nn.Module,
+        dtype: torch.dtype,
+        max_len: int,
+    ) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype  # compute dtype of the linear layers
@@ -135,8 +169,9 @@ class CausalLM(torch.nn.Module):
 
     def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
         cache_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
-        return KVCache(self.config, num_slots, max_len or self.max_len, cache_dtype,
-                       self.embedding.device)
+        return KVCache(
+            self.config, num_slots, max_len or self.max_len, cache_dtype, self.embedding.device
+        )
 
     def _masks(self, positions: torch.Tensor, read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive masks ``[B, 1, 1, T, L]``: causal, and causal within the sliding window."""
@@ -144,18 +179,24 @@ class CausalLM(torch.nn.Module):
         query = positions[:, None, None, :, None]
         allowed = keys <= query
         causal = torch.zeros(allowed.shape, device=positions.device).masked_fill(
-            ~allowed, float("-inf"))
+            ~allowed, float("-inf")
+        )
         window = self.config.sliding_window
         if window is None:
             return causal, causal
         in_window = allowed & (keys > query - window)
         sliding = torch.zeros(allowed.shape, device=positions.device).masked_fill(
-            ~in_window, float("-inf"))
+            ~in_window, float("-inf")
+        )
         return causal, sliding
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache, all_logits: bool = True,
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        cache: KVCache,
+        all_logits: bool = True,
+    ) -> torch.Tensor:
         """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"

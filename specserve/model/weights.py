@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +26,22 @@ from specserve.model.quant import INT4_TYPES, Int4Groups, int4_groups
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
     for name in (
-        "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K".split()
+        [
+            "F32",
+            "F16",
+            "BF16",
+            "Q8_0",
+            "Q4_0",
+            "Q4_1",
+            "Q5_0",
+            "Q5_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q8_K",
+        ]
     )
 )
 
@@ -37,7 +51,7 @@ class WeightSource(Protocol):
 
     path: Path
     config: ModelConfig
-    metadata: Mapping[str, Any]
+    metadata: dict[str, Any]
 
     def names(self) -> list[str]: ...
 

@@ -1,0 +1,100 @@
+"""How a request speculates: the configuration, and the proposers + tuners built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from specserve.engine.sampling import SamplingParams
+from specserve.model.loader import Model
+from specserve.spec.proposers.base import Proposal, Proposer, SequenceContext
+from specserve.spec.proposers.draft_model import DraftModelProposer, check_same_vocabulary
+from specserve.spec.proposers.ngram import NgramProposer
+from specserve.spec.proposers.prediction import PredictionProposer, PredictionStats
+from specserve.spec.tuning import LengthTuner, StepCosts
+
+# Predicted Outputs cost nothing to draft, so they may propose longer runs than k; the
+# tuner still keeps the verify forward from growing past what acceptance pays for.
+PREDICTION_MAX_RUN = 32
+MAX_DRAFT_TOKEN_COUNT = 32
+MAX_NGRAM_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """The deployment's drafter. ``method=None`` is plain decoding (``--no-speculation``).
+
+    >>> SpeculationConfig(method="ngram", draft_token_count=4, ngram_length=3).method
+    'ngram'
+    """
+
+    method: str | None = None  # "ngram" or "draft_model"
+    draft_token_count: int = 4  # upper bound of the self-tuned length (the configured k)
+    ngram_length: int = 3
+    draft_model: Model | None = None
+    adaptive: bool = True  # False: always propose draft_token_count tokens
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, "ngram", "draft_model"):
+            raise ValueError(f"unknown speculation method {self.method!r}")
+        if not 1 <= self.draft_token_count <= MAX_DRAFT_TOKEN_COUNT:
+            raise ValueError(
+                f"draft token count must be in [1, {MAX_DRAFT_TOKEN_COUNT}], "
+                f"got {self.draft_token_count}"
+            )
+        if not 1 <= self.ngram_length <= MAX_NGRAM_LENGTH:
+            raise ValueError(
+                f"n-gram speculation length must be in [1, {MAX_NGRAM_LENGTH}], "
+                f"got {self.ngram_length}"
+            )
+        if (self.method == "draft_model") != (self.draft_model is not None):
+            raise ValueError("method 'draft_model' needs a draft model, and only it does")
+
+
+PLAIN = SpeculationConfig()
+
+
+class ProposalSource:
+    """The proposers of one request, in priority order, each with its own length tuner.
+
+    Predictions come first; where the prediction has nothing to offer (or its measured
+    acceptance does not pay), the deployment's drafter proposes.
+    """
+
+    def __init__(
+        self,
+        target: Model,
+        spec: SpeculationConfig,
+        params: SamplingParams,
+        prediction_ids: Sequence[int] | None,
+        max_len: int,
+        costs: StepCosts,
+    ) -> None:
+        self.entries: list[tuple[Proposer, LengthTuner]] = []
+        self.prediction_stats: PredictionStats | None = None
+        self.adaptive = spec.adaptive
+        if prediction_ids:
+            prediction = PredictionProposer(prediction_ids, max_run=PREDICTION_MAX_RUN)
+            self.prediction_stats = prediction.stats
+            self.entries.append((prediction, LengthTuner(PREDICTION_MAX_RUN, costs)))
+        drafter: Proposer | None = None
+        if spec.method == "ngram":
+            drafter = NgramProposer(spec.ngram_length)
+        elif spec.draft_model is not None:
+            check_same_vocabulary(target, spec.draft_model)
+            drafter = DraftModelProposer(spec.draft_model, params, max_len + spec.draft_token_count)
+        if drafter is not None:
+            self.entries.append((drafter, LengthTuner(spec.draft_token_count, costs)))
+
+    def propose(self, context: SequenceContext, limit: int) -> tuple[Proposal, LengthTuner | None]:
+        """The first non-empty proposal of at most ``limit`` tokens, and its tuner."""
+        for proposer, tuner in self.entries:
+            k = min(limit, tuner.choose() if self.adaptive else tuner.max_k)
+            if k <= 0:
+                continue
+            proposal = proposer.propose(context, k)
+            if proposal.token_ids:
+                if isinstance(proposer, DraftModelProposer):
+                    tuner.draft_cost = proposer.seconds_per_token
+                return proposal, tuner
+        return Proposal([], None, "none"), None

@@ -1,0 +1,132 @@
+"""Predicted Outputs (OpenAI): the caller sends text it expects the output to mostly repeat.
+
+The proposer walks along the prediction as the output grows and proposes the prediction's
+next tokens. When the output departs from it (an edit), it finds its place again from the
+last tokens generated, so the prediction keeps helping after every edit, not only before
+the first.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from specserve.spec.proposers.base import Proposal, SequenceContext, register
+
+# Re-synchronization looks for the last MAX_SYNC_TOKENS generated tokens (or a shorter suffix)
+# in the prediction. A match of MIN_SYNC_TOKENS or more is trusted anywhere; a single token is
+# too common to trust far away, so it only counts within SINGLE_TOKEN_WINDOW tokens after the
+# place the output left the prediction: that is where a deletion or a replacement resumes.
+MAX_SYNC_TOKENS = 8
+MIN_SYNC_TOKENS = 2
+SINGLE_TOKEN_WINDOW = 8
+
+
+@dataclass
+class PredictionStats:
+    """OpenAI's ``completion_tokens_details`` counters for one request.
+
+    accepted: prediction tokens that the verifier accepted (they are in the output);
+    rejected: prediction tokens proposed but not accepted (billed, not in the output).
+    """
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """Count one verification of ``proposed`` prediction tokens, ``accepted`` of them kept."""
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"accepted ({accepted}) must be in [0, proposed ({proposed})]")
+        self.accepted_prediction_tokens += accepted
+        self.rejected_prediction_tokens += proposed - accepted
+
+
+@register
+class PredictionProposer:
+    """Proposes the continuation of the prediction from where the output currently is.
+
+    It keeps an alignment: the index in the prediction of the token expected next. Each new
+    output token that equals it moves the alignment one step. A token that differs is an edit;
+    the alignment is then re-synchronized by the longest suffix (at most MAX_SYNC_TOKENS) of
+    the output found in the prediction: among matches of equal length, the first one at or
+    after the alignment wins, else the last one before it. A one-token suffix is only trusted
+    within SINGLE_TOKEN_WINDOW tokens after the alignment. Without a match it proposes nothing
+    and tries again after the next step.
+
+    Example, prediction ``a b c d e f``::
+
+        output a b        -> propose c d e f
+        output a b X      (edit: X replaces c)   "b X", "X" not found  -> propose nothing
+        output a b X d    "X d" not found; "d" is 1 after the alignment (c) -> propose e f
+        output a b d      (c deleted)            "d" just after the alignment -> propose e f
+        output a b Y c    (Y inserted)           "c" at the alignment  -> propose d e f
+    """
+
+    method = "prediction"
+
+    def __init__(self, prediction_ids: Sequence[int], max_run: int = 64) -> None:
+        if max_run < 1:
+            raise ValueError(f"max_run must be at least 1, got {max_run}")
+        self.prediction_ids = list(prediction_ids)
+        self.max_run = max_run
+        self.stats = PredictionStats()
+        # token -> ascending indices in the prediction, so a re-sync never scans it all.
+        self._occurrences: dict[int, list[int]] = defaultdict(list)
+        for i, token in enumerate(self.prediction_ids):
+            self._occurrences[token].append(i)
+        self._next = 0  # index in the prediction of the token expected next
+        self._aligned = True
+        self._seen = 0  # output tokens already followed
+
+    def propose(self, context: SequenceContext, k: int) -> Proposal:
+        """The next ``min(k, max_run)`` prediction tokens, or none while the place is lost."""
+        self._follow(context.output_ids)
+        if not self._aligned or k <= 0:
+            return Proposal([], None, self.method)
+        stop = self._next + min(k, self.max_run)
+        return Proposal(self.prediction_ids[self._next : stop], None, self.method)
+
+    def _follow(self, output_ids: Sequence[int]) -> None:
+        """Move the alignment over the output tokens generated since the last call."""
+        if len(output_ids) < self._seen:  # a new output: start over
+            self._next, self._aligned, self._seen = 0, True, 0
+        prediction = self.prediction_ids
+        for token in output_ids[self._seen :]:
+            if self._aligned and self._next < len(prediction) and prediction[self._next] == token:
+                self._next += 1
+            else:
+                self._aligned = False
+        self._seen = len(output_ids)
+        if not self._aligned and output_ids:
+            self._resync(list(output_ids[-MAX_SYNC_TOKENS:]))
+
+    def _resync(self, tail: list[int]) -> None:
+        """Align just after the best match of a suffix of ``tail`` (see the class docstring)."""
+        ends = self._occurrences.get(tail[-1], [])
+        split = bisect_left(ends, self._next)  # ends[split:] are at or after the alignment
+        best_key, best_end = (0, 0, 0), -1
+        for i, end in enumerate(ends):
+            length = self._match_length(tail, end)
+            forward = i >= split
+            if length < MIN_SYNC_TOKENS and not (
+                forward and end - self._next < SINGLE_TOKEN_WINDOW
+            ):
+                continue
+            # Longer first; then forward before backward; then nearest to the alignment.
+            key = (length, forward, -abs(end - self._next))
+            if key > best_key:
+                best_key, best_end = key, end
+        if best_end >= 0:
+            self._next, self._aligned = best_end + 1, True
+
+    def _match_length(self, tail: list[int], end: int) -> int:
+        """How many tokens of ``tail``, from its end, equal the prediction ending at ``end``."""
+        prediction = self.prediction_ids
+        length = 0
+        while (
+            length < len(tail) and length <= end and prediction[end - length] == tail[-1 - length]
+        ):
+            length += 1
+        return length
