@@ -1,0 +1,1 @@
+"""Benchmark scripts (``python bench/<name>.py``) and their recorded results (``bench/results``)."""

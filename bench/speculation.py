@@ -1,0 +1,179 @@
+"""Speculative decoding vs plain decoding on SmolLM2-135M, greedy, in one process.
+
+Each prompt runs plain decoding and every method back to back (interleaved, so machine noise
+hits all alike). Reported per Spec-Bench group and for HumanEvalFix (buggy code as the
+Predicted Output): decode-phase tokens/s ratio to plain (sum of tokens / sum of seconds),
+end-to-end ratio, mean tokens per target step, and whether every output equalled plain.
+
+    python bench/speculation.py [--per-category 2] [--humanevalfix 4] [--max-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    RESULTS_DIR,
+    SPEC_BENCH_GROUPS,
+    machine_info,
+    markdown_table,
+    sample_prompts,
+    set_threads,
+    shared_dir,
+    write_json,
+)
+from specserve.engine.generate import generate
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.speculation import PLAIN, SpeculationConfig
+from specserve.model.loader import load_model
+from specserve.spec.tuning import StepCosts
+
+METHODS = {
+    "ngram (n=3, k<=4, tuned)": SpeculationConfig("ngram", 4, ngram_length=3),
+    "ngram (n=3, k=4, fixed)": SpeculationConfig("ngram", 4, ngram_length=3, adaptive=False),
+}
+
+
+def _humanevalfix(count: int) -> list[dict[str, str]]:
+    path = shared_dir() / "data" / "humanevalfix" / "humanevalpack_python.jsonl"
+    rows = [json.loads(line) for line in path.open(encoding="utf-8")]
+    step = max(1, len(rows) // count)
+    return rows[::step][:count]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    set_threads(args.threads)
+    model = load_model("smollm2-135m-instruct", progress=False)
+    tok = model.tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens)
+    costs = StepCosts()
+    cases: list[tuple[str, list[int], list[int] | None]] = []
+    for prompt in sample_prompts(args.per_category * len(SPEC_BENCH_GROUPS)):
+        ids = tok.encode_chat([{"role": "user", "content": prompt.text}])
+        cases.append((prompt.category, ids, None))
+    for row in _humanevalfix(args.humanevalfix):
+        code = row["declaration"] + row["buggy_solution"]
+        ids = tok.encode_chat(
+            [{"role": "user", "content": f"Fix the bug in this Python function:\n\n{code}"}]
+        )
+        cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
+    generate(model, cases[0][1], SamplingParams(max_tokens=8))  # warm-up
+    rows = []
+    for i, (category, ids, prediction) in enumerate(cases):
+        plain = generate(model, ids, params, spec=PLAIN)
+        runs = {"plain": (plain, True)}
+        methods = dict(METHODS)
+        if prediction is not None:
+            methods = {
+                "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
+                **methods,
+            }
+        for name, spec in methods.items():
+            pred = prediction if name.startswith("prediction") else None
+            result = generate(model, ids, params, spec=spec, prediction_ids=pred, costs=costs)
+            runs[name] = (result, result.token_ids == plain.token_ids)
+        for name, (result, same) in runs.items():
+            rows.append(
+                {
+                    "category": category,
+                    "prompt": i,
+                    "method": name,
+                    "new_tokens": len(result.token_ids),
+                    "decode_tokens": len(result.token_ids) - 1,
+                    "decode_seconds": result.decode_seconds,
+                    "total_seconds": result.decode_seconds + result.time_to_first_token,
+                    "tokens_per_step": result.stats.tokens_per_step,
+                    "identical_to_plain": same,
+                    "speculation": result.stats.as_dict(),
+                    "prediction": None if result.prediction is None else vars(result.prediction),
+                }
+            )
+        print(
+            f"[{i + 1}/{len(cases)}] {category}: plain {plain.decode_tokens_per_second:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return {
+        "machine": machine_info(args.threads),
+        "settings": vars(args),
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    sums: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in rows:
+        for key in ("decode_tokens", "decode_seconds", "new_tokens", "total_seconds"):
+            sums[row["category"], row["method"]][key] += row[key]
+        s = sums[row["category"], row["method"]]
+        s["steps"] += row["speculation"]["target_steps"]
+        s["generated"] += row["speculation"]["generated"]
+        s["identical"] += row["identical_to_plain"]
+        s["count"] += 1
+    table = []
+    for (category, method), s in sums.items():
+        plain = sums[category, "plain"]
+        table.append(
+            {
+                "category": category,
+                "method": method,
+                "decode_tok_s": s["decode_tokens"] / s["decode_seconds"],
+                "decode_speedup": (s["decode_tokens"] / s["decode_seconds"])
+                / (plain["decode_tokens"] / plain["decode_seconds"]),
+                "end_to_end_speedup": (s["new_tokens"] / s["total_seconds"])
+                / (plain["new_tokens"] / plain["total_seconds"]),
+                "tokens_per_step": s["generated"] / s["steps"] if s["steps"] else 1.0,
+                "all_identical": s["identical"] == s["count"],
+            }
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--per-category", type=int, default=2)
+    parser.add_argument("--humanevalfix", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "speculation.json")
+    args = parser.parse_args()
+    payload = run(args)
+    payload["summary"] = summarize(payload["rows"])
+    write_json(args.out, payload)
+    print(
+        markdown_table(
+            [
+                "category",
+                "method",
+                "decode tok/s",
+                "decode speed-up",
+                "end-to-end",
+                "tokens/step",
+                "identical",
+            ],
+            [
+                [
+                    r["category"],
+                    r["method"],
+                    f"{r['decode_tok_s']:.1f}",
+                    f"{r['decode_speedup']:.2f}x",
+                    f"{r['end_to_end_speedup']:.2f}x",
+                    f"{r['tokens_per_step']:.2f}",
+                    "yes" if r["all_identical"] else "NO",
+                ]
+                for r in payload["summary"]
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
