@@ -49,6 +49,75 @@ def _humanevalfix(count: int) -> list[dict[str, str]]:
     return rows[::step][:count]
 
 
+class HFPeer:
+    """Hugging Face transformers (float32, same GGUF): plain greedy vs its prompt lookup."""
+
+    def __init__(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from specserve.model.catalog import resolve
+
+        path, _ = resolve("smollm2-135m-instruct")
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+
+    def _generate(self, ids: list[int], max_new: int, lookup: bool) -> tuple[list[int], float]:
+        extra = {"prompt_lookup_num_tokens": 10} if lookup else {}
+        inputs = self.torch.tensor([ids])
+        began = time.perf_counter()
+        out = self.model.generate(
+            inputs,
+            attention_mask=self.torch.ones_like(inputs),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=2,
+            **extra,
+        )
+        return out[0, len(ids) :].tolist(), time.perf_counter() - began
+
+    def run(self, ids: list[int], max_new: int, lookup: bool) -> dict[str, Any]:
+        """Decode-phase time = full generate minus a 1-token generate (the prefill)."""
+        _, prefill = self._generate(ids, 1, lookup=False)
+        tokens, total = self._generate(ids, max_new, lookup)
+        return {
+            "tokens": tokens,
+            "decode_seconds": max(total - prefill, 1e-9),
+            "total_seconds": total,
+        }
+
+
+def _row(
+    category: str,
+    i: int,
+    method: str,
+    tokens: list[int],
+    decode_s: float,
+    total_s: float,
+    same: bool,
+    stats: dict[str, Any] | None,
+    prediction: Any = None,
+) -> dict[str, Any]:
+    steps = stats["target_steps"] if stats else max(len(tokens) - 1, 1)
+    generated = stats["generated"] if stats else max(len(tokens) - 1, 1)
+    return {
+        "category": category,
+        "prompt": i,
+        "method": method,
+        "new_tokens": len(tokens),
+        "decode_tokens": len(tokens) - 1,
+        "decode_seconds": decode_s,
+        "total_seconds": total_s,
+        "target_steps": steps,
+        "generated": generated,
+        "identical_to_plain": same,
+        "speculation": stats,
+        "prediction": prediction,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     model = load_model("smollm2-135m-instruct", progress=False)
@@ -66,6 +135,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
     generate(model, cases[0][1], SamplingParams(max_tokens=8))  # warm-up
+    peer = HFPeer() if "hf" in args.peers else None
+    # Draft-model rows: the bf16 target drafted by its int4 copy (a low-bit self-drafter).
+    bf16 = (
+        load_model("smollm2-135m-instruct", dtype="bfloat16", progress=False)
+        if args.draft_rows
+        else None
+    )
     rows = []
     for i, (category, ids, prediction) in enumerate(cases):
         plain = generate(model, ids, params, spec=PLAIN)
@@ -82,20 +158,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs[name] = (result, result.token_ids == plain.token_ids)
         for name, (result, same) in runs.items():
             rows.append(
-                {
-                    "category": category,
-                    "prompt": i,
-                    "method": name,
-                    "new_tokens": len(result.token_ids),
-                    "decode_tokens": len(result.token_ids) - 1,
-                    "decode_seconds": result.decode_seconds,
-                    "total_seconds": result.decode_seconds + result.time_to_first_token,
-                    "tokens_per_step": result.stats.tokens_per_step,
-                    "identical_to_plain": same,
-                    "speculation": result.stats.as_dict(),
-                    "prediction": None if result.prediction is None else vars(result.prediction),
-                }
+                _row(
+                    category,
+                    i,
+                    name,
+                    result.token_ids,
+                    result.decode_seconds,
+                    result.decode_seconds + result.time_to_first_token,
+                    same,
+                    result.stats.as_dict(),
+                    None if result.prediction is None else vars(result.prediction),
+                )
             )
+        if bf16 is not None:
+            base = generate(bf16, ids, params)
+            spec = SpeculationConfig("draft_model", 4, draft_model=model)
+            drafted = generate(bf16, ids, params, spec=spec)
+            for name, result in (
+                ("plain (bf16 target)", base),
+                ("draft: int4 copy -> bf16 target", drafted),
+            ):
+                rows.append(
+                    _row(
+                        category,
+                        i,
+                        name,
+                        result.token_ids,
+                        result.decode_seconds,
+                        result.decode_seconds + result.time_to_first_token,
+                        result.token_ids == base.token_ids,
+                        result.stats.as_dict(),
+                    )
+                )
+        if peer is not None:
+            hf_plain = peer.run(ids, args.max_tokens, lookup=False)
+            hf_pld = peer.run(ids, args.max_tokens, lookup=True)
+            for name, hf in (("HF plain (fp32)", hf_plain), ("HF prompt lookup (fp32)", hf_pld)):
+                rows.append(
+                    _row(
+                        category,
+                        i,
+                        name,
+                        hf["tokens"],
+                        hf["decode_seconds"],
+                        hf["total_seconds"],
+                        hf["tokens"] == hf_plain["tokens"],
+                        None,
+                    )
+                )
         print(
             f"[{i + 1}/{len(cases)}] {category}: plain {plain.decode_tokens_per_second:.1f} tok/s",
             file=sys.stderr,
@@ -114,13 +224,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("decode_tokens", "decode_seconds", "new_tokens", "total_seconds"):
             sums[row["category"], row["method"]][key] += row[key]
         s = sums[row["category"], row["method"]]
-        s["steps"] += row["speculation"]["target_steps"]
-        s["generated"] += row["speculation"]["generated"]
+        s["steps"] += row["target_steps"]
+        s["generated"] += row["generated"]
         s["identical"] += row["identical_to_plain"]
         s["count"] += 1
     table = []
+    baselines = {"HF": "HF plain (fp32)", "draft": "plain (bf16 target)"}
     for (category, method), s in sums.items():
-        plain = sums[category, "plain"]
+        baseline = next(
+            (b for prefix, b in baselines.items() if method.startswith(prefix)), "plain"
+        )
+        plain = sums[category, baseline]
         table.append(
             {
                 "category": category,
@@ -130,6 +244,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 / (plain["decode_tokens"] / plain["decode_seconds"]),
                 "end_to_end_speedup": (s["new_tokens"] / s["total_seconds"])
                 / (plain["new_tokens"] / plain["total_seconds"]),
+                "baseline": baseline,
                 "tokens_per_step": s["generated"] / s["steps"] if s["steps"] else 1.0,
                 "all_identical": s["identical"] == s["count"],
             }
@@ -143,6 +258,13 @@ def main() -> None:
     parser.add_argument("--humanevalfix", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", default="hf", help="'hf' or 'none'")
+    parser.add_argument(
+        "--draft-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the bf16 target drafted by its int4 copy",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "speculation.json")
     args = parser.parse_args()
     payload = run(args)
