@@ -168,7 +168,9 @@ class CausalLM(torch.nn.Module):
         self.register_buffer("sin_local", sin_local)
 
     def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
-        cache_dtype = torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        # float32 like the attention math: a bf16 cache would be cast back every layer and
+        # step (a copy of the whole context); small models have small caches.
+        cache_dtype = torch.float32
         return KVCache(
             self.config, num_slots, max_len or self.max_len, cache_dtype, self.embedding.device
         )
