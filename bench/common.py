@@ -225,6 +225,9 @@ def machine_info(threads: int) -> dict[str, Any]:
     flags = set(cpu.get("flags", "").split())
     info: dict[str, Any] = {
         "cpu_model": cpu.get("model name") or platform.processor() or "unknown",
+        # Virtual machines often hide the model name ("AMD EPYC"); family/model still tell
+        # the generation (e.g. AMD family 25 = Zen 3/Zen 4).
+        "cpu_family_model": f"{cpu.get('cpu family', '?')}/{cpu.get('model', '?')}",
         "cpu_flags": [f for f in _CPU_FLAGS if f in flags],
         "logical_cpus": os.cpu_count(),
         "threads": threads,

@@ -56,24 +56,27 @@ def _real_prompts(model: Model, count: int) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_k_token_forward_matches_single_steps_on_smollm2(smollm2: Model) -> None:
-    """Speculative output equals plain output only if a k-token verify forward picks the same
-    argmax at every position as k single-token steps. Checked for k = 1..16 in the default
-    format on real prompts; the int4 kernel computes rows independently, so we expect 100%."""
-    agree = total = 0
-    for prompt in _real_prompts(smollm2, 6):
+    """Speculative output equals plain output only if a k-token verify forward computes what
+    k single-token steps compute. Checked for k = 1..16 in the default format on real prompts
+    of many lengths (so verify windows cross the attention's 64-position blocks): the logits
+    must be bit-identical, not merely agree on the argmax."""
+    identical = agree = total = 0
+    for prompt in _real_prompts(smollm2, 8):
         cache = smollm2.lm.new_cache(max_len=len(prompt) + 64)
         logits = _forward(smollm2, cache, prompt, 0)
-        # Continue greedily for 16 tokens one at a time: the reference.
         tokens = [int(logits[-1].argmax())]
-        single = []
+        single = []  # the reference: greedy continuation one token at a time
         for i in range(16):
-            step = _forward(smollm2, cache, [tokens[-1]], len(prompt) + i)
-            single.append(int(step[-1].argmax()))
-            tokens.append(single[-1])
+            single.append(_forward(smollm2, cache, [tokens[-1]], len(prompt) + i)[-1])
+            tokens.append(int(single[-1].argmax()))
         for k in range(1, 17):
-            multi = _forward(smollm2, cache, tokens[:k], len(prompt)).argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(multi, single[:k], strict=True))
-            total += k
-    rate = agree / total
-    print(f"k-token vs single-step argmax agreement: {rate:.4%} of {total} positions")
-    assert rate == 1.0
+            multi = _forward(smollm2, cache, tokens[:k], len(prompt))
+            for row, ref in zip(multi, single[:k], strict=True):
+                identical += torch.equal(row, ref)
+                agree += int(row.argmax()) == int(ref.argmax())
+                total += 1
+    print(
+        f"k-token vs single steps over {total} positions: {identical} bit-identical logits, "
+        f"{agree} equal argmax"
+    )
+    assert identical == total

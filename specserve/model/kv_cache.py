@@ -12,6 +12,16 @@ import torch
 
 from specserve.model.config import ModelConfig
 
+# Attention reads keys in whole blocks of this many positions (masked past the query). The
+# softmax and the probs @ values sums then run over a length that does not depend on how many
+# queries a forward has: summation tails are where a k-token verify forward would otherwise
+# round differently from k single steps. Trailing masked keys contribute exact zeros.
+POSITION_BLOCK = 64
+
+
+def round_up_to_block(length: int) -> int:
+    return -(-length // POSITION_BLOCK) * POSITION_BLOCK
+
 
 class KVCache:
     """Keys/values of all layers: ``[layers, slots, kv_heads, max_len, head_dim]``."""
@@ -24,6 +34,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
+        max_len = round_up_to_block(max_len)
         shape = (config.num_layers, num_slots, config.num_kv_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)

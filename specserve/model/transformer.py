@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from specserve.model.config import ModelConfig
-from specserve.model.kv_cache import KVCache
+from specserve.model.kv_cache import POSITION_BLOCK, KVCache, round_up_to_block
 from specserve.model.linear import matmul_rows_exact
 
 
@@ -44,6 +44,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def probs_times_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` summed block by block over POSITION_BLOCK keys.
+
+    probs ``[B, KVH, M, L]``, values ``[B, KVH, L, D]`` with L a multiple of the block.
+    One GEMM over all L would pick its summation blocking from L, so a verify forward (which
+    reads a few more keys) would round differently from a single step; fixed 64-key blocks
+    followed by an in-order sum over blocks give every row the same arithmetic whatever L
+    and M are (trailing masked blocks add exact zeros).
+    """
+    B, H, M, L = probs.shape
+    blocks = L // POSITION_BLOCK
+    p = probs.view(B, H, M, blocks, POSITION_BLOCK).transpose(2, 3)  # [B, H, nb, M, blk]
+    v = values.view(B, H, blocks, POSITION_BLOCK, values.shape[-1])  # [B, H, nb, blk, D]
+    return matmul_rows_exact(p, v).sum(dim=2)  # [B, H, M, D]
 
 
 class Block(torch.nn.Module):
@@ -116,7 +132,7 @@ class Block(torch.nn.Module):
         scores = matmul_rows_exact(q, keys.float().transpose(-1, -2))  # (B, KVH, G*T, L)
         scores = scores.view(B, cfg.num_kv_heads, group, T, -1) + mask
         probs = scores.softmax(dim=-1).view(B, cfg.num_kv_heads, group * T, -1)
-        attn = matmul_rows_exact(probs, values.float()).reshape(B, cfg.num_heads, T, cfg.head_dim)
+        attn = probs_times_values(probs, values).reshape(B, cfg.num_heads, T, cfg.head_dim)
         attn = attn.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
         out = self.attn_output(attn.to(dtype)).float()
         if self.gemma:
@@ -205,9 +221,10 @@ class CausalLM(torch.nn.Module):
         T = tokens.shape[1]
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
-        read_len = max(batch.starts) + T
-        if read_len > cache.max_len:
-            raise ValueError(f"sequence of {read_len} tokens exceeds the cache ({cache.max_len})")
+        end = max(batch.starts) + T
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
+        read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
         causal, sliding = self._masks(positions, read_len)
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])
         rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
