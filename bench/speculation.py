@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     RESULTS_DIR,
     SPEC_BENCH_GROUPS,
+    fmt_number,
     machine_info,
     markdown_table,
     sample_prompts,
@@ -100,8 +101,8 @@ def _row(
     stats: dict[str, Any] | None,
     prediction: Any = None,
 ) -> dict[str, Any]:
-    steps = stats["target_steps"] if stats else max(len(tokens) - 1, 1)
-    generated = stats["generated"] if stats else max(len(tokens) - 1, 1)
+    steps = stats["target_steps"] if stats else 0  # unknown for peers
+    generated = stats["generated"] if stats else 0
     return {
         "category": category,
         "prompt": i,
@@ -245,7 +246,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "end_to_end_speedup": (s["new_tokens"] / s["total_seconds"])
                 / (plain["new_tokens"] / plain["total_seconds"]),
                 "baseline": baseline,
-                "tokens_per_step": s["generated"] / s["steps"] if s["steps"] else 1.0,
+                "tokens_per_step": s["generated"] / s["steps"] if s["steps"] else None,
                 "all_identical": s["identical"] == s["count"],
             }
         )
@@ -288,7 +289,7 @@ def main() -> None:
                     f"{r['decode_tok_s']:.1f}",
                     f"{r['decode_speedup']:.2f}x",
                     f"{r['end_to_end_speedup']:.2f}x",
-                    f"{r['tokens_per_step']:.2f}",
+                    fmt_number(r["tokens_per_step"], 2),
                     "yes" if r["all_identical"] else "NO",
                 ]
                 for r in payload["summary"]

@@ -103,6 +103,7 @@ def generate(
         ForwardBatch(torch.tensor([list(prompt_ids)]), [0], [0]), cache, all_logits=False
     )
     emitted = [pick_token(logits[0, -1], params, gen)]
+    source.prefill(prompt_ids)
     first = time.perf_counter()
     out: list[int] = []
     all_ids = list(prompt_ids)

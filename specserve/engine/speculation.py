@@ -86,6 +86,12 @@ class ProposalSource:
         if drafter is not None:
             self.entries.append((drafter, LengthTuner(spec.draft_token_count, costs)))
 
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Let proposers with state (a draft model's KV cache) process the prompt."""
+        for proposer, _ in self.entries:
+            if isinstance(proposer, DraftModelProposer):
+                proposer.prefill(list(prompt_ids))
+
     def propose(self, context: SequenceContext, limit: int) -> tuple[Proposal, LengthTuner | None]:
         """The first non-empty proposal of at most ``limit`` tokens, and its tuner."""
         for proposer, tuner in self.entries:
