@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -59,20 +58,14 @@ class _Builder:
         parts = [g for g in (self.source.load_int4(self.require(n)) for n in names) if g]
         if len(parts) != len(names) or len({g.input_repeats for g in parts}) != 1:
             return None
-        fused = Int4Groups(
-            q=np.concatenate([g.q for g in parts]),
-            scale=np.concatenate([g.scale for g in parts]),
-            zero=np.concatenate([g.zero for g in parts]),
-            input_repeats=parts[0].input_repeats,
-        )
-        return Int4Linear(fused, self.bias(names))
+        return Int4Linear(Int4Groups.concatenate(parts), self.bias(names))
 
     def linear(self, names: list[str]) -> torch.nn.Module:
         """A fused linear over the rows of ``names`` (e.g. q, k, v)."""
         int4 = self.int4_linear(names)
         if int4 is not None:
             return int4
-        weight = torch.cat([self.source.load(self.require(n)).to(self.dtype) for n in names])
+        weight = torch.cat([self.source.load(self.require(n), self.dtype) for n in names])
         return DenseLinear(weight, self.bias(names))
 
     def block(self, config: ModelConfig, layer: int) -> Block:
@@ -101,7 +94,7 @@ def build_model(
         disable=None if progress else True,
         leave=False,
     )
-    embedding = source.load(builder.require("token_embd.weight")).to(builder.dtype)
+    embedding = source.load(builder.require("token_embd.weight"), builder.dtype)
     if embedding.shape[0] < config.vocab_size:
         raise ModelLoadError(
             f"{source.path}: embedding has {embedding.shape[0]} rows, "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,13 @@ def resolve_format(fmt: str, device: torch.device) -> str:
     return fmt
 
 
+def _release_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def load_model(
     name_or_path: str,
     dtype: str = AUTO,
@@ -66,5 +76,6 @@ def load_model(
     else:
         tokenizer = Tokenizer.from_pretrained_dir(path)
     lm = build_model(source, fmt, max_len=max_len, progress=progress).to(device)
+    _release_freed_memory()
     name = entry.name if entry else path.name
     return Model(name=name, path=path, lm=lm, tokenizer=tokenizer, fmt=fmt, entry=entry)

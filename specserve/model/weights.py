@@ -46,6 +46,11 @@ SUPPORTED_TYPES = frozenset(
 )
 
 
+# Large tensors are converted this many rows at a time, so peak memory while loading stays
+# near the loaded model instead of several float32 copies of the largest tensor.
+LOAD_CHUNK_ROWS = 4096
+
+
 class WeightSource(Protocol):
     """Where a model's tensors come from."""
 
@@ -55,8 +60,8 @@ class WeightSource(Protocol):
 
     def names(self) -> list[str]: ...
 
-    def load(self, name: str) -> torch.Tensor:
-        """The tensor dequantized to float32, ``[out, in]`` for matrices."""
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor dequantized to ``dtype``, ``[out, in]`` for matrices."""
         ...
 
     def load_int4(self, name: str) -> Int4Groups | None:
@@ -119,24 +124,38 @@ class GGUFSource:
             return _reverse_permute(rows, self.config.num_kv_heads)
         return None
 
-    def load(self, name: str) -> torch.Tensor:
-        tensor = self._tensors[name]
+    def _dequantize(self, name: str, rows: np.ndarray) -> torch.Tensor:
         try:
-            array = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            array = dequantize(rows, self._tensors[name].tensor_type)
         except Exception as exc:
             raise ModelLoadError(f"{self.path}: cannot read tensor {name} ({exc})") from None
-        order = self._row_order(name, array.shape[0])
-        if order is not None:
-            array = array[order]
-        if not array.flags.writeable:  # F32 tensors come back as views of the memory map
-            array = array.copy()
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        # np.array copies: F32 tensors come back as read-only views of the memory map.
+        return torch.from_numpy(np.array(array, dtype=np.float32))
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        data = np.asarray(self._tensors[name].data)
+        if data.ndim < 2 or data.shape[0] <= LOAD_CHUNK_ROWS:
+            out = self._dequantize(name, data).to(dtype)
+        else:  # large matrices (embeddings) in row chunks: bounded float32 temporaries
+            first = self._dequantize(name, data[:1])
+            out = torch.empty((data.shape[0], first.shape[1]), dtype=dtype)
+            for start in range(0, data.shape[0], LOAD_CHUNK_ROWS):
+                out[start : start + LOAD_CHUNK_ROWS] = self._dequantize(
+                    name, data[start : start + LOAD_CHUNK_ROWS]
+                )
+        order = self._row_order(name, out.shape[0])
+        return out if order is None else out[torch.from_numpy(order)]
 
     def load_int4(self, name: str) -> Int4Groups | None:
         tensor = self._tensors[name]
         if tensor.tensor_type not in INT4_TYPES or len(tensor.shape) != 2:
             return None
-        groups = int4_groups(np.asarray(tensor.data), tensor.tensor_type, int(tensor.shape[0]))
+        data, cols = np.asarray(tensor.data), int(tensor.shape[0])
+        chunks = [
+            int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
+            for start in range(0, data.shape[0], LOAD_CHUNK_ROWS)
+        ]
+        groups = Int4Groups.concatenate(chunks)
         order = self._row_order(name, groups.q.shape[0])
         return groups if order is None else groups.permute_rows(order)
 
@@ -215,10 +234,10 @@ class SafetensorsSource:
         handle, hf_name = self._where[name]
         return str(handle.get_slice(hf_name).get_dtype())
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         handle, hf_name = self._where[name]
         try:
-            tensor = handle.get_tensor(hf_name).to(torch.float32)
+            tensor = handle.get_tensor(hf_name).to(dtype)
         except Exception as exc:
             raise ModelLoadError(f"{self.path}: cannot read tensor {hf_name} ({exc})") from None
         if "norm" in name and self._norm_offset:
