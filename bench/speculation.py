@@ -31,7 +31,7 @@ from bench.common import (
     shared_dir,
     write_json,
 )
-from specserve.engine.generate import generate
+from specserve.engine.generate import GenerationResult, generate
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculation import PLAIN, SpeculationConfig
 from specserve.model.loader import load_model
@@ -119,6 +119,23 @@ def _row(
     }
 
 
+def _result_row(
+    category: str, i: int, method: str, result: GenerationResult, same: bool
+) -> dict[str, Any]:
+    prediction = None if result.prediction is None else vars(result.prediction)
+    return _row(
+        category,
+        i,
+        method,
+        result.token_ids,
+        result.decode_seconds,
+        result.decode_seconds + result.time_to_first_token,
+        same,
+        result.stats.as_dict(),
+        prediction,
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     model = load_model("smollm2-135m-instruct", progress=False)
@@ -158,19 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = generate(model, ids, params, spec=spec, prediction_ids=pred, costs=costs)
             runs[name] = (result, result.token_ids == plain.token_ids)
         for name, (result, same) in runs.items():
-            rows.append(
-                _row(
-                    category,
-                    i,
-                    name,
-                    result.token_ids,
-                    result.decode_seconds,
-                    result.decode_seconds + result.time_to_first_token,
-                    same,
-                    result.stats.as_dict(),
-                    None if result.prediction is None else vars(result.prediction),
-                )
-            )
+            rows.append(_result_row(category, i, name, result, same))
         if bf16 is not None:
             base = generate(bf16, ids, params)
             spec = SpeculationConfig("draft_model", 4, draft_model=model)
@@ -180,16 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("draft: int4 copy -> bf16 target", drafted),
             ):
                 rows.append(
-                    _row(
-                        category,
-                        i,
-                        name,
-                        result.token_ids,
-                        result.decode_seconds,
-                        result.decode_seconds + result.time_to_first_token,
-                        result.token_ids == base.token_ids,
-                        result.stats.as_dict(),
-                    )
+                    _result_row(category, i, name, result, result.token_ids == base.token_ids)
                 )
         if peer is not None:
             hf_plain = peer.run(ids, args.max_tokens, lookup=False)
