@@ -129,7 +129,7 @@ def generate(
         # One step: the last token (not yet in the cache) plus up to `limit` drafts.
         limit = budget - len(out) - 1
         context = SequenceContext(prompt_ids, out, all_ids)
-        proposal, tuner = source.propose(context, limit)
+        proposal = source.propose(context, limit)
         feed = [all_ids[-1], *proposal.token_ids]
         began = time.perf_counter()
         logits = model.lm(ForwardBatch(torch.tensor([feed]), [0], [len(all_ids) - 1]), cache)
@@ -139,10 +139,7 @@ def generate(
             emitted, accepted = [pick_token(logits[0, -1], params, gen)], 0
         costs.observe(len(feed), time.perf_counter() - began)
         proposed = len(proposal.token_ids)
-        if tuner is not None:
-            tuner.observe(proposed, accepted)
-        if proposal.method == "prediction" and source.prediction_stats is not None:
-            source.prediction_stats.record(proposed, accepted)
+        source.observe(proposed, accepted)
         stats.record_step(proposal.method if proposed else None, proposed, accepted, len(emitted))
     tail = assembler.finish()
     if on_text and tail:

@@ -71,12 +71,12 @@ class ProposalSource:
         costs: StepCosts,
     ) -> None:
         self.entries: list[tuple[Proposer, LengthTuner]] = []
-        self.prediction_stats: PredictionStats | None = None
+        self.prediction: PredictionProposer | None = None
         self.adaptive = spec.adaptive
+        self._last: tuple[Proposer, LengthTuner] | None = None  # who proposed this step
         if prediction_ids:
-            prediction = PredictionProposer(prediction_ids, max_run=PREDICTION_MAX_RUN)
-            self.prediction_stats = prediction.stats
-            self.entries.append((prediction, LengthTuner(PREDICTION_MAX_RUN, costs)))
+            self.prediction = PredictionProposer(prediction_ids, max_run=PREDICTION_MAX_RUN)
+            self.entries.append((self.prediction, LengthTuner(PREDICTION_MAX_RUN, costs)))
         drafter: Proposer | None = None
         if spec.method == "ngram":
             drafter = NgramProposer(spec.ngram_length)
@@ -92,15 +92,30 @@ class ProposalSource:
             if isinstance(proposer, DraftModelProposer):
                 proposer.prefill(list(prompt_ids))
 
-    def propose(self, context: SequenceContext, limit: int) -> tuple[Proposal, LengthTuner | None]:
-        """The first non-empty proposal of at most ``limit`` tokens, and its tuner."""
+    @property
+    def prediction_stats(self) -> PredictionStats | None:
+        return None if self.prediction is None else self.prediction.stats
+
+    def propose(self, context: SequenceContext, limit: int) -> Proposal:
+        """The first non-empty proposal of at most ``limit`` tokens (possibly none)."""
+        self._last = None
         for proposer, tuner in self.entries:
             k = min(limit, tuner.choose() if self.adaptive else tuner.max_k)
             if k <= 0:
                 continue
             proposal = proposer.propose(context, k)
             if proposal.token_ids:
-                if isinstance(proposer, DraftModelProposer):
-                    tuner.draft_cost = proposer.seconds_per_token
-                return proposal, tuner
-        return Proposal([], None, "none"), None
+                self._last = (proposer, tuner)
+                return proposal
+        return Proposal([], None, "none")
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """Feed the verification of the last proposal back to its tuner and counters."""
+        if self._last is None:
+            return
+        proposer, tuner = self._last
+        tuner.observe(proposed, accepted)
+        if isinstance(proposer, DraftModelProposer):
+            tuner.draft_cost = proposer.seconds_per_token
+        if proposer is self.prediction:
+            self.prediction.stats.record(proposed, accepted)
