@@ -61,16 +61,17 @@ class LengthTuner:
     def __post_init__(self) -> None:
         self.acceptance = [ACCEPTANCE_PRIOR] * self.max_k
 
-    def expected_rate(self, k: int) -> float:
-        """Expected tokens per second (up to a constant) when proposing ``k`` drafts."""
-        tokens, survive = 1.0, 1.0
-        for i in range(k):
-            survive *= self.acceptance[i]
-            tokens += survive
-        return tokens / (self.costs.estimate(k + 1) + k * self.draft_cost)
-
     def choose(self) -> int:
-        best = max(range(self.max_k + 1), key=self.expected_rate)
+        """The k with the most expected tokens per second (see the module docstring)."""
+        # One pass over k (this runs every decode step): expected tokens accumulate.
+        best, best_rate, tokens, survive = 0, 0.0, 1.0, 1.0
+        for k in range(self.max_k + 1):
+            if k:
+                survive *= self.acceptance[k - 1]
+                tokens += survive
+            rate = tokens / (self.costs.estimate(k + 1) + k * self.draft_cost)
+            if rate > best_rate:
+                best, best_rate = k, rate
         if best == 0:
             self._plain_steps += 1
             if self._plain_steps >= PROBE_INTERVAL:
