@@ -227,7 +227,9 @@ class CausalLM(torch.nn.Module):
         read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
         causal, sliding = self._masks(positions, read_len)
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])
-        rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
+        rope_local = rope
+        if self.config.sliding_window is not None:  # Gemma's local layers: own RoPE base
+            rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
         x = self.embedding[tokens].float()
         if self.config.embedding_scale != 1.0:
             # Gemma scales in the weights' dtype, as the reference implementation does.
