@@ -95,3 +95,21 @@ def test_unsupported_architecture_and_type(tmp_path: Path) -> None:
 def test_unknown_model_lists_catalog() -> None:
     with pytest.raises(UnknownModelError, match="smollm2-135m-instruct"):
         load_model("no-such-model", progress=False)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
+def test_lean_reader_matches_gguf_reader(tmp_path: Path, qtype: Q) -> None:
+    """Our metadata/tensor reader (which avoids GGUFReader's memory cost) reads the same."""
+    from specserve.model.gguf_file import GGUFFile
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", TinySpec(linear_type=qtype))
+    ours, reference = GGUFFile(path), gguf.GGUFReader(path)
+    for key, field in reference.fields.items():
+        if not key.startswith("GGUF."):
+            assert ours.metadata[key] == field.contents(), key
+    assert list(ours.tensors) == [t.name for t in reference.tensors]
+    for tensor in reference.tensors:
+        mine = ours.tensors[tensor.name]
+        assert mine.tensor_type == tensor.tensor_type
+        assert mine.shape == tuple(int(d) for d in tensor.shape)
+        np.testing.assert_array_equal(mine.data, tensor.data)

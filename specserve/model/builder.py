@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from tqdm.auto import tqdm
 
 from specserve.model.config import ModelConfig
 from specserve.model.errors import ModelLoadError
 from specserve.model.linear import DenseLinear, Int4Linear
-from specserve.model.quant import Int4Groups
 from specserve.model.transformer import Block, CausalLM
 from specserve.model.weights import WeightSource
 
@@ -55,10 +56,12 @@ class _Builder:
         """A fused int4 linear over the rows of ``names``, if all are stored 4-bit-compatibly."""
         if self.fmt != "int4":
             return None
-        parts = [g for g in (self.source.load_int4(self.require(n)) for n in names) if g]
-        if len(parts) != len(names) or len({g.input_repeats for g in parts}) != 1:
+        layouts = [self.source.int4_layout(self.require(n)) for n in names]
+        if any(lay is None for lay in layouts) or len({lay[1] for lay in layouts if lay}) != 1:
             return None
-        return Int4Linear(Int4Groups.concatenate(parts), self.bias(names))
+        rows = sum(lay[0] for lay in layouts if lay)
+        chunks = itertools.chain.from_iterable(self.source.load_int4(n) for n in names)
+        return Int4Linear(chunks, rows, self.bias(names))
 
     def linear(self, names: list[str]) -> torch.nn.Module:
         """A fused linear over the rows of ``names`` (e.g. q, k, v)."""

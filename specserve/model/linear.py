@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from specserve.model.quant import GROUP_SIZE, Int4Groups
@@ -20,7 +22,6 @@ MIN_GEMM_ROWS = 4
 
 # innerKTiles of the int4 packing; the CPU kernel ignores it but the op requires it.
 _INNER_K_TILES = 2
-_PACK_CHUNK_ROWS = 4096
 
 
 def matmul_rows_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,25 +48,33 @@ class DenseLinear(torch.nn.Module):
 
 
 class Int4Linear(torch.nn.Module):
-    def __init__(self, groups: Int4Groups, bias: torch.Tensor | None = None) -> None:
+    """A linear layer over ``rows`` output rows, built from 4-bit groups a block at a time
+    (so a 262k-row LM head never exists as one int32 or float32 copy)."""
+
+    def __init__(
+        self, chunks: Iterable[Int4Groups], rows: int, bias: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
-        q = torch.from_numpy(groups.q)  # [out, in * input_repeats] uint8
-        self.out_features = q.shape[0]
-        self.input_repeats = groups.input_repeats
-        self.in_features = q.shape[1] // groups.input_repeats
-        # The packing op wants int32 input: convert and pack in row chunks into preallocated
-        # buffers (a [262144, 1280] int32 copy would be 1.3 GB); packed rows are independent.
-        groups_per_row = groups.scale.shape[1]
-        packed = torch.empty((self.out_features, q.shape[1] // 2), dtype=torch.uint8)
-        # [in // 32, out, 2]: the kernel's layout of (scale, zero) per group and output row.
-        scales_zeros = torch.empty((groups_per_row, self.out_features, 2), dtype=torch.bfloat16)
-        for start in range(0, self.out_features, _PACK_CHUNK_ROWS):
-            rows = slice(start, start + _PACK_CHUNK_ROWS)
-            packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q[rows].to(torch.int32), _INNER_K_TILES
+        self.out_features = rows
+        start = 0
+        for groups in chunks:
+            q = torch.from_numpy(groups.q)  # [chunk rows, in * input_repeats] uint8
+            if start == 0:
+                self.input_repeats = groups.input_repeats
+                self.in_features = q.shape[1] // groups.input_repeats
+                packed = torch.empty((rows, q.shape[1] // 2), dtype=torch.uint8)
+                # [in // 32, out, 2]: the kernel's layout of (scale, zero) per group and row.
+                scales_zeros = torch.empty((groups.scale.shape[1], rows, 2), dtype=torch.bfloat16)
+            block = slice(start, start + q.shape[0])
+            # The packing op wants int32 input; packed rows are independent of each other.
+            packed[block] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32), _INNER_K_TILES
             )
-            scales_zeros[:, rows, 0] = torch.from_numpy(groups.scale[rows]).t()
-            scales_zeros[:, rows, 1] = torch.from_numpy(groups.zero[rows]).t()
+            scales_zeros[:, block, 0] = torch.from_numpy(groups.scale).t()
+            scales_zeros[:, block, 1] = torch.from_numpy(groups.zero).t()
+            start += q.shape[0]
+        if start != rows:
+            raise ValueError(f"int4 linear expected {rows} rows, got {start}")
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)

@@ -41,20 +41,6 @@ class Int4Groups:
         parts = np.split(w, self.input_repeats, axis=1)
         return np.sum(parts, axis=0) if self.input_repeats > 1 else w
 
-    @staticmethod
-    def concatenate(parts: list[Int4Groups]) -> Int4Groups:
-        """Stack the rows of ``parts`` (all with the same input_repeats)."""
-        if len({p.input_repeats for p in parts}) != 1:
-            raise ValueError("cannot stack 4-bit groups with different input_repeats")
-        if len(parts) == 1:
-            return parts[0]
-        return Int4Groups(
-            q=np.concatenate([p.q for p in parts]),
-            scale=np.concatenate([p.scale for p in parts]),
-            zero=np.concatenate([p.zero for p in parts]),
-            input_repeats=parts[0].input_repeats,
-        )
-
     def permute_rows(self, order: np.ndarray) -> Int4Groups:
         return Int4Groups(self.q[order], self.scale[order], self.zero[order], self.input_repeats)
 

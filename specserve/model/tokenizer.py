@@ -96,7 +96,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], source: str) -> Tokenizer:
-        """Build from `{key: field.contents()}` of a `gguf.GGUFReader`; `source` names the file.
+        """Build from GGUF key/values as plain Python values (`GGUFFile.metadata`); `source`
+        names the file.
 
         Supports `tokenizer.ggml.model` "gpt2" (byte-level BPE from tokens + merges) and
         "llama" (SentencePiece BPE from tokens + scores + token types, with byte fallback).

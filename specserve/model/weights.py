@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from specserve.model.config import ModelConfig, config_from_gguf, config_from_hf
 from specserve.model.errors import ModelLoadError
+from specserve.model.gguf_file import GGUFFile, GGUFFormatError
 from specserve.model.quant import INT4_TYPES, Int4Groups, int4_groups
 
 # The types the loader accepts: what the issue requires plus what common GGUFs mix in.
@@ -64,8 +66,12 @@ class WeightSource(Protocol):
         """The tensor dequantized to ``dtype``, ``[out, in]`` for matrices."""
         ...
 
-    def load_int4(self, name: str) -> Int4Groups | None:
-        """The tensor as affine 4-bit groups when it is stored that way, else None."""
+    def int4_layout(self, name: str) -> tuple[int, int] | None:
+        """(rows, input_repeats) when the tensor is stored as 4-bit-compatible groups."""
+        ...
+
+    def load_int4(self, name: str) -> Iterator[Int4Groups]:
+        """The tensor's affine 4-bit groups, a block of rows at a time (see int4_layout)."""
         ...
 
     def type_name(self, name: str) -> str: ...
@@ -82,21 +88,16 @@ def _reverse_permute(rows: int, n_head: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """Tensors of one GGUF file, read through a memory map."""
+    """Tensors of one GGUF file, read through a memory map (see ``gguf_file``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._reader = GGUFReader(path)
-        except Exception as exc:  # the reader raises bare ValueError/IndexError/struct errors
+            file = GGUFFile(path)
+        except (GGUFFormatError, OSError) as exc:
             raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from None
-        self.metadata: dict[str, Any] = {}
-        for key, field in self._reader.fields.items():
-            try:
-                self.metadata[key] = field.contents()
-            except Exception:  # an exotic field type: keep going, nothing we use
-                continue
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.metadata: dict[str, Any] = file.metadata
+        self._tensors = file.tensors
         self.config = config_from_gguf(self.metadata, set(self._tensors), str(path))
         self._check_types()
 
@@ -146,18 +147,22 @@ class GGUFSource:
         order = self._row_order(name, out.shape[0])
         return out if order is None else out[torch.from_numpy(order)]
 
-    def load_int4(self, name: str) -> Int4Groups | None:
+    def int4_layout(self, name: str) -> tuple[int, int] | None:
         tensor = self._tensors[name]
         if tensor.tensor_type not in INT4_TYPES or len(tensor.shape) != 2:
             return None
+        repeats = 2 if tensor.tensor_type == GGMLQuantizationType.Q8_0 else 1
+        return int(tensor.shape[1]), repeats
+
+    def load_int4(self, name: str) -> Iterator[Int4Groups]:
+        tensor = self._tensors[name]
         data, cols = np.asarray(tensor.data), int(tensor.shape[0])
-        chunks = [
-            int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
-            for start in range(0, data.shape[0], LOAD_CHUNK_ROWS)
-        ]
-        groups = Int4Groups.concatenate(chunks)
-        order = self._row_order(name, groups.q.shape[0])
-        return groups if order is None else groups.permute_rows(order)
+        order = self._row_order(name, data.shape[0])
+        if order is not None:  # Q/K rows are permuted per head: small, one block
+            yield int4_groups(data, tensor.tensor_type, cols).permute_rows(order)
+            return
+        for start in range(0, data.shape[0], LOAD_CHUNK_ROWS):
+            yield int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
 
 
 # Hugging Face parameter names -> GGUF names (the layer index is substituted).
@@ -244,8 +249,11 @@ class SafetensorsSource:
             tensor = tensor + self._norm_offset
         return tensor
 
-    def load_int4(self, name: str) -> Int4Groups | None:
+    def int4_layout(self, name: str) -> tuple[int, int] | None:
         return None
+
+    def load_int4(self, name: str) -> Iterator[Int4Groups]:
+        return iter(())
 
 
 def open_weights(path: Path) -> WeightSource:
