@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL
 from specserve.model.errors import ModelLoadError
 from specserve.model.loader import DTYPE_CHOICES
+
+if TYPE_CHECKING:  # the annotation only; commands import the engine when they run
+    from specserve.engine.speculation import SpeculationConfig
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +56,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 DEFAULT_NGRAM = (3, 4)  # (n-gram length, draft token count) when nothing is configured
 
 
-def speculation_from_flags(args: argparse.Namespace, target: object | None = None) -> object:
+def speculation_from_flags(args: argparse.Namespace) -> SpeculationConfig:
     """The product's flag rules, in one place; returns a ``SpeculationConfig``."""
     from specserve.engine.speculation import PLAIN, SpeculationConfig
     from specserve.model.loader import load_model
@@ -128,7 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
         model,
         prompt_ids,
         params,
-        spec=spec,  # type: ignore[arg-type]
+        spec=spec,
         prediction_ids=prediction,
         on_text=lambda piece: print(piece, end="", flush=True),
     )
