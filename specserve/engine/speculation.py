@@ -86,15 +86,22 @@ class ProposalSource:
         if drafter is not None:
             self.entries.append((drafter, LengthTuner(spec.draft_token_count, costs)))
 
+    def use_costs(self, costs: StepCosts) -> None:
+        """Estimate verify costs from ``costs`` (the engine's table for the current batch size)."""
+        for _, tuner in self.entries:
+            tuner.costs = costs
+
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         """Let proposers with state (a draft model's KV cache) process the prompt."""
         for proposer, _ in self.entries:
             if isinstance(proposer, DraftModelProposer):
                 proposer.prefill(list(prompt_ids))
 
-    @property
-    def prediction_stats(self) -> PredictionStats | None:
-        return None if self.prediction is None else self.prediction.stats
+    def prediction_stats(self, output_ids: Sequence[int]) -> PredictionStats | None:
+        """OpenAI's accepted/rejected prediction token counts for this output."""
+        if self.prediction is None:
+            return None
+        return PredictionStats.count(self.prediction.prediction_ids, output_ids)
 
     def propose(self, context: SequenceContext, limit: int) -> Proposal:
         """The first non-empty proposal of at most ``limit`` tokens (possibly none)."""
@@ -117,5 +124,3 @@ class ProposalSource:
         tuner.observe(proposed, accepted)
         if isinstance(proposer, DraftModelProposer):
             tuner.draft_cost = proposer.seconds_per_token
-        if proposer is self.prediction:
-            self.prediction.stats.record(proposed, accepted)

@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
 
@@ -28,19 +29,25 @@ SINGLE_TOKEN_WINDOW = 8
 class PredictionStats:
     """OpenAI's ``completion_tokens_details`` counters for one request.
 
-    accepted: prediction tokens that the verifier accepted (they are in the output);
-    rejected: prediction tokens proposed but not accepted (billed, not in the output).
+    As OpenAI defines them: accepted = tokens of the prediction that appeared in the
+    completion, rejected = tokens of the prediction that did not. They describe the text, not
+    the speculation steps (those are in ``SpecStats.by_method["prediction"]``): a prediction
+    equal to the output is fully accepted, whatever the step boundaries were.
     """
 
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
 
-    def record(self, proposed: int, accepted: int) -> None:
-        """Count one verification of ``proposed`` prediction tokens, ``accepted`` of them kept."""
-        if not 0 <= accepted <= proposed:
-            raise ValueError(f"accepted ({accepted}) must be in [0, proposed ({proposed})]")
-        self.accepted_prediction_tokens += accepted
-        self.rejected_prediction_tokens += proposed - accepted
+    @classmethod
+    def count(cls, prediction: Sequence[int], output: Sequence[int]) -> PredictionStats:
+        """Align the prediction with the output (longest matching blocks, difflib).
+
+        >>> PredictionStats.count([1, 2, 3, 4, 5], [1, 2, 9, 4, 5, 6])
+        PredictionStats(accepted_prediction_tokens=4, rejected_prediction_tokens=1)
+        """
+        matcher = SequenceMatcher(None, list(prediction), list(output), autojunk=False)
+        accepted = sum(block.size for block in matcher.get_matching_blocks())
+        return cls(accepted, len(prediction) - accepted)
 
 
 @register
@@ -71,7 +78,6 @@ class PredictionProposer:
             raise ValueError(f"max_run must be at least 1, got {max_run}")
         self.prediction_ids = list(prediction_ids)
         self.max_run = max_run
-        self.stats = PredictionStats()
         # token -> ascending indices in the prediction, so a re-sync never scans it all.
         self._occurrences: dict[int, list[int]] = defaultdict(list)
         for i, token in enumerate(self.prediction_ids):

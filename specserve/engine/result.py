@@ -1,0 +1,25 @@
+"""What a finished request returns: its text, tokens, timings and speculation statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specserve.spec.proposers.prediction import PredictionStats
+from specserve.spec.stats import SpecStats
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
+    time_to_first_token: float  # seconds from submission (queueing and prefill included)
+    decode_seconds: float  # from the first token to the last
+    stats: SpecStats = field(default_factory=SpecStats)
+    prediction: PredictionStats | None = None
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = len(self.token_ids) - 1  # the first token comes from the prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0

@@ -1,0 +1,331 @@
+"""Continuous batching: many requests of one target model share each forward pass.
+
+The engine owns a KV cache with ``max_batch`` slots and runs in its own thread, so the HTTP
+event loop never waits on model compute. Each iteration it
+
+1. drops cancelled requests (a client that disconnected) and admits waiting ones into free
+   slots — sequences join and leave between steps;
+2. prefills one chunk of the oldest admitted prompt (long prompts do not stall the others);
+3. runs one decode step for every sequence past its prefill: each contributes its last token
+   plus its own drafts (its own proposers, its own self-tuned length), rows are padded to the
+   longest feed, and one target forward verifies them all.
+
+Rows of one forward do not influence each other (row-independent GEMMs, per-row attention
+over position blocks), so a request's tokens do not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Ids
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.engine.result import GenerationResult
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.sequence import Sequence, check_prompt
+from specserve.engine.speculation import MAX_DRAFT_TOKEN_COUNT, PLAIN, SpeculationConfig
+from specserve.model.kv_cache import POSITION_BLOCK
+from specserve.model.loader import Model
+from specserve.model.transformer import ForwardBatch
+from specserve.spec.tuning import StepCosts
+
+log = logging.getLogger(__name__)
+
+# A padded row writes up to this many positions past its own sequence (a longer feed of
+# another row); the cache and RoPE tables keep that much room beyond the context limit.
+PADDING_ROOM = POSITION_BLOCK
+PREFILL_CHUNK = 512
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its bound: the request is refused, not dropped later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down."""
+
+
+TextSink = Callable[[str], None]
+DoneSink = Callable[[GenerationResult | None, BaseException | None], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """A submitted request and its place in the engine."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    spec: SpeculationConfig
+    prediction_ids: list[int] | None
+    on_text: TextSink
+    on_done: DoneSink
+    id: int = 0
+    seq: Sequence | None = None
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    cancelled: bool = False
+    started: bool = False  # the first token was picked
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StepRecord:
+    """What one engine iteration did (for metrics)."""
+
+    kind: str  # "prefill" or "decode"
+    batch_size: int
+    tokens: int  # positions forwarded (padding included)
+    seconds: float
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    step_listeners: list[Callable[[StepRecord], None]] = field(default_factory=list)
+
+
+class Engine:
+    """Runs the requests of one target model in continuous batches (see the module doc)."""
+
+    def __init__(
+        self,
+        model: Model,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT
+        self.context_limit = min(max_context or room, room)
+        if self.context_limit < 2:
+            raise ValueError(f"{model.name}: its context is too short to serve")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
+        # Step costs per batch size: a draft pays differently alone and in a full batch.
+        self.costs: dict[int, StepCosts] = {}
+        self.stats = EngineStats()
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads -------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: Ids[int],
+        params: SamplingParams,
+        on_text: TextSink,
+        on_done: DoneSink,
+        spec: SpeculationConfig = PLAIN,
+        prediction_ids: Ids[int] | None = None,
+    ) -> Job:
+        """Queue a request; invalid prompts and a full queue raise here, before any compute.
+
+        ``on_text`` and ``on_done`` are called from the engine thread.
+        """
+        check_prompt(self.model, prompt_ids, self.context_limit)
+        job = Job(
+            list(prompt_ids),
+            params,
+            spec,
+            None if prediction_ids is None else list(prediction_ids),
+            on_text,
+            on_done,
+        )
+        with self._cond:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"{self.model.name}: {len(self._waiting)} requests are already waiting "
+                    f"(the queue bound); retry later"
+                )
+            job.id = next(self._ids)
+            self._waiting.append(job)
+            self._update_counts()
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a request (its client went away); its slot is freed before the next step."""
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _update_counts(self) -> None:
+        self.stats.running = len(self._active)
+        self.stats.waiting = len(self._waiting)
+
+    def _schedule(self) -> bool:
+        """Drop cancelled jobs, admit waiting ones; False when the engine should exit."""
+        with self._cond:
+            while not self._stopping and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                jobs = [*self._waiting, *self._active]
+                self._waiting.clear()
+                self._active.clear()
+                for job in jobs:
+                    job.on_done(None, EngineStoppedError("the server is shutting down"))
+                return False
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                self.stats.cancelled += 1
+                job.on_done(None, None)
+            for job in [j for j in self._active if j.cancelled]:
+                self._release(job)
+                self.stats.cancelled += 1
+                job.on_done(job.seq.result() if job.seq else None, None)
+            while self._waiting and self._free_slots:
+                job = self._waiting.popleft()
+                job.slot = self._free_slots.pop()
+                self._active.append(job)
+            self._update_counts()
+            return True
+
+    def _release(self, job: Job) -> None:
+        self._active.remove(job)
+        if job.slot is not None:
+            self._free_slots.append(job.slot)
+            job.slot = None
+        self._update_counts()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._schedule():
+            try:
+                self._iterate()
+            except Exception as exc:  # a bug must not kill the server: fail the batch
+                log.exception("engine step failed")
+                with self._cond:
+                    for job in list(self._active):
+                        self._release(job)
+                        job.on_done(None, exc)
+
+    def _iterate(self) -> None:
+        with self._cond:
+            active = [j for j in self._active if not j.cancelled]
+        for job in active:
+            if job.seq is None:
+                try:
+                    job.seq = self._new_sequence(job)
+                except Exception as exc:  # e.g. a draft model that cannot serve this request
+                    with self._cond:
+                        self._release(job)
+                    job.on_done(None, exc)
+        active = [j for j in active if j.seq is not None]
+        prefilling = [j for j in active if not j.started]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [j for j in active if j.started and j.seq is not None and not j.seq.done]
+        if decoding:
+            self._decode_step(decoding)
+        for job in active:
+            if job.seq is not None and job.seq.done:
+                with self._cond:
+                    if job in self._active:
+                        self._release(job)
+                self.stats.finished += 1
+                job.on_done(job.seq.result(), None)
+
+    def _new_sequence(self, job: Job) -> Sequence:
+        seq = Sequence(
+            self.model,
+            job.prompt_ids,
+            job.params,
+            job.spec,
+            job.prediction_ids,
+            self._costs_for(1),
+            self.context_limit,
+        )
+        seq.submitted_at = job.submitted_at  # time to first token includes the queueing
+        return seq
+
+    def _costs_for(self, batch_size: int) -> StepCosts:
+        return self.costs.setdefault(batch_size, StepCosts())
+
+    def _record(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
+        self.stats.steps += 1
+        record = StepRecord(kind, batch_size, tokens, seconds)
+        for listener in self.stats.step_listeners:
+            listener(record)
+
+    def _prefill_chunk(self, job: Job) -> None:
+        seq = job.seq
+        assert seq is not None and job.slot is not None
+        end = min(job.prefilled + self.prefill_chunk, len(seq.prompt_ids))
+        tokens = torch.tensor([seq.prompt_ids[job.prefilled : end]])
+        began = time.perf_counter()
+        batch = ForwardBatch(tokens, [job.slot], [job.prefilled])
+        logits = self.model.lm(batch, self.cache, all_logits=False)
+        self._record("prefill", 1, tokens.shape[1], time.perf_counter() - began)
+        job.prefilled = end
+        if end == len(seq.prompt_ids):
+            job.started = True
+            self._deliver(job, seq.start(logits[0, -1]))
+
+    def _decode_step(self, jobs: list[Job]) -> None:
+        costs = self._costs_for(len(jobs))
+        feeds = []
+        for job in jobs:
+            assert job.seq is not None
+            job.seq.source.use_costs(costs)
+            feeds.append(job.seq.next_feed())
+        width = max(len(f) for f in feeds)
+        # Padding repeats a row's last token; its logits are ignored, its cache writes land
+        # past the row's own positions and are overwritten before they are ever read.
+        rows = [f + [f[-1]] * (width - len(f)) for f in feeds]
+        slots = [job.slot for job in jobs if job.slot is not None]
+        starts = [job.seq.position for job in jobs if job.seq is not None]
+        began = time.perf_counter()
+        logits = self.model.lm(ForwardBatch(torch.tensor(rows), slots, starts), self.cache)
+        seconds = time.perf_counter() - began
+        costs.observe(width, seconds)
+        self._record("decode", len(jobs), width * len(jobs), seconds)
+        for b, (job, feed) in enumerate(zip(jobs, feeds, strict=True)):
+            assert job.seq is not None
+            self._deliver(job, job.seq.accept(logits[b, : len(feed)]))
+
+    @staticmethod
+    def _deliver(job: Job, piece: str) -> None:
+        if piece and not job.cancelled:
+            job.on_text(piece)

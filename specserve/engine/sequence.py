@@ -1,0 +1,168 @@
+"""One request's decoding state, advanced one target step at a time.
+
+A ``Sequence`` does not run the target model: whoever owns the KV cache does (``generate``
+for a batch of one, the ``Engine`` for a continuous batch). Per step the owner asks
+``next_feed()`` for the tokens to forward — the last emitted token plus this sequence's
+drafts —, runs the forward, and hands the logits of those positions to ``accept()``, which
+verifies the drafts, records the statistics and returns the text that became safe to stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Ids
+
+import torch
+
+from specserve.engine.output import TextAssembler
+from specserve.engine.result import GenerationResult
+from specserve.engine.sampling import InvalidRequestError, SamplingParams, sample, target_probs
+from specserve.engine.speculation import PLAIN, ProposalSource, SpeculationConfig
+from specserve.model.loader import Model
+from specserve.spec.proposers.base import Proposal, SequenceContext
+from specserve.spec.stats import SpecStats
+from specserve.spec.tuning import StepCosts
+from specserve.spec.verify import verify_greedy, verify_sampled
+
+
+def check_prompt(model: Model, prompt_ids: Ids[int], context_limit: int | None = None) -> None:
+    """Refuse, before any compute, a prompt that is empty or does not fit the context."""
+    limit = context_limit or model.max_context
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty")
+    if len(prompt_ids) >= limit:
+        raise InvalidRequestError(
+            f"the prompt has {len(prompt_ids)} tokens; the context window here is "
+            f"{limit} tokens (and at least one must be left to generate)"
+        )
+    vocab = model.lm.config.vocab_size
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+
+
+def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits ``[V]`` -> the next token, greedy or sampled."""
+    if params.greedy:
+        return int(logits.argmax())
+    return int(sample(target_probs(logits[None], params), gen)[0])
+
+
+def _verify(
+    logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator
+) -> tuple[list[int], int]:
+    """logits ``[k + 1, V]`` of one sequence -> (emitted tokens, number of accepted drafts)."""
+    drafts = torch.tensor([proposal.token_ids])  # [1, k]
+    num = torch.tensor([len(proposal.token_ids)])
+    if params.greedy:
+        result = verify_greedy(drafts, num, logits.argmax(-1)[None])
+    else:
+        draft_probs = None if proposal.draft_probs is None else proposal.draft_probs[None]
+        result = verify_sampled(drafts, num, draft_probs, target_probs(logits, params)[None], [gen])
+    return result.row(0), int(result.num_accepted[0])
+
+
+class Sequence:
+    """Prompt, generated tokens, proposers, stop/length state and statistics of one request."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompt_ids: Ids[int],
+        params: SamplingParams,
+        spec: SpeculationConfig = PLAIN,
+        prediction_ids: Ids[int] | None = None,
+        costs: StepCosts | None = None,
+        context_limit: int | None = None,
+    ) -> None:
+        check_prompt(model, prompt_ids, context_limit)
+        self.submitted_at = time.perf_counter()
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        limit = context_limit or model.max_context
+        self.budget = min(params.max_tokens, limit - len(self.prompt_ids))
+        self.max_len = len(self.prompt_ids) + self.budget  # positions this sequence may use
+        self.gen = params.generator()
+        self.costs = costs or StepCosts()
+        self.source = ProposalSource(model, spec, params, prediction_ids, self.max_len, self.costs)
+        self.assembler = TextAssembler(model.tokenizer, self.prompt_ids, params.stop)
+        self.eos = frozenset() if params.ignore_eos else frozenset(model.tokenizer.eos_ids)
+        self.stats = SpecStats()
+        self.out: list[int] = []
+        self.all_ids = list(self.prompt_ids)
+        self.finish_reason: str | None = None  # "stop" or "length" once done
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._proposal: Proposal | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Where the next feed starts: the last emitted token is not in the KV cache yet."""
+        return len(self.all_ids) - 1
+
+    def start(self, last_prompt_logits: torch.Tensor) -> str:
+        """After the prefill: pick the first token from the last prompt position's logits."""
+        token = pick_token(last_prompt_logits, self.params, self.gen)
+        self.source.prefill(self.prompt_ids)
+        self.first_token_at = time.perf_counter()
+        return self._emit([token])
+
+    def next_feed(self) -> list[int]:
+        """The tokens of this sequence's next forward: the last token and up to k drafts."""
+        limit = self.budget - len(self.out) - 1
+        context = SequenceContext(self.prompt_ids, self.out, self.all_ids)
+        self._proposal = self.source.propose(context, limit)
+        return [self.all_ids[-1], *self._proposal.token_ids]
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Verify with the logits ``[len(feed), V]`` of the last feed; returns new text."""
+        proposal = self._proposal
+        assert proposal is not None, "accept() without next_feed()"
+        self._proposal = None
+        proposed = len(proposal.token_ids)
+        if proposed:
+            emitted, accepted = _verify(logits[: proposed + 1], proposal, self.params, self.gen)
+        else:
+            emitted, accepted = [pick_token(logits[0], self.params, self.gen)], 0
+        self.source.observe(proposed, accepted)
+        self.stats.record_step(
+            proposal.method if proposed else None, proposed, accepted, len(emitted)
+        )
+        return self._emit(emitted)
+
+    def _emit(self, emitted: list[int]) -> str:
+        fresh = []
+        for token in emitted:
+            if token in self.eos:
+                self.finish_reason = "stop"
+                break
+            if len(self.out) < self.budget:
+                self.out.append(token)
+                self.all_ids.append(token)
+                fresh.append(token)
+        piece = self.assembler.add(fresh)
+        if self.assembler.finished:
+            self.finish_reason = "stop"
+        elif self.finish_reason is None and len(self.out) >= self.budget:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            piece += self.assembler.finish()
+            self.finished_at = time.perf_counter()
+        return piece
+
+    def result(self) -> GenerationResult:
+        first = self.first_token_at or self.submitted_at
+        end = self.finished_at or time.perf_counter()
+        return GenerationResult(
+            text=self.assembler.text,
+            token_ids=list(self.out),
+            prompt_tokens=len(self.prompt_ids),
+            finish_reason=self.finish_reason or "cancelled",
+            time_to_first_token=first - self.submitted_at,
+            decode_seconds=end - first,
+            stats=self.stats,
+            prediction=self.source.prediction_stats(self.out),
+        )
