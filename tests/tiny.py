@@ -35,13 +35,20 @@ class TinySpec:
     sliding_window: int = 8
     linear_type: Q = Q.F32
     seed: int = 0
+    extra_tokens: int = 0  # appended ordinary tokens: a different vocabulary, same merges
+    merges: bool = True  # False: no BPE merges, text encodes to one token per byte
+    # An LM head (untied) that only ever picks printable ASCII byte tokens: with merges=False
+    # the generated text re-encodes to exactly the generated ids.
+    printable_output: bool = False
 
 
-def vocabulary() -> tuple[list[str], list[int]]:
+def vocabulary(extra_tokens: int = 0, merges: bool = True) -> tuple[list[str], list[int]]:
     byte_chars = list(_bytes_to_unicode().values())
-    merged = ["Ġt", "he", "Ġthe", "in", "Ġa"]
-    tokens = byte_chars + merged + SPECIALS
-    types = [1] * (len(byte_chars) + len(merged)) + [3] * len(SPECIALS)
+    # Without merges: one merge of two control bytes (never in test text) keeps the file valid.
+    merged = ["Ġt", "he", "Ġthe", "in", "Ġa"] if merges else ["Āā"]
+    extra = [f"xtra{i}" for i in range(extra_tokens)]  # spelled in the byte alphabet
+    tokens = byte_chars + merged + SPECIALS + extra
+    types = [1] * (len(byte_chars) + len(merged)) + [3] * len(SPECIALS) + [1] * len(extra)
     return tokens, types
 
 
@@ -62,7 +69,7 @@ def _quantize(array: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarr
 def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random model of ``spec`` with a byte-level BPE vocabulary to ``path``."""
     rng = np.random.default_rng(spec.seed)
-    tokens, types = vocabulary()
+    tokens, types = vocabulary(spec.extra_tokens, spec.merges)
     arch = spec.architecture
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(spec.layers)
@@ -82,7 +89,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
+    writer.add_token_merges(MERGES if spec.merges else ["Ā ā"])
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
@@ -117,6 +124,12 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
             add(p + "post_ffw_norm.weight", (h,), 0.1)
             add(p + "attn_q_norm.weight", (d,), 0.1)
             add(p + "attn_k_norm.weight", (d,), 0.1)
+    if spec.printable_output:
+        byte_char = _bytes_to_unicode()
+        printable = [tokens.index(byte_char[b]) for b in range(0x20, 0x7F)]
+        head = np.zeros((len(tokens), h), dtype=np.float32)
+        head[printable] = rng.standard_normal((len(printable), h)).astype(np.float32)
+        writer.add_tensor("output.weight", head)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

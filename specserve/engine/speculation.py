@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from specserve.engine.sampling import SamplingParams
 from specserve.model.loader import Model
@@ -12,6 +13,9 @@ from specserve.spec.proposers.draft_model import DraftModelProposer, check_same_
 from specserve.spec.proposers.ngram import NgramProposer
 from specserve.spec.proposers.prediction import PredictionProposer, PredictionStats
 from specserve.spec.tuning import LengthTuner, StepCosts
+
+if TYPE_CHECKING:  # deployments describe drafters; the engine only reads them
+    from specserve.deployments.rules import EffectiveDrafter
 
 # Predicted Outputs cost nothing to draft, so they may propose longer runs than k; the
 # tuner still keeps the verify forward from growing past what acceptance pays for.
@@ -52,6 +56,28 @@ class SpeculationConfig:
 
 
 PLAIN = SpeculationConfig()
+
+
+def speculation_for_drafter(
+    drafter: EffectiveDrafter,
+    target: Model,
+    load: Callable[[str], Model],
+    adaptive: bool = True,
+) -> SpeculationConfig:
+    """The engine's settings for a deployment's effective drafter (loading a draft model)."""
+    if drafter.method is None:
+        return PLAIN
+    if drafter.method == "ngram":
+        length = drafter.ngram_length or 3
+        return SpeculationConfig(
+            "ngram", drafter.draft_token_count, ngram_length=length, adaptive=adaptive
+        )
+    assert drafter.draft_model is not None
+    draft = load(drafter.draft_model)
+    check_same_vocabulary(target, draft)
+    return SpeculationConfig(
+        "draft_model", drafter.draft_token_count, draft_model=draft, adaptive=adaptive
+    )
 
 
 class ProposalSource:

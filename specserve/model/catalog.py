@@ -41,12 +41,29 @@ def _gemma3_270m() -> Path:
 
 
 @dataclass(frozen=True)
+class DefaultDrafter:
+    """The drafter a catalog model gets when its deployment configures none.
+
+    The fields mirror the CLI flags (`--ngram-speculation-length`, `--draft-token-count`,
+    `--draft-model`), so a default is always something a user could have typed.
+    """
+
+    method: str = "ngram"  # "ngram" or "draft_model"
+    draft_token_count: int = 4
+    ngram_length: int | None = 3
+    draft_model: str | None = None  # a catalog name, for method "draft_model"
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     name: str
     family: str  # models of one family share a tokenizer (see FALLBACK_DRAFTERS)
     package: str
     description: str
     locate: Callable[[], Path]
+    # Both current entries draft with n-gram prompt lookup (n=3, k=4): it costs no model and
+    # pays on code and rewrites; trained small drafters can replace it per entry later.
+    default_drafter: DefaultDrafter = DefaultDrafter()
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -69,6 +86,20 @@ CATALOG: dict[str, CatalogEntry] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+FALLBACK_DRAFTERS: dict[str, str] = {
+    "smollm2": "smollm2-135m-instruct",
+    "gemma3": "gemma-3-270m",
+}
+"""Model family -> the small catalog model of the same tokenizer that drafts for it.
+
+Used when a user deploys a *local* model (a path, so no catalog entry and no default drafter)
+whose tokenizer is exactly a known family's: e.g. SmolLM2-360M/1.7B get
+smollm2-135m-instruct, Gemma 3 1B/4B get gemma-3-270m. A draft model must share the target's
+vocabulary id for id, so the match is by vocabulary fingerprint, never by file name; and only
+a model bigger than the drafter gets it (a local copy of the drafter itself would gain nothing).
+See `specserve.deployments.vocab.family_of_local_model`.
+"""
 
 
 def catalog_names() -> list[str]:

@@ -1,0 +1,28 @@
+"""Errors of the control plane; each message says which rule was broken and how to fix it.
+
+They subclass ValueError so a caller that only knows "the user's input was wrong"
+(`specserve.cli.main`) reports them like any other bad flag.
+"""
+
+from __future__ import annotations
+
+
+class DeploymentError(ValueError):
+    """A deployment request breaks a rule (flags, id, vocabulary) or names a missing record."""
+
+
+class DeploymentNotFoundError(DeploymentError, LookupError):
+    """No deployment has the requested id; the message lists the ids that exist."""
+
+
+class DeploymentExistsError(DeploymentError):
+    """A deployment with the requested id already exists."""
+
+
+class DraftVocabularyError(DeploymentError):
+    """A draft model whose vocabulary differs from the target's (its ids would mean other
+    tokens, so every draft would be rejected or, worse, verified against the wrong token)."""
+
+
+class StoreVersionError(DeploymentError):
+    """The database was written by a newer specserve whose schema this one does not know."""

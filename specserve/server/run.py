@@ -1,0 +1,96 @@
+"""``specserve serve``: load the deployments and serve them with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from specserve.model.loader import DTYPE_CHOICES
+
+log = logging.getLogger("specserve.serve")
+API_KEY_ENV = "SPECSERVE_API_KEY"
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve every deployment over an OpenAI-compatible HTTP API",
+        description="Serve deployments over HTTP (OpenAI API). With no deployment stored, "
+        "the default one (smollm2-135m-instruct with its default drafter) is created.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on every route but /health "
+        f"(default: ${API_KEY_ENV})",
+    )
+    p.add_argument("--db", type=Path, help="deployment database (default: the user data dir)")
+    p.add_argument(
+        "--deployment",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="serve only these deployments (repeatable; default: all)",
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="execution format")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences per forward (KV slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot")
+    p.add_argument(
+        "--max-context", type=int, default=4096, help="tokens per sequence (prompt + output)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from specserve.deployments.service import ensure_default_deployment
+    from specserve.deployments.store import DeploymentStore, default_store_path
+    from specserve.model.loader import load_model
+    from specserve.server.app import ServerSettings, create_app
+    from specserve.server.served import EngineOptions, load_deployments
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for name, value in (("--port", args.port), ("--max-batch", args.max_batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _is_loopback(args.host) and not args.api_key:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", args.host
+        )
+    store = DeploymentStore(args.db or default_store_path())
+    ensure_default_deployment(store)
+    chosen = store.list()
+    if args.deployment:
+        chosen = [store.get(i) for i in args.deployment]  # unknown ids raise, listing the known
+    for d in chosen:
+        log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
+    options = EngineOptions(args.max_batch, args.max_queue, args.max_context)
+    served = load_deployments(chosen, lambda name: load_model(name, dtype=args.dtype), options)
+    app = create_app(served, ServerSettings(args.api_key, args.max_body_bytes))
+    print(
+        f"specserve: serving {', '.join(sorted(served.by_id))} on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
