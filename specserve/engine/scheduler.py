@@ -95,6 +95,28 @@ class EngineStats:
     step_listeners: list[Callable[[StepRecord], None]] = field(default_factory=list)
 
 
+def run_engines(engines: list[Engine]) -> None:
+    """The compute loop: step every engine with work, sleep when none has any.
+
+    All torch compute of a server runs in the one thread that calls this (and that loaded
+    the models): OpenMP keeps a thread team per calling thread, and a second thread's team
+    competing with the first for 2 cores made steps 2-3x slower (measured).
+    """
+    if not engines:
+        return
+    cond = engines[0]._cond
+    assert all(e._cond is cond for e in engines), "engines of one loop share a condition"
+    torch.set_grad_enabled(False)
+    while True:
+        with cond:
+            while not any(e._has_work() for e in engines):
+                if all(e.stopped for e in engines):
+                    return
+                cond.wait()
+        for engine in engines:
+            engine.step()
+
+
 class Engine:
     """Runs the requests of one target model in continuous batches (see the module doc)."""
 
@@ -105,7 +127,11 @@ class Engine:
         max_context: int | None = None,
         max_queue: int = 64,
         prefill_chunk: int = PREFILL_CHUNK,
+        condition: threading.Condition | None = None,
+        start: bool = True,
     ) -> None:
+        """``start``: run in a thread of its own; else the caller runs `run_engines` (one
+        compute thread for several engines sharing ``condition``)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT
@@ -117,17 +143,23 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
-        # Step costs per batch size: a draft pays differently alone and in a full batch.
-        self.costs: dict[int, StepCosts] = {}
+        # Seconds per forward of N rows (batch x width), shared by the sequences' tuners (for
+        # which N = 1 + drafts) and the choice of the batch's width.
+        self.costs = StepCosts()
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._ids = itertools.count(1)
-        self._cond = threading.Condition()
+        self._cond = condition or threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"engine-{model.name}", daemon=True)
-        self._thread.start()
+        self.stopped = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(
+                target=run_engines, args=([self],), name=f"engine-{model.name}", daemon=True
+            )
+            self._thread.start()
 
     # -- called from other threads -------------------------------------------------------
 
@@ -174,10 +206,12 @@ class Engine:
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Fail what is queued or running, and end the engine's loop."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     @property
     def running(self) -> int:
@@ -195,15 +229,21 @@ class Engine:
         self.stats.running = len(self._active)
         self.stats.waiting = len(self._waiting)
 
+    def _has_work(self) -> bool:
+        """Under the lock: anything to do (including shutting down)?"""
+        return not self.stopped and (self._stopping or bool(self._waiting or self._active))
+
     def _schedule(self) -> bool:
-        """Drop cancelled jobs, admit waiting ones; False when the engine should exit."""
+        """Drop cancelled jobs, admit waiting ones; False once the engine has stopped."""
         with self._cond:
-            while not self._stopping and not self._waiting and not self._active:
-                self._cond.wait()
+            if self.stopped:
+                return False
             if self._stopping:
                 jobs = [*self._waiting, *self._active]
                 self._waiting.clear()
                 self._active.clear()
+                self.stopped = True
+                self._update_counts()
                 for job in jobs:
                     job.on_done(None, EngineStoppedError("the server is shutting down"))
                 return False
@@ -220,7 +260,7 @@ class Engine:
                 job.slot = self._free_slots.pop()
                 self._active.append(job)
             self._update_counts()
-            return True
+            return bool(self._active)
 
     def _release(self, job: Job) -> None:
         self._active.remove(job)
@@ -229,17 +269,18 @@ class Engine:
             job.slot = None
         self._update_counts()
 
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while self._schedule():
-            try:
-                self._iterate()
-            except Exception as exc:  # a bug must not kill the server: fail the batch
-                log.exception("engine step failed")
-                with self._cond:
-                    for job in list(self._active):
-                        self._release(job)
-                        job.on_done(None, exc)
+    def step(self) -> None:
+        """One iteration: schedule, then a prefill chunk and/or a decode step."""
+        if not self._schedule():
+            return
+        try:
+            self._iterate()
+        except Exception as exc:  # a bug must not kill the server: fail the batch
+            log.exception("engine step failed")
+            with self._cond:
+                for job in list(self._active):
+                    self._release(job)
+                    job.on_done(None, exc)
 
     def _iterate(self) -> None:
         with self._cond:
@@ -274,14 +315,11 @@ class Engine:
             job.params,
             job.spec,
             job.prediction_ids,
-            self._costs_for(1),
+            self.costs,
             self.context_limit,
         )
         seq.submitted_at = job.submitted_at  # time to first token includes the queueing
         return seq
-
-    def _costs_for(self, batch_size: int) -> StepCosts:
-        return self.costs.setdefault(batch_size, StepCosts())
 
     def _record(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
         self.stats.steps += 1
@@ -304,26 +342,45 @@ class Engine:
             self._deliver(job, seq.start(logits[0, -1]))
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        costs = self._costs_for(len(jobs))
-        feeds = []
-        for job in jobs:
-            assert job.seq is not None
-            job.seq.source.use_costs(costs)
-            feeds.append(job.seq.next_feed())
+        seqs = [job.seq for job in jobs if job.seq is not None]
+        for seq in seqs:
+            seq.next_feed()  # each sequence proposes with its own self-tuned length
+        width = self._batch_width(seqs)
+        feeds = [seq.truncate(width - 1) for seq in seqs]
         width = max(len(f) for f in feeds)
         # Padding repeats a row's last token; its logits are ignored, its cache writes land
         # past the row's own positions and are overwritten before they are ever read.
         rows = [f + [f[-1]] * (width - len(f)) for f in feeds]
         slots = [job.slot for job in jobs if job.slot is not None]
-        starts = [job.seq.position for job in jobs if job.seq is not None]
+        starts = [seq.position for seq in seqs]
         began = time.perf_counter()
         logits = self.model.lm(ForwardBatch(torch.tensor(rows), slots, starts), self.cache)
         seconds = time.perf_counter() - began
-        costs.observe(width, seconds)
-        self._record("decode", len(jobs), width * len(jobs), seconds)
-        for b, (job, feed) in enumerate(zip(jobs, feeds, strict=True)):
-            assert job.seq is not None
-            self._deliver(job, job.seq.accept(logits[b, : len(feed)]))
+        self.costs.observe(len(rows) * width, seconds)
+        self._record("decode", len(rows), width * len(rows), seconds)
+        for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
+            self._deliver(job, seq.accept(logits[b, : len(feed)]))
+
+    def _batch_width(self, seqs: list[Sequence]) -> int:
+        """Tokens per row for this step: every row pays for the longest one (padding).
+
+        Picks the width with the most expected tokens per second over the batch, from each
+        row's acceptance estimates and the measured cost of forwards of ``rows * width``.
+        Alone, a sequence keeps its own choice; so do fixed-length (``adaptive=False``) ones.
+        """
+        longest = max(seq.drafts for seq in seqs) + 1
+        if len(seqs) == 1:
+            return longest
+        fixed = [seq.drafts + 1 for seq in seqs if not seq.source.adaptive]
+        if fixed:
+            return max(fixed)
+        best, best_rate = 1, 0.0
+        for width in range(1, longest + 1):
+            tokens = sum(seq.expected_tokens(width - 1) for seq in seqs)
+            rate = tokens / self.costs.estimate(len(seqs) * width)
+            if rate > best_rate:
+                best, best_rate = width, rate
+        return best
 
     @staticmethod
     def _deliver(job: Job, piece: str) -> None:

@@ -117,6 +117,25 @@ class Sequence:
         self._proposal = self.source.propose(context, limit)
         return [self.all_ids[-1], *self._proposal.token_ids]
 
+    @property
+    def drafts(self) -> int:
+        """How many drafts the pending feed carries."""
+        return 0 if self._proposal is None else len(self._proposal.token_ids)
+
+    def expected_tokens(self, drafts: int) -> float:
+        """Tokens the pending step emits in expectation if it keeps only ``drafts`` drafts."""
+        return self.source.expected_tokens(min(drafts, self.drafts))
+
+    def truncate(self, drafts: int) -> list[int]:
+        """Keep only the first ``drafts`` drafts (lossless: fewer drafts, same verifier)."""
+        proposal = self._proposal
+        assert proposal is not None, "truncate() without next_feed()"
+        if drafts < len(proposal.token_ids):
+            probs = None if proposal.draft_probs is None else proposal.draft_probs[:drafts]
+            proposal = Proposal(proposal.token_ids[:drafts], probs, proposal.method)
+            self._proposal = proposal
+        return [self.all_ids[-1], *proposal.token_ids]
+
     def accept(self, logits: torch.Tensor) -> str:
         """Verify with the logits ``[len(feed), V]`` of the last feed; returns new text."""
         proposal = self._proposal

@@ -112,11 +112,6 @@ class ProposalSource:
         if drafter is not None:
             self.entries.append((drafter, LengthTuner(spec.draft_token_count, costs)))
 
-    def use_costs(self, costs: StepCosts) -> None:
-        """Estimate verify costs from ``costs`` (the engine's table for the current batch size)."""
-        for _, tuner in self.entries:
-            tuner.costs = costs
-
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         """Let proposers with state (a draft model's KV cache) process the prompt."""
         for proposer, _ in self.entries:
@@ -141,6 +136,10 @@ class ProposalSource:
                 self._last = (proposer, tuner)
                 return proposal
         return Proposal([], None, "none")
+
+    def expected_tokens(self, k: int) -> float:
+        """Expected tokens from a step keeping ``k`` drafts of the last proposal."""
+        return 1.0 if self._last is None else self._last[1].expected_tokens(k)
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Feed the verification of the last proposal back to its tuner and counters."""

@@ -8,6 +8,7 @@ deployment; it can never name a file path.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -76,10 +77,11 @@ class ServedDeployments:
         return found
 
     def engines(self) -> dict[str, Engine]:
+        """The distinct engines, by their model's name."""
         return {s.engine.model.name: s.engine for s in self.by_id.values()}
 
     def stop(self) -> None:
-        for engine in {id(e): e for e in self.engines().values()}.values():
+        for engine in self.engines().values():
             engine.stop()
 
 
@@ -87,10 +89,16 @@ def load_deployments(
     deployments: Iterable[Deployment],
     load: Callable[[str], Model],
     options: EngineOptions = EngineOptions(),
+    start: bool = True,
 ) -> ServedDeployments:
-    """Load each deployment's model (once per distinct model) and drafter, start engines."""
+    """Load each deployment's model (once per distinct model) and drafter, make engines.
+
+    ``start``: each engine runs in a thread of its own (tests); else they share one
+    condition and the caller runs them all with `run_engines` in the loading thread.
+    """
     models: dict[str, Model] = {}
     engines: dict[str, Engine] = {}
+    condition = threading.Condition()
 
     def model(name: str) -> Model:
         if name not in models:
@@ -109,6 +117,8 @@ def load_deployments(
                 max_context=options.max_context,
                 max_queue=options.max_queue,
                 prefill_chunk=options.prefill_chunk,
+                condition=None if start else condition,
+                start=start,
             )
         created = int(deployment.created_at or time.time())
         served.append(

@@ -79,6 +79,14 @@ class LengthTuner:
                 return self.max_k
         return best
 
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a step with ``k`` drafts emits in expectation: 1 + a1 + a1 a2 + ..."""
+        tokens, survive = 1.0, 1.0
+        for a in self.acceptance[: min(k, self.max_k)]:
+            survive *= a
+            tokens += survive
+        return tokens
+
     def observe(self, proposed: int, accepted: int) -> None:
         """Update the conditional acceptance of positions 1..accepted+1."""
         for i in range(min(proposed, accepted + 1)):
