@@ -143,9 +143,9 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
-        # Seconds per forward of N rows (batch x width), shared by the sequences' tuners (for
-        # which N = 1 + drafts) and the choice of the batch's width.
-        self.costs = StepCosts()
+        # Seconds per forward by batch size and width: the sequences' own tuners read the
+        # batch-of-one table, the choice of a batch's width the table of its size.
+        self.costs: dict[int, StepCosts] = {}
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Job] = deque()
@@ -315,11 +315,14 @@ class Engine:
             job.params,
             job.spec,
             job.prediction_ids,
-            self.costs,
+            self.costs_for(1),
             self.context_limit,
         )
         seq.submitted_at = job.submitted_at  # time to first token includes the queueing
         return seq
+
+    def costs_for(self, batch_size: int) -> StepCosts:
+        return self.costs.setdefault(batch_size, StepCosts(rows=batch_size))
 
     def _record(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
         self.stats.steps += 1
@@ -356,7 +359,7 @@ class Engine:
         began = time.perf_counter()
         logits = self.model.lm(ForwardBatch(torch.tensor(rows), slots, starts), self.cache)
         seconds = time.perf_counter() - began
-        self.costs.observe(len(rows) * width, seconds)
+        self.costs_for(len(rows)).observe(width, seconds)
         self._record("decode", len(rows), width * len(rows), seconds)
         for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
             self._deliver(job, seq.accept(logits[b, : len(feed)]))
@@ -377,7 +380,7 @@ class Engine:
         best, best_rate = 1, 0.0
         for width in range(1, longest + 1):
             tokens = sum(seq.expected_tokens(width - 1) for seq in seqs)
-            rate = tokens / self.costs.estimate(len(seqs) * width)
+            rate = tokens / self.costs_for(len(seqs)).estimate(width)
             if rate > best_rate:
                 best, best_rate = width, rate
         return best

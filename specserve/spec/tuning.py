@@ -25,9 +25,14 @@ PROBE_INTERVAL = 16
 
 @dataclass
 class StepCosts:
-    """Seconds per target forward over T tokens, learned online (shared by a model's requests)."""
+    """Seconds per target forward over T tokens, learned online (shared by a model's requests).
+
+    ``rows``: sequences in the forward (the engine keeps one table per batch size); the prior
+    then prices one more token per row like one more token of a single sequence.
+    """
 
     seconds: dict[int, float] = field(default_factory=dict)
+    rows: int = 1
 
     def observe(self, tokens: int, seconds: float) -> None:
         old = self.seconds.get(tokens)
@@ -37,15 +42,13 @@ class StepCosts:
         if tokens in self.seconds:
             return self.seconds[tokens]
         if not self.seconds:
-            return 1.0 + MARGINAL_COST_PRIOR * (tokens - 1)  # relative units; only ratios matter
+            return self._prior(tokens)  # relative units; only ratios matter
         # Scale the nearest measurement by the prior's marginal cost.
         nearest = min(self.seconds, key=lambda t: abs(t - tokens))
-        base = self.seconds[nearest]
-        return (
-            base
-            * (1 + MARGINAL_COST_PRIOR * (tokens - 1))
-            / (1 + MARGINAL_COST_PRIOR * (nearest - 1))
-        )
+        return self.seconds[nearest] * self._prior(tokens) / self._prior(nearest)
+
+    def _prior(self, tokens: int) -> float:
+        return 1.0 + MARGINAL_COST_PRIOR * (self.rows * tokens - 1)
 
 
 @dataclass
