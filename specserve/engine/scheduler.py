@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specserve.engine.batch_policy import SpeculationGuard, choose_width
 from specserve.engine.result import GenerationResult
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.sequence import Sequence, check_prompt
@@ -146,6 +147,7 @@ class Engine:
         # Seconds per forward by batch size and width: the sequences' own tuners read the
         # batch-of-one table, the choice of a batch's width the table of its size.
         self.costs: dict[int, StepCosts] = {}
+        self.guards: dict[int, SpeculationGuard] = {}  # by batch size
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Job] = deque()
@@ -348,7 +350,11 @@ class Engine:
         seqs = [job.seq for job in jobs if job.seq is not None]
         for seq in seqs:
             seq.next_feed()  # each sequence proposes with its own self-tuned length
-        width = self._batch_width(seqs)
+        guard = self.guards.setdefault(len(seqs), SpeculationGuard())
+        proposing = any(seq.drafts for seq in seqs)
+        fixed = any(not seq.source.adaptive for seq in seqs)  # --fixed-length: as asked
+        speculate = proposing and (fixed or guard.allows_speculation())
+        width = choose_width(seqs, self.costs_for(len(seqs))) if speculate else 1
         feeds = [seq.truncate(width - 1) for seq in seqs]
         width = max(len(f) for f in feeds)
         # Padding repeats a row's last token; its logits are ignored, its cache writes land
@@ -361,29 +367,13 @@ class Engine:
         seconds = time.perf_counter() - began
         self.costs_for(len(rows)).observe(width, seconds)
         self._record("decode", len(rows), width * len(rows), seconds)
+        emitted = 0
         for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
+            before = len(seq.out)
             self._deliver(job, seq.accept(logits[b, : len(feed)]))
-
-    def _batch_width(self, seqs: list[Sequence]) -> int:
-        """Tokens per row for this step: every row pays for the longest one (padding).
-
-        Picks the width with the most expected tokens per second over the batch, from each
-        row's acceptance estimates and the measured cost of forwards of ``rows * width``.
-        Alone, a sequence keeps its own choice; so do fixed-length (``adaptive=False``) ones.
-        """
-        longest = max(seq.drafts for seq in seqs) + 1
-        if len(seqs) == 1:
-            return longest
-        fixed = [seq.drafts + 1 for seq in seqs if not seq.source.adaptive]
-        if fixed:
-            return max(fixed)
-        best, best_rate = 1, 0.0
-        for width in range(1, longest + 1):
-            tokens = sum(seq.expected_tokens(width - 1) for seq in seqs)
-            rate = tokens / self.costs_for(len(seqs)).estimate(width)
-            if rate > best_rate:
-                best, best_rate = width, rate
-        return best
+            emitted += max(1, len(seq.out) - before)  # an EOS still counts as one token
+        if proposing:
+            guard.observe(width > 1, emitted, seconds)
 
     @staticmethod
     def _deliver(job: Job, piece: str) -> None:

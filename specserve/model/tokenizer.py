@@ -88,6 +88,7 @@ class Tokenizer:
         byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         byte_ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256 if byte_fallback else 0))
         self.byte_token_ids = frozenset(i for i in byte_ids if i is not None)
+        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
@@ -203,13 +204,17 @@ class Tokenizer:
 
     def vocab_fingerprint(self) -> str:
         """sha256 over the ordered token spellings: equal fingerprints mean a draft model and a
-        target model agree on every id. GGUF and HF sources of one model give the same value."""
+        target model agree on every id. GGUF and HF sources of one model give the same value.
+        Computed once (every request with a draft model checks it)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256()
         for token_id in range(self.vocab_size):
             spelled = (self.backend.id_to_token(token_id) or "").encode("utf-8")
             digest.update(len(spelled).to_bytes(4, "little"))  # length prefix: no ambiguity
             digest.update(spelled)
-        return digest.hexdigest()
+        self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True

@@ -64,18 +64,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from specserve.server.served import EngineOptions
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    for name, value in (("--port", args.port), ("--max-batch", args.max_batch)):
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+    limits = [("--port", args.port, 1), ("--max-batch", args.max_batch, 1)]
+    limits += [("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 16)]
+    limits += [("--max-body-bytes", args.max_body_bytes, 1024)]
+    for name, value, least in limits:
+        if value < least:
+            kind = "a positive integer" if least == 1 else f"at least {least}"
+            raise ValueError(f"{name} must be {kind}, got {value}")
     if not _is_loopback(args.host) and not args.api_key:
-        log.warning(
-            "serving on %s without an API key: anyone who can reach it can use it", args.host
-        )
+        log.warning("serving on %s without an API key: anyone who reaches it can use it", args.host)
     store = DeploymentStore(args.db or default_store_path())
-    ensure_default_deployment(store)
-    chosen = store.list()
-    if args.deployment:
-        chosen = [store.get(i) for i in args.deployment]  # unknown ids raise, listing the known
+    if args.deployment:  # unknown ids raise, listing the known ones
+        chosen = [store.get(i) for i in args.deployment]
+    else:
+        ensure_default_deployment(store)
+        chosen = store.list()
     for d in chosen:
         log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
     options = EngineOptions(args.max_batch, args.max_queue, args.max_context)

@@ -1,0 +1,72 @@
+"""How much a batch speculates: its width, and a guard on realized throughput.
+
+In a batch every row pays for the longest row (padding), so the engine picks one width per
+step from the rows' acceptance estimates and the measured cost of that batch size and width.
+Estimates drift (contexts grow, a measured width goes stale), so a guard also compares the
+throughput actually realized — tokens emitted per second of forward — by speculative and
+plain steps of each batch size, and runs plain steps while they are faster, probing the
+other option now and then. Speculation can then cost a batch at most its probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.engine.sequence import Sequence
+    from specserve.spec.tuning import StepCosts
+
+RATE_EMA_WEIGHT = 0.1
+PROBE_INTERVAL = 16  # steps between tries of the option the guard currently rejects
+
+
+def choose_width(seqs: Seq[Sequence], costs: StepCosts) -> int:
+    """The width (tokens per row) with the most expected tokens per second over the batch.
+
+    A lone sequence keeps its own choice, and so do fixed-length (``adaptive=False``) rows.
+    """
+    longest = max(seq.drafts for seq in seqs) + 1
+    if len(seqs) == 1:
+        return longest
+    fixed = [seq.drafts + 1 for seq in seqs if not seq.source.adaptive]
+    if fixed:
+        return max(fixed)
+    best, best_rate = 1, 0.0
+    for width in range(1, longest + 1):
+        tokens = sum(seq.expected_tokens(width - 1) for seq in seqs)
+        rate = tokens / costs.estimate(width)
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
+
+
+@dataclass
+class SpeculationGuard:
+    """For one batch size: realized tokens/s of speculative vs plain steps (moving averages)."""
+
+    speculative_rate: float | None = None
+    plain_rate: float | None = None
+    _steps: int = 0
+
+    def allows_speculation(self) -> bool:
+        """Speculate this step? While it realizes at least plain's rate (or is unmeasured)."""
+        self._steps += 1
+        if self.speculative_rate is None or self.plain_rate is None:
+            return self.speculative_rate is None  # measure speculation first, then plain once
+        preferred = self.speculative_rate >= self.plain_rate
+        if self._steps % PROBE_INTERVAL == 0:
+            return not preferred  # keep the other estimate fresh
+        return preferred
+
+    def observe(self, speculative: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        old = self.speculative_rate if speculative else self.plain_rate
+        new = rate if old is None else old + RATE_EMA_WEIGHT * (rate - old)
+        if speculative:
+            self.speculative_rate = new
+        else:
+            self.plain_rate = new
