@@ -12,6 +12,7 @@ from specserve.model.catalog import CATALOG, DEFAULT_MODEL
 from specserve.model.errors import ModelLoadError
 from specserve.model.loader import DTYPE_CHOICES
 from specserve.server.run import add_serve_parser, run_serve
+from specserve.tune.cli import add_tune_parser, run_tune
 
 if TYPE_CHECKING:  # the annotation only; commands import the engine when they run
     from specserve.engine.speculation import SpeculationConfig
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     add_serve_parser(sub)
     add_deployment_parser(sub)
+    add_tune_parser(sub)
     sub.add_parser("models", help="list the model catalog")
     return parser
 
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "deployment":
             return run_deployment_command(args)
+        if args.command == "tune":
+            return run_tune(args)
         return _models()
     except (ModelLoadError, InvalidRequestError, ValueError, OSError) as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)

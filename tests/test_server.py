@@ -27,6 +27,7 @@ from specserve.model.loader import Model, load_model
 from specserve.server.app import ServerSettings
 from specserve.server.served import EngineOptions, load_deployments
 from specserve.spec.proposers.prediction import PredictionStats
+from specserve.tune.runner import load_prompts
 from tests.server_harness import RunningServer, start_server
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -42,13 +43,16 @@ def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
     return load_model(str(path), dtype="float32", progress=False)
 
 
-def _serve(model: Model, db: Path, api_key: str | None = None) -> RunningServer:
+def _serve(
+    model: Model, db: Path, api_key: str | None = None, record: Path | None = None
+) -> RunningServer:
     store = DeploymentStore(db)
     path = str(model.path)
     create_deployment(store, path, DrafterFlags(), id="tiny")  # the default drafter (n-gram)
     create_deployment(store, path, DrafterFlags(no_speculation=True), id="tiny-plain")
     served = load_deployments(store.list(), lambda name: model, OPTIONS)
-    return start_server(served, ServerSettings(api_key=api_key, max_body_bytes=64 * 1024))
+    settings = ServerSettings(api_key=api_key, max_body_bytes=64 * 1024, record_traffic=record)
+    return start_server(served, settings)
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +308,21 @@ def test_requests_are_served_while_one_waits(client: openai.OpenAI) -> None:
     assert client.models.list().data
     assert time.monotonic() - began < 2.0
     thread.join()
+
+
+def test_traffic_log_records_prompts_for_tune(printable: Model, tmp_path: Path) -> None:
+    log = tmp_path / "traffic.jsonl"
+    running = _serve(printable, tmp_path / "log.db", record=log)
+    try:
+        client = openai.OpenAI(base_url=running.base_url + "/v1", api_key="-", max_retries=0)
+        _chat(client, "hello there", max_tokens=3, prediction=_content("hi"))
+        client.completions.create(model="tiny-plain", prompt=[5, 6, 7], max_tokens=2)
+    finally:
+        running.stop()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows[0]["messages"] == [{"role": "user", "content": "hello there"}]
+    assert rows[0]["prediction"] == "hi" and rows[0]["deployment"] == "tiny"
+    assert rows[1]["prompt_token_ids"] == [5, 6, 7]
+    assert all("choices" not in row and "text" not in row for row in rows)  # prompts only
+    prompts = load_prompts(log)  # `specserve tune --prompts` reads it as is
+    assert prompts[0].prediction == "hi" and prompts[1].token_ids(printable) == [5, 6, 7]

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +46,31 @@ DISCONNECT_POLL_SECONDS = 0.25
 class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Opt-in: append each request's prompt (never the output) to this JSONL file, in the
+    # format `specserve tune --prompts` reads, to measure drafters on real traffic.
+    record_traffic: Path | None = None
+
+
+class TrafficLog:
+    """Appends one JSON line per request: time, deployment, messages or prompt, prediction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+
+    def record(self, deployment: str, body: CommonRequest) -> None:
+        row: dict[str, Any] = {"time": round(time.time(), 3), "deployment": deployment}
+        if isinstance(body, ChatCompletionRequest):
+            row["messages"] = body.chat_messages()
+        elif isinstance(body, CompletionRequest):
+            prompt = body.prompt_input()
+            row["prompt" if isinstance(prompt, str) else "prompt_token_ids"] = prompt
+        if body.prediction is not None:
+            row["prediction"] = join_text(body.prediction.content)
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
 
 
 @dataclass
@@ -83,6 +111,7 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> FastAPI:
     metrics = metrics or Metrics()
+    traffic = TrafficLog(settings.record_traffic) if settings.record_traffic else None
     for name, engine in deployments.engines().items():
         metrics.watch_engine(name, engine)
 
@@ -126,6 +155,8 @@ def create_app(
     async def _complete(request: Request, body: CommonRequest, kind: str) -> Response:
         body.check()
         served = deployments.lookup(body.model)
+        if traffic is not None:
+            await run_in_threadpool(traffic.record, served.id, body)
         tokenizer = served.engine.model.tokenizer
         params = _sampling_params(body)
         if isinstance(body, ChatCompletionRequest):

@@ -52,6 +52,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--max-context", type=int, default=4096, help="tokens per sequence (prompt + output)"
     )
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument(
+        "--record-traffic",
+        type=Path,
+        metavar="FILE",
+        help="opt-in: append each request's prompt (not its output) to this JSONL file, "
+        "the format `specserve tune --prompts` and drafter training read",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -83,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
     options = EngineOptions(args.max_batch, args.max_queue, args.max_context)
     served = _start_compute_thread(chosen, args.dtype, options, args.threads)
-    app = create_app(served, ServerSettings(args.api_key, args.max_body_bytes))
+    settings = ServerSettings(args.api_key, args.max_body_bytes, args.record_traffic)
+    app = create_app(served, settings)
     print(
         f"specserve: serving {', '.join(sorted(served.by_id))} on http://{args.host}:{args.port}/v1",
         file=sys.stderr,

@@ -1,0 +1,1 @@
+"""`specserve tune`: measure speculation settings on the user's prompts and recommend one."""
