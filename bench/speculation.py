@@ -31,12 +31,20 @@ from bench.common import (
     shared_dir,
     write_json,
 )
+from specserve.drafters.artifact import is_drafter_dir, load_drafter
 from specserve.engine.generate import GenerationResult, generate
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculation import PLAIN, SpeculationConfig
 from specserve.model.loader import load_model
 from specserve.spec.tuning import StepCosts
 
+SHIPPED_EAGLE = (
+    Path(__file__).resolve().parents[1]
+    / "specserve"
+    / "drafters"
+    / "shipped"
+    / "smollm2-135m-instruct"
+)
 METHODS = {
     "ngram (n=3, k<=4, tuned)": SpeculationConfig("ngram", 4, ngram_length=3),
     "ngram (n=3, k=4, fixed)": SpeculationConfig("ngram", 4, ngram_length=3, adaptive=False),
@@ -153,6 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
     generate(model, cases[0][1], SamplingParams(max_tokens=8))  # warm-up
+    eagle = {}
+    if args.eagle and is_drafter_dir(args.eagle):
+        head = load_drafter(args.eagle, model)  # a trained EAGLE head for this target
+        eagle = {
+            "eagle (k<=4, tuned)": SpeculationConfig("eagle", 4, eagle=head),
+            "eagle + ngram (k<=4, tuned)": SpeculationConfig(
+                "eagle", 4, eagle=head, with_ngram=True
+            ),
+        }
     peer = HFPeer() if "hf" in args.peers else None
     # Draft-model rows: the bf16 target drafted by its int4 copy (a low-bit self-drafter).
     bf16 = (
@@ -164,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, (category, ids, prediction) in enumerate(cases):
         plain = generate(model, ids, params, spec=PLAIN)
         runs = {"plain": (plain, True)}
-        methods = dict(METHODS)
+        methods = {**METHODS, **eagle}
         if prediction is not None:
             methods = {
                 "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
@@ -261,6 +278,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure the bf16 target drafted by its int4 copy",
+    )
+    parser.add_argument(
+        "--eagle",
+        type=Path,
+        default=SHIPPED_EAGLE,
+        help="a trained EAGLE drafter directory to add rows for (default: the shipped one)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "speculation.json")
     args = parser.parse_args()

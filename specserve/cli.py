@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from specserve.deployments.cli import add_deployment_parser, run_deployment_command
+from specserve.drafters.cli import add_drafter_parser, run_drafter_command
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL
 from specserve.model.errors import ModelLoadError
 from specserve.model.loader import DTYPE_CHOICES
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_deployment_parser(sub)
     add_tune_parser(sub)
+    add_drafter_parser(sub)
     sub.add_parser("models", help="list the model catalog")
     return parser
 
@@ -176,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_deployment_command(args)
         if args.command == "tune":
             return run_tune(args)
+        if args.command == "drafter":
+            return run_drafter_command(args)
         return _models()
     except (ModelLoadError, InvalidRequestError, ValueError, OSError) as exc:
         print(f"specserve: error: {exc}", file=sys.stderr)

@@ -4,7 +4,7 @@ Everybody who accepts drafter flags (``specserve deployment create/update``, the
 ``specserve generate``) calls `check_drafter_flags`, so one rule has one wording, and
 `effective_drafter` says what a deployment really runs with:
 
->>> effective_drafter("smollm2-135m-instruct", DrafterFlags()).describe()
+>>> effective_drafter("gemma-3-270m", DrafterFlags()).describe()
 'ngram n=3, up to 4 draft tokens (default)'
 >>> check_drafter_flags(DrafterFlags(draft_token_count=4))  # doctest: +IGNORE_EXCEPTION_DETAIL
 Traceback (most recent call last):

@@ -19,7 +19,7 @@ from pathlib import Path
 from specserve.deployments.errors import DeploymentError, DeploymentExistsError
 from specserve.deployments.rules import DrafterFlags, check_drafter_flags
 from specserve.deployments.store import Deployment, DeploymentStore, check_id
-from specserve.deployments.vocab import check_same_vocabulary, vocab_size_of
+from specserve.deployments.vocab import DRAFTER_MANIFEST, check_same_vocabulary, vocab_size_of
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL, resolve
 
 MAX_ID_LENGTH = 64
@@ -36,6 +36,8 @@ def canonical_model(name_or_path: str) -> str:
     path, entry = resolve(name_or_path)
     if entry is not None:
         return entry.name
+    if (path / DRAFTER_MANIFEST).is_file():  # a trained drafter: checked against its target
+        return str(path.resolve())
     vocab_size_of(path)  # refuses files that are not GGUF / directories without a tokenizer
     return str(path.resolve())
 

@@ -10,6 +10,7 @@ fact is cached per file version (path, size, mtime): `deployment list` asks agai
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from specserve.model.gguf_file import GGUFFile, GGUFFormatError
 from specserve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+DRAFTER_MANIFEST = "drafter.json"  # a directory with it is a trained drafter (drafters/artifact)
 _Stamp = tuple[int, int]  # (size, mtime in ns) of the file the tokenizer is read from
 
 
@@ -96,6 +98,9 @@ def check_same_vocabulary(target: str, draft: str) -> None:
     """
     target_path, _ = catalog.resolve(target)
     draft_path, _ = catalog.resolve(draft)
+    if (draft_path / DRAFTER_MANIFEST).is_file():  # a trained head: its manifest names its target
+        _check_trained_drafter(target, target_path, draft_path)
+        return
     target_size, draft_size = vocab_size_of(target_path), vocab_size_of(draft_path)
     if draft_size == target_size and fingerprint_of(draft_path) == fingerprint_of(target_path):
         return
@@ -108,6 +113,21 @@ def check_same_vocabulary(target: str, draft: str) -> None:
         f"draft model {draft} cannot draft for {target}: their vocabularies differ ({sizes}) "
         "— a draft model must share the target's tokenizer"
     )
+
+
+def _check_trained_drafter(target: str, target_path: Path, drafter: Path) -> None:
+    """A trained drafter (EAGLE head) is tied to one target's vocabulary (and weights: checked
+    when the server loads it, as that needs the weights)."""
+    try:
+        manifest = json.loads((drafter / DRAFTER_MANIFEST).read_text(encoding="utf-8"))
+        trained_for = manifest["target"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DraftVocabularyError(f"{drafter}: unreadable drafter manifest ({exc})") from None
+    if trained_for.get("vocab_fingerprint") != fingerprint_of(target_path):
+        raise DraftVocabularyError(
+            f"drafter {drafter} was trained for {trained_for.get('name')}, whose vocabulary "
+            f"differs from {target}'s; train one for {target} with `specserve drafter train`"
+        )
 
 
 def family_of_local_model(path: Path) -> str | None:

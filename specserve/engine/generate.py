@@ -41,7 +41,9 @@ def generate(
     seq = Sequence(model, prompt_ids, params, spec, prediction_ids, costs)
     cache = model.lm.new_cache(1, seq.max_len)
     prompt = torch.tensor([seq.prompt_ids])
-    logits = model.lm(ForwardBatch(prompt, [0], [0]), cache, all_logits=False)
+    lm = model.lm
+    logits, features = lm.forward_with_features(ForwardBatch(prompt, [0], [0]), cache, False)
+    seq.add_prompt_features(0, features[0])
     piece = seq.start(logits[0, -1])
     while True:
         if on_text and piece:
@@ -50,6 +52,7 @@ def generate(
             return seq.result()
         feed = seq.next_feed()
         began = time.perf_counter()
-        logits = model.lm(ForwardBatch(torch.tensor([feed]), [0], [seq.position]), cache)
+        batch = ForwardBatch(torch.tensor([feed]), [0], [seq.position])
+        logits, features = lm.forward_with_features(batch, cache)
         seq.costs.observe(len(feed), time.perf_counter() - began)
-        piece = seq.accept(logits[0])
+        piece = seq.accept(logits[0], features[0])

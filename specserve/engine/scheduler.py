@@ -339,8 +339,9 @@ class Engine:
         tokens = torch.tensor([seq.prompt_ids[job.prefilled : end]])
         began = time.perf_counter()
         batch = ForwardBatch(tokens, [job.slot], [job.prefilled])
-        logits = self.model.lm(batch, self.cache, all_logits=False)
+        logits, features = self.model.lm.forward_with_features(batch, self.cache, False)
         self._record("prefill", 1, tokens.shape[1], time.perf_counter() - began)
+        seq.add_prompt_features(job.prefilled, features[0])
         job.prefilled = end
         if end == len(seq.prompt_ids):
             job.started = True
@@ -363,14 +364,15 @@ class Engine:
         slots = [job.slot for job in jobs if job.slot is not None]
         starts = [seq.position for seq in seqs]
         began = time.perf_counter()
-        logits = self.model.lm(ForwardBatch(torch.tensor(rows), slots, starts), self.cache)
+        batch = ForwardBatch(torch.tensor(rows), slots, starts)
+        logits, features = self.model.lm.forward_with_features(batch, self.cache)
         seconds = time.perf_counter() - began
         self.costs_for(len(rows)).observe(width, seconds)
         self._record("decode", len(rows), width * len(rows), seconds)
         emitted = 0
         for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
             before = len(seq.out)
-            self._deliver(job, seq.accept(logits[b, : len(feed)]))
+            self._deliver(job, seq.accept(logits[b, : len(feed)], features[b, : len(feed)]))
             emitted += max(1, len(seq.out) - before)  # an EOS still counts as one token
         if proposing:
             guard.observe(width > 1, emitted, seconds)

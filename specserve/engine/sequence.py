@@ -103,6 +103,10 @@ class Sequence:
         """Where the next feed starts: the last emitted token is not in the KV cache yet."""
         return len(self.all_ids) - 1
 
+    def add_prompt_features(self, start: int, features: torch.Tensor) -> None:
+        """Target features ``[T, C]`` of prompt positions ``start..`` (for EAGLE drafters)."""
+        self.source.add_features(start, features)
+
     def start(self, last_prompt_logits: torch.Tensor) -> str:
         """After the prefill: pick the first token from the last prompt position's logits."""
         token = pick_token(last_prompt_logits, self.params, self.gen)
@@ -136,8 +140,13 @@ class Sequence:
             self._proposal = proposal
         return [self.all_ids[-1], *proposal.token_ids]
 
-    def accept(self, logits: torch.Tensor) -> str:
-        """Verify with the logits ``[len(feed), V]`` of the last feed; returns new text."""
+    def accept(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> str:
+        """Verify with the logits ``[len(feed), V]`` of the last feed; returns new text.
+
+        ``features`` ``[len(feed), C]``: the target's features of the same positions; those
+        of the kept positions go to proposers that read them.
+        """
+        start = self.position
         proposal = self._proposal
         assert proposal is not None, "accept() without next_feed()"
         self._proposal = None
@@ -147,6 +156,8 @@ class Sequence:
         else:
             emitted, accepted = [pick_token(logits[0], self.params, self.gen)], 0
         self.source.observe(proposed, accepted)
+        if features is not None:
+            self.source.add_features(start, features[: accepted + 1])
         self.stats.record_step(
             proposal.method if proposed else None, proposed, accepted, len(emitted)
         )

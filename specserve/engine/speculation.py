@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
+from specserve.drafters.artifact import is_drafter_dir, load_drafter
+from specserve.drafters.eagle import EagleHead
 from specserve.engine.sampling import SamplingParams
 from specserve.model.loader import Model
 from specserve.spec.proposers.base import Proposal, Proposer, SequenceContext
 from specserve.spec.proposers.draft_model import DraftModelProposer, check_same_vocabulary
+from specserve.spec.proposers.eagle import EagleProposer
 from specserve.spec.proposers.ngram import NgramProposer
 from specserve.spec.proposers.prediction import PredictionProposer, PredictionStats
 from specserve.spec.tuning import LengthTuner, StepCosts
@@ -32,14 +38,18 @@ class SpeculationConfig:
     'ngram'
     """
 
-    method: str | None = None  # "ngram" or "draft_model"
+    method: str | None = None  # "ngram", "draft_model" or "eagle"
     draft_token_count: int = 4  # upper bound of the self-tuned length (the configured k)
     ngram_length: int = 3
     draft_model: Model | None = None
     adaptive: bool = True  # False: always propose draft_token_count tokens
+    eagle: EagleHead | None = None  # a trained head for this target (method "eagle")
+    # Also try n-gram proposals (prompt lookup, free to draft) before the model drafter:
+    # they win on long inputs that the output copies.
+    with_ngram: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in (None, "ngram", "draft_model"):
+        if self.method not in (None, "ngram", "draft_model", "eagle"):
             raise ValueError(f"unknown speculation method {self.method!r}")
         if not 1 <= self.draft_token_count <= MAX_DRAFT_TOKEN_COUNT:
             raise ValueError(
@@ -53,6 +63,8 @@ class SpeculationConfig:
             )
         if (self.method == "draft_model") != (self.draft_model is not None):
             raise ValueError("method 'draft_model' needs a draft model, and only it does")
+        if (self.method == "eagle") != (self.eagle is not None):
+            raise ValueError("method 'eagle' needs a trained head, and only it does")
 
 
 PLAIN = SpeculationConfig()
@@ -73,6 +85,11 @@ def speculation_for_drafter(
             "ngram", drafter.draft_token_count, ngram_length=length, adaptive=adaptive
         )
     assert drafter.draft_model is not None
+    if is_drafter_dir(Path(drafter.draft_model)):  # a trained EAGLE head, not a model
+        head = load_drafter(Path(drafter.draft_model), target)
+        return SpeculationConfig(
+            "eagle", drafter.draft_token_count, eagle=head, adaptive=adaptive, with_ngram=True
+        )
     draft = load(drafter.draft_model)
     check_same_vocabulary(target, draft)
     return SpeculationConfig(
@@ -103,9 +120,18 @@ class ProposalSource:
         if prediction_ids:
             self.prediction = PredictionProposer(prediction_ids, max_run=PREDICTION_MAX_RUN)
             self.entries.append((self.prediction, LengthTuner(PREDICTION_MAX_RUN, costs)))
+        self.feature_readers: list[EagleProposer] = []
+        if spec.with_ngram and spec.method != "ngram":
+            ngram = NgramProposer(spec.ngram_length)
+            self.entries.append((ngram, LengthTuner(spec.draft_token_count, costs)))
         drafter: Proposer | None = None
         if spec.method == "ngram":
             drafter = NgramProposer(spec.ngram_length)
+        elif spec.eagle is not None:
+            vocab = target.lm.config.vocab_size
+            eagle = EagleProposer(spec.eagle, params, max_len + spec.draft_token_count + 1, vocab)
+            self.feature_readers.append(eagle)
+            drafter = eagle
         elif spec.draft_model is not None:
             check_same_vocabulary(target, spec.draft_model)
             drafter = DraftModelProposer(spec.draft_model, params, max_len + spec.draft_token_count)
@@ -137,6 +163,11 @@ class ProposalSource:
                 return proposal
         return Proposal([], None, "none")
 
+    def add_features(self, start: int, features: torch.Tensor) -> None:
+        """Target features of positions ``start..``: EAGLE drafters draft from them."""
+        for proposer in self.feature_readers:
+            proposer.add_features(start, features)
+
     def expected_tokens(self, k: int) -> float:
         """Expected tokens from a step keeping ``k`` drafts of the last proposal."""
         return 1.0 if self._last is None else self._last[1].expected_tokens(k)
@@ -147,5 +178,5 @@ class ProposalSource:
             return
         proposer, tuner = self._last
         tuner.observe(proposed, accepted)
-        if isinstance(proposer, DraftModelProposer):
+        if isinstance(proposer, (DraftModelProposer, EagleProposer)):
             tuner.draft_cost = proposer.seconds_per_token

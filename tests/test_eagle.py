@@ -1,0 +1,110 @@
+"""EAGLE drafters in the decoding loop: trained by the CLI, lossless, batched, deployable."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from specserve.cli import main
+from specserve.deployments.errors import DraftVocabularyError
+from specserve.deployments.rules import DrafterFlags, EffectiveDrafter
+from specserve.deployments.service import create_deployment
+from specserve.deployments.store import DeploymentStore
+from specserve.drafters.artifact import DrafterError, load_drafter, read_manifest
+from specserve.engine.generate import generate
+from specserve.engine.result import GenerationResult
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.scheduler import Engine
+from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
+from specserve.model.loader import Model, load_model
+from tests.tiny import TinySpec, write_tiny_gguf
+
+PROMPTS = [[5, 6, 7, 8] * 5, list(range(40, 60)), [9, 10, 11] * 6]
+GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drafter trained for the tiny model by the real command (a few seconds)."""
+    out = tmp_path_factory.mktemp("drafter") / "tiny-eagle"
+    argv = ["drafter", "train", str(tiny_gguf), "--out", str(out), "--prompts", "12"]
+    argv += ["--max-tokens", "24", "--epochs", "3", "--draft-vocab", "64", "--dtype", "float32"]
+    assert main(argv) == 0
+    return out
+
+
+def _eagle(model: Model, path: Path, with_ngram: bool = False) -> SpeculationConfig:
+    drafter = EffectiveDrafter("draft_model", 4, draft_model=str(path))
+    spec = speculation_for_drafter(drafter, model, lambda name: model)
+    assert spec.method == "eagle" and spec.with_ngram  # a trained head comes with n-gram
+    if not with_ngram:
+        spec = SpeculationConfig("eagle", 4, eagle=spec.eagle)
+    return spec
+
+
+def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model) -> None:
+    manifest = read_manifest(drafter_dir)
+    assert manifest["method"] == "eagle"
+    assert manifest["target"]["vocab_fingerprint"] == tiny_model.tokenizer.vocab_fingerprint()
+    assert manifest["training"]["prompts"] == 12 and manifest["training"]["positions"] > 300
+    losses = manifest["training"]["summary"]
+    assert losses  # the training summary is recorded with the drafter
+
+
+@pytest.mark.parametrize("with_ngram", [False, True])
+def test_eagle_greedy_output_equals_plain(
+    drafter_dir: Path, tiny_model: Model, with_ngram: bool
+) -> None:
+    spec = _eagle(tiny_model, drafter_dir, with_ngram)
+    for prompt in PROMPTS:
+        plain = generate(tiny_model, prompt, GREEDY)
+        result = generate(tiny_model, prompt, GREEDY, spec=spec)
+        assert result.token_ids == plain.token_ids
+        assert result.stats.by_method["eagle"].proposed > 0  # the head really drafted
+
+
+def test_eagle_sampling_runs_with_draft_distributions(drafter_dir: Path, tiny_model: Model) -> None:
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    result = generate(tiny_model, PROMPTS[0], params, spec=_eagle(tiny_model, drafter_dir))
+    assert len(result.token_ids) == 24
+    assert all(0 <= t < tiny_model.lm.config.vocab_size for t in result.token_ids)
+
+
+def test_eagle_in_a_batch_equals_alone(drafter_dir: Path, tiny_model: Model) -> None:
+    spec = _eagle(tiny_model, drafter_dir)
+    alone = [generate(tiny_model, p, GREEDY, spec=spec).token_ids for p in PROMPTS]
+    engine = Engine(tiny_model, max_batch=3, prefill_chunk=8)  # features arrive in chunks
+    results: dict[int, GenerationResult] = {}
+    done = threading.Event()
+
+    def finish(i: int, result: GenerationResult | None) -> None:
+        assert result is not None
+        results[i] = result
+        if len(results) == len(PROMPTS):
+            done.set()
+
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            engine.submit(
+                prompt, GREEDY, lambda piece: None, lambda r, e, i=i: finish(i, r), spec=spec
+            )
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert [results[i].token_ids for i in range(len(PROMPTS))] == alone
+
+
+def test_drafter_serves_only_its_target(drafter_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    store = DeploymentStore(tmp_path / "d.db")
+    flags = DrafterFlags(draft_model=str(drafter_dir), draft_token_count=4)
+    deployment = create_deployment(store, str(tiny_gguf), flags, id="tiny")
+    assert deployment.effective_drafter().source == "configured"
+    other_vocab = write_tiny_gguf(tmp_path / "other.gguf", TinySpec(extra_tokens=3))
+    with pytest.raises(DraftVocabularyError, match="vocabulary"):
+        create_deployment(store, str(other_vocab), flags, id="other")
+    other_weights = write_tiny_gguf(tmp_path / "seed1.gguf", TinySpec(seed=1))
+    model = load_model(str(other_weights), dtype="float32", progress=False)
+    with pytest.raises(DrafterError, match="drafter train"):
+        load_drafter(drafter_dir, model)
