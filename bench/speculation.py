@@ -43,7 +43,7 @@ SHIPPED_EAGLE = (
     / "specserve"
     / "drafters"
     / "shipped"
-    / "smollm2-135m-instruct"
+    / "smollm2-135m-instruct-eagle"
 )
 METHODS = {
     "ngram (n=3, k<=4, tuned)": SpeculationConfig("ngram", 4, ngram_length=3),

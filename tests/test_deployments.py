@@ -111,15 +111,10 @@ def test_catalog_models_get_their_default_drafter(name: str) -> None:
     default = catalog.CATALOG[name].default_drafter
     drafter = effective_drafter(name, DrafterFlags())
     assert drafter.source == "default"
-    assert (drafter.method, drafter.draft_token_count) == (default.method, 4)
-    if name == "smollm2-135m-instruct":  # the shipped EAGLE drafter (n-gram combined)
-        assert drafter.draft_model is not None
-        assert (Path(drafter.draft_model) / "drafter.json").is_file()
-        assert drafter.short().endswith("k<=4 (default)")
-    else:
-        assert drafter.ngram_length == 3
-        assert drafter.describe() == "ngram n=3, up to 4 draft tokens (default)"
-        assert drafter.short() == "ngram n=3 k<=4 (default)"
+    assert (drafter.method, drafter.draft_token_count) == (default.method, 4) == ("ngram", 4)
+    assert drafter.ngram_length == 3
+    assert drafter.describe() == "ngram n=3, up to 4 draft tokens (default)"
+    assert drafter.short() == "ngram n=3 k<=4 (default)"
 
 
 def test_no_speculation_is_disabled_and_configured_flags_win() -> None:

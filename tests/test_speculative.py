@@ -145,6 +145,18 @@ def test_tuner_stops_speculating_when_it_does_not_pay() -> None:
     assert 0 < tuner.choose() < 4
 
 
+@pytest.mark.parametrize(("draft_cost", "probe"), [(0.0, 4), (0.004, 1)])
+def test_tuner_probes_after_plain_steps(draft_cost: float, probe: int) -> None:
+    """Switched off, the tuner still probes every 16 steps: all positions when drafting is
+    free (n-gram), one token when each draft costs time (a model drafter)."""
+    costs = StepCosts({1: 0.010, 2: 0.0125, 3: 0.015, 4: 0.0175, 5: 0.020})
+    tuner = LengthTuner(4, costs, draft_cost=draft_cost)
+    for _ in range(50):
+        tuner.observe(proposed=4, accepted=0)
+    picks = [tuner.choose() for _ in range(32)]
+    assert picks.count(0) == 30 and sorted(set(picks)) == [0, probe]
+
+
 def _spec_bench_prompts(model: Model, per_category: int) -> list[list[int]]:
     rows = [json.loads(line) for line in (SHARED / "spec_bench" / "question.jsonl").open()]
     chosen: dict[str, list[str]] = {}

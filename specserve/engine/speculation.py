@@ -12,6 +12,7 @@ import torch
 from specserve.drafters.artifact import is_drafter_dir, load_drafter
 from specserve.drafters.eagle import EagleHead
 from specserve.engine.sampling import SamplingParams
+from specserve.model.catalog import shipped_drafter
 from specserve.model.loader import Model
 from specserve.spec.proposers.base import Proposal, Proposer, SequenceContext
 from specserve.spec.proposers.draft_model import DraftModelProposer, check_same_vocabulary
@@ -85,8 +86,9 @@ def speculation_for_drafter(
             "ngram", drafter.draft_token_count, ngram_length=length, adaptive=adaptive
         )
     assert drafter.draft_model is not None
-    if is_drafter_dir(Path(drafter.draft_model)):  # a trained EAGLE head, not a model
-        head = load_drafter(Path(drafter.draft_model), target)
+    path = shipped_drafter(drafter.draft_model) or Path(drafter.draft_model)
+    if is_drafter_dir(path):  # a trained EAGLE head, not a model
+        head = load_drafter(path, target)
         return SpeculationConfig(
             "eagle", drafter.draft_token_count, eagle=head, adaptive=adaptive, with_ngram=True
         )

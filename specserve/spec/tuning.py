@@ -6,8 +6,9 @@ probability that draft position ``i`` is accepted given that the ones before it 
 tuner picks the ``k`` in ``0..max_k`` with the most expected tokens per second; ``k = 0`` is a
 plain step, so speculation stops by itself when it does not pay. Estimates are exponential
 moving averages, so a sequence that changes character (copying, then free text) adapts.
-Every ``PROBE_INTERVAL`` steps spent at ``k = 0`` it probes the longest ``k`` again, so a
-sequence that starts to repeat its input is noticed.
+Every ``PROBE_INTERVAL`` steps spent at ``k = 0`` it probes again (the longest ``k`` for free
+drafters, one token for drafters that cost time per token), so a sequence that starts to
+repeat its input is noticed.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class LengthTuner:
             self._plain_steps += 1
             if self._plain_steps >= PROBE_INTERVAL:
                 self._plain_steps = 0
-                return self.max_k
+                # Free drafts (n-gram, predictions) probe every position; a drafter that
+                # pays per token probes the first one, which is where a change shows first.
+                return self.max_k if self.draft_cost == 0 else 1
         return best
 
     def expected_tokens(self, k: int) -> float:

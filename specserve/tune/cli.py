@@ -74,7 +74,14 @@ def _ngram(n: int, k: int, default: bool = False) -> Candidate:
 
 
 def _draft(name: str, k: int, default: bool = False) -> Candidate:
-    return Candidate(f"draft {name} k<={k}", "draft_model", k, draft_model=name, is_default=default)
+    from specserve.model.catalog import shipped_drafter
+
+    path = shipped_drafter(name) or Path(name)
+    kind = "eagle" if (path / "drafter.json").is_file() else "draft"  # a trained head
+    label = path.name if path.exists() else name
+    return Candidate(
+        f"{kind} {label} k<={k}", "draft_model", k, draft_model=name, is_default=default
+    )
 
 
 def _from_drafter(drafter: EffectiveDrafter) -> Candidate | None:
@@ -108,8 +115,13 @@ def _listed(text: str, default: Candidate | None) -> list[Candidate]:
     return found
 
 
-def build_candidates(args: argparse.Namespace, drafter: EffectiveDrafter) -> list[Candidate]:
-    """Plain, the default (or deployed) drafter, and the grid — or the ``--candidates`` list."""
+def build_candidates(
+    args: argparse.Namespace, drafter: EffectiveDrafter, model: str = ""
+) -> list[Candidate]:
+    """Plain, the default (or deployed) drafter, and the grid — or the ``--candidates`` list.
+    The grid includes the drafters shipped for a catalog ``model``."""
+    from specserve.model.catalog import shipped_drafters_for
+
     default = _from_drafter(drafter)
     found = [Candidate("plain", None)]
     if args.candidates:
@@ -119,7 +131,8 @@ def build_candidates(args: argparse.Namespace, drafter: EffectiveDrafter) -> lis
         lengths = _int_list(args.ngram_lengths, "--ngram-lengths")
         found += [default] if default else []
         found += [_ngram(n, k) for n in lengths for k in counts]
-        found += [_draft(name, k) for name in args.draft_model for k in counts]
+        drafts = [*args.draft_model, *shipped_drafters_for(model)]
+        found += [_draft(name, k) for name in dict.fromkeys(drafts) for k in counts]
     unique: dict[tuple[object, ...], Candidate] = {}
     for c in found:  # the default drafter may also be a grid point: keep one, marked default
         key = (c.method, c.draft_token_count, c.ngram_length, c.draft_model)
@@ -158,7 +171,7 @@ def run_tune(args: argparse.Namespace) -> int:
     levels = _int_list(args.concurrency, "--concurrency")
     model_name, deployment_id, drafter = _resolve_target(args)
     prompts = load_prompts(args.prompts, args.limit)
-    candidates = build_candidates(args, drafter)
+    candidates = build_candidates(args, drafter, model_name)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(model_name, dtype=args.dtype)

@@ -18,11 +18,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from specserve.deployments.rules import EffectiveDrafter
 from specserve.engine.generate import generate
 from specserve.engine.result import GenerationResult
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.scheduler import Engine
-from specserve.engine.speculation import PLAIN, SpeculationConfig
+from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model
 from specserve.spec.stats import MethodStats
 from specserve.spec.tuning import StepCosts
@@ -113,15 +114,17 @@ def load_prompts(path: Path, limit: int | None = None) -> list[TunePrompt]:
 def speculation_of(
     candidate: Candidate, target: Model, load: Callable[[str], Model]
 ) -> SpeculationConfig:
-    if candidate.method is None:
-        return PLAIN
-    if candidate.method == "ngram":
-        return SpeculationConfig(
-            "ngram", candidate.draft_token_count, ngram_length=candidate.ngram_length or 3
-        )
-    assert candidate.draft_model is not None
-    return SpeculationConfig(
-        "draft_model", candidate.draft_token_count, draft_model=load(candidate.draft_model)
+    """What a deployment with the candidate's flags would run (a drafter directory is an
+    EAGLE head, combined with n-gram proposals)."""
+    return speculation_for_drafter(
+        EffectiveDrafter(
+            candidate.method,
+            candidate.draft_token_count,
+            ngram_length=candidate.ngram_length,
+            draft_model=candidate.draft_model,
+        ),
+        target,
+        load,
     )
 
 
