@@ -48,6 +48,7 @@ lint: setup
 bench: setup
 	$(PY) bench/runtime.py
 	$(PY) bench/speculation.py
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
