@@ -29,7 +29,7 @@ from specserve.engine.scheduler import EngineStoppedError, Job, QueueFullError
 from specserve.server.errors import APIError, install_error_handlers, invalid
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
-from specserve.server.responses import chat_chunk, chat_response, sse, text_chunk, text_response
+from specserve.server.responses import completion_response, sse, stream_chunk
 from specserve.server.schemas import (
     ChatCompletionRequest,
     CommonRequest,
@@ -205,8 +205,7 @@ def create_app(
             metrics.record_request(served.id, endpoint, "error", None)
             raise _engine_error(done.error or RuntimeError("no result"))
         metrics.record_request(served.id, endpoint, "ok", done.result)
-        build = chat_response if kind == "chat" else text_response
-        return JSONResponse(build(request_id, served, done.result))
+        return JSONResponse(completion_response(kind, request_id, served, done.result))
 
     async def _wait(
         request: Request, served: ServedDeployment, job: Job, relay: Relay
@@ -232,15 +231,18 @@ def create_app(
         relay: Relay,
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        chunk = chat_chunk if kind == "chat" else text_chunk
+
+        def chunk(*args: Any) -> dict[str, Any]:
+            return stream_chunk(kind, request_id, created, served.id, *args)
+
         finished = False
         try:
             if kind == "chat":
-                yield sse(chat_chunk(request_id, created, served.id, {"role": "assistant"}))
+                yield sse(chunk({"role": "assistant"}))
             while True:
                 item = await relay.queue.get()
                 if isinstance(item, str):
-                    yield sse(chunk(request_id, created, served.id, item))
+                    yield sse(chunk(item))
                     continue
                 finished = True
                 if item.error is not None or item.result is None:
@@ -249,9 +251,9 @@ def create_app(
                     break
                 result = item.result
                 metrics.record_request(served.id, endpoint, "ok", result)
-                yield sse(chunk(request_id, created, served.id, None, result.finish_reason))
+                yield sse(chunk(None, result.finish_reason))
                 if body.include_usage:
-                    yield sse(chunk(request_id, created, served.id, None, None, result, served))
+                    yield sse(chunk(None, None, result, served))
                 break
             yield "data: [DONE]\n\n"
         finally:

@@ -55,43 +55,46 @@ def usage(result: GenerationResult, served: ServedDeployment) -> dict[str, Any]:
     }
 
 
-def chat_response(request_id: str, served: ServedDeployment, result: GenerationResult) -> dict:
+OBJECTS = {
+    "chat": ("chat.completion", "chat.completion.chunk"),
+    "text": ("text_completion", "text_completion"),
+}
+
+
+def _choice(
+    kind: str, content: str | dict[str, str] | None, finish: str | None, whole: bool
+) -> dict:
+    """One choice: a chat message or delta, or a completion's text."""
+    choice: dict[str, Any] = {"index": 0}
+    if kind == "text":
+        choice["text"] = content if isinstance(content, str) else ""
+    elif whole:
+        choice["message"] = {"role": "assistant", "content": content}
+    else:
+        choice["delta"] = (
+            content if isinstance(content, dict) else ({"content": content} if content else {})
+        )
+    choice["logprobs"] = None
+    choice["finish_reason"] = finish
+    return choice
+
+
+def completion_response(
+    kind: str, request_id: str, served: ServedDeployment, result: GenerationResult
+) -> dict[str, Any]:
+    """The whole answer of a chat (``kind="chat"``) or text completion request."""
     return {
         "id": request_id,
-        "object": "chat.completion",
+        "object": OBJECTS[kind][0],
         "created": int(time.time()),
         "model": served.id,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
+        "choices": [_choice(kind, result.text, result.finish_reason, whole=True)],
         "usage": usage(result, served),
     }
 
 
-def text_response(request_id: str, served: ServedDeployment, result: GenerationResult) -> dict:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": served.id,
-        "choices": [
-            {
-                "index": 0,
-                "text": result.text,
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-        ],
-        "usage": usage(result, served),
-    }
-
-
-def chat_chunk(
+def stream_chunk(
+    kind: str,
     request_id: str,
     created: int,
     model: str,
@@ -100,44 +103,16 @@ def chat_chunk(
     result: GenerationResult | None = None,
     served: ServedDeployment | None = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion.chunk``: a text delta, the finish, or (with ``result``) the usage."""
+    """A streamed piece: a text delta, the finish, or (with ``result``) the usage chunk."""
     body: dict[str, Any] = {
         "id": request_id,
-        "object": "chat.completion.chunk",
+        "object": OBJECTS[kind][1],
         "created": created,
         "model": model,
     }
     if result is not None and served is not None:
         body["choices"] = []
         body["usage"] = usage(result, served)
-        return body
-    delta = content if isinstance(content, dict) else ({"content": content} if content else {})
-    body["choices"] = [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    ]
-    return body
-
-
-def text_chunk(
-    request_id: str,
-    created: int,
-    model: str,
-    content: str | dict[str, str] | None,
-    finish_reason: str | None = None,
-    result: GenerationResult | None = None,
-    served: ServedDeployment | None = None,
-) -> dict[str, Any]:
-    """A streamed ``text_completion`` piece, the finish, or (with ``result``) the usage."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-    }
-    if result is not None and served is not None:
-        body["choices"] = []
-        body["usage"] = usage(result, served)
-        return body
-    text = content if isinstance(content, str) else ""
-    body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    else:
+        body["choices"] = [_choice(kind, content, finish_reason, whole=False)]
     return body
