@@ -91,6 +91,29 @@ def test_step_in_chunks_equals_forward_and_rolls_back() -> None:
         head.step(cache, features[:2], tokens[:2], 31)
 
 
+def test_unrolled_forward_equals_chained_drafting() -> None:
+    """Step j at position s of the training-time unroll == the (j + 1)-th token drafted from
+    anchor s - j by the cached inference loop, feeding back its own features."""
+    head = small_head(seed=3).eval()
+    T, steps = 19, 4
+    features = torch.randn(T, SMALL.hidden_size)
+    tokens = torch.randint(0, SMALL_VOCAB, (T,))
+    with torch.no_grad():
+        unrolled = head.forward_unrolled(features[None], tokens[None], steps)
+        plain_pred, _ = head(features[None], tokens[None])
+    torch.testing.assert_close(unrolled[0][0], plain_pred)
+    for anchor in (0, 5, T - steps):
+        cache = head.new_cache(max_len=32)
+        pred, logits = head.step(cache, features[: anchor + 1], tokens[: anchor + 1], 0)
+        feature, row = pred[-1:], logits[-1]
+        for j in range(steps):
+            torch.testing.assert_close(row, unrolled[j][1][0, anchor + j], atol=1e-4, rtol=0)
+            position = anchor + j + 1
+            if position < T:
+                feature, out = head.step(cache, feature, tokens[position : position + 1], position)
+                row = out[-1]
+
+
 def test_forward_batches_rows_independently() -> None:
     head = small_head().eval()
     features = torch.randn(3, 10, SMALL.hidden_size)

@@ -109,9 +109,17 @@ def _scenario(case: str, gen: torch.Generator) -> tuple[list[torch.Tensor], list
 
 
 def _run_trials(
-    target: list[torch.Tensor], draft: list[torch.Tensor], one_hot: bool, gen: torch.Generator
+    target: list[torch.Tensor],
+    draft: list[torch.Tensor],
+    one_hot: bool,
+    gen: torch.Generator,
+    stop: tuple[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRIALS verification steps, num_drafts cycling through 0..K -> (output_ids, num_accepted)."""
+    """TRIALS verification steps -> (output_ids, num_accepted). num_drafts cycles through
+    0..K, or, with ``stop = (rule, threshold)``, the chain stops as EAGLE's does where the
+    product of confidences falls below the threshold (``EagleProposer.min_survival``), a
+    confidence being ``"max"``, the draft distribution's largest probability (what the
+    proposer uses), or ``"sampled"``, the drafted token's own (a biased rule)."""
     draft_ids = torch.empty(TRIALS, K, dtype=torch.long)  # [N, K]
     draft_probs = torch.empty(TRIALS, K, VOCAB)  # [N, K, V]
     target_probs = torch.empty(TRIALS, K + 1, VOCAB)  # [N, K + 1, V]
@@ -125,6 +133,11 @@ def _run_trials(
             previous = torch.multinomial(d.expand(TRIALS, VOCAB), 1, generator=gen).squeeze(1)
             draft_ids[:, i] = previous
     num_drafts = torch.arange(TRIALS) % (K + 1)  # [N]
+    if stop is not None:
+        rule, threshold = stop
+        drafted = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1)  # [N, K]
+        confidence = draft_probs.amax(-1) if rule == "max" else drafted
+        num_drafts = (confidence.cumprod(-1) >= threshold).sum(-1)  # a prefix survives
     draft_ids[torch.arange(K)[None, :] >= num_drafts[:, None]] = P
     generators = [gen] * TRIALS  # one shared stream keeps the test fast; rows draw in order
     result = verify_sampled(
@@ -138,7 +151,11 @@ def _trials(case: str) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Te
     """A case's tables and trial outputs, computed once per test session."""
     gen = torch.Generator().manual_seed(1234)
     target, draft = _scenario(case, gen)
-    output_ids, num_accepted = _run_trials(target, draft, case == "one-hot draft", gen)
+    # thresholds: the first lets chains of every length through, the second shows the bias
+    stop = {"confidence stop": ("max", 0.03), "sampled-confidence stop": ("sampled", 0.2)}
+    output_ids, num_accepted = _run_trials(
+        target, draft, case == "one-hot draft", gen, stop.get(case)
+    )
     return target, draft, output_ids, num_accepted
 
 
@@ -157,7 +174,9 @@ def _check(samples: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]
     return tvd, p_value
 
 
-@pytest.mark.parametrize("case", ["random draft", "one-hot draft", "processed target"])
+@pytest.mark.parametrize(
+    "case", ["random draft", "one-hot draft", "processed target", "confidence stop"]
+)
 def test_sampled_output_follows_the_target_distribution(case: str) -> None:
     target, draft, output_ids, num_accepted = _trials(case)
 
@@ -176,6 +195,16 @@ def test_sampled_output_follows_the_target_distribution(case: str) -> None:
     # The test has teeth: the draft's own distribution is far from the target's.
     naive = 0.5 * (draft[0] - target[0]).abs().sum().item()
     assert naive > 5 * MAX_TVD
+    if case == "confidence stop":  # chains of several lengths really were proposed
+        assert len(set(num_accepted.tolist())) >= 3
+
+
+def test_a_stop_that_reads_the_sampled_token_fails_the_bound() -> None:
+    """Stopping a chain on the drafted token's own probability proposes a biased subset of
+    the draft's samples; the verifier's min(1, q/p) then no longer yields the target."""
+    target, _, output_ids, _ = _trials("sampled-confidence stop")
+    tvd, p_value = _check(output_ids[:, 0], target[0])
+    assert tvd > MAX_TVD and p_value < MIN_P_VALUE
 
 
 def test_a_wrong_verifier_fails_the_bound() -> None:

@@ -86,19 +86,37 @@ def _trainable_input(tensor: Tensor) -> Tensor:
     return tensor.clone() if tensor.is_inference() else tensor
 
 
-def attend(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None) -> Tensor:
     """Causal GQA attention where the T queries are the *last* T of the L key positions.
 
     q ``[B, H, T, D]``, keys/values ``[B, KVH, L, D]`` -> ``[B, H, T, D]``. Training (L == T)
     and cached decoding (L = start + T) share this one function; only the mask differs.
+    An explicit boolean ``mask`` ``[T, L]`` (True = may attend) replaces the causal one.
     """
     T, L = q.shape[-2], keys.shape[-2]
-    mask = None
-    if 1 < T < L:  # query i sits at key position L - T + i
+    if mask is None and 1 < T < L:  # query i sits at key position L - T + i
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    causal = mask is None and T == L and T > 1
     return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, is_causal=(T == L and T > 1), enable_gqa=True
+        q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
     )
+
+
+def unrolled_mask(length: int, step: int, device: torch.device | None = None) -> Tensor:
+    """Which keys draft step ``step`` (0 = reading true features) may attend to, ``[T, (step
+    + 1) T]`` over the keys of steps 0..step laid side by side.
+
+    The query of step j at position s drafts from anchor t = s - j (the last position with a
+    true feature): it sees step 0's keys at positions <= t and, of every later step i <= j,
+    the one key at t + i — exactly the cache a chain of j drafted tokens would hold.
+    """
+    blocks = [torch.ones(length, length, dtype=torch.bool, device=device).tril(-step)]
+    for i in range(1, step + 1):
+        blocks.append(torch.eye(length, dtype=torch.bool, device=device).roll(i - step, dims=1))
+    mask = torch.cat(blocks, dim=1)
+    # roll wraps around: drop the wrapped entries (key positions past the query's own)
+    keys = torch.arange(length, device=device).repeat(step + 1)
+    return mask & (keys[None, :] <= torch.arange(length, device=device)[:, None])
 
 
 class EagleHead(torch.nn.Module):
@@ -197,10 +215,12 @@ class EagleHead(torch.nn.Module):
         qk = apply_rope(qkv[:, : cfg.num_heads + cfg.num_kv_heads], cos, sin)
         return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], qkv[:, -cfg.num_kv_heads :]
 
-    def _output(self, x: Tensor, q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _output(
+        self, x: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None = None
+    ) -> Tensor:
         """Attention, then the SwiGLU MLP, with residuals: the predicted feature ``[B, T, C]``."""
         B, _, T, _ = q.shape
-        attn = attend(q, keys, values).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        attn = attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
         x = x + self._linear(self.o_proj, attn)
         gate, up = self._linear(self.gate_up, self._norm(x, self.ffn_norm)).chunk(2, dim=-1)
         return x + self._linear(self.down_proj, F.silu(gate) * up)
@@ -226,6 +246,37 @@ class EagleHead(torch.nn.Module):
         q, k, v = self._qkv(x, cos[start:].to(x.device), sin[start:].to(x.device))
         pred = self._output(x, q, k, v)
         return pred, self.logits(pred)
+
+    def forward_unrolled(
+        self, features: Tensor, tokens: Tensor, steps: int
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Drafting ``steps`` tokens from every position at once ("training-time test", as in
+        EAGLE-3): step 0 is ``forward``; step j's input at position s is the head's *own*
+        step j - 1 guess of feature s with the true token s + 1, attending as ``unrolled_mask``
+        says. Along an accepted chain the drafted tokens equal the true ones, so step j at s
+        is exactly the (j + 1)-th draft made from anchor s - j. Positions s < j have no
+        anchor: their outputs are meaningless and must not count.
+
+        Returns ``[(pred, logits)]`` per step, shapes as ``forward``'s.
+        """
+        T = tokens.shape[1]
+        cos, sin = rope_tables(self.config.rope_base, self.config.head_dim, T)
+        cos, sin = cos.to(features.device), sin.to(features.device)
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        outputs: list[tuple[Tensor, Tensor]] = []
+        inputs = features.float()
+        for step in range(steps):
+            if step:  # the guess of feature s was made at s - 1
+                inputs = F.pad(outputs[-1][0][:, :-1], (0, 0, 1, 0))
+            x = self._input(inputs, tokens)
+            q, k, v = self._qkv(x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            mask = unrolled_mask(T, step, x.device) if step else None
+            pred = self._output(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)
+            outputs.append((pred, self.logits(pred)))
+        return outputs
 
     @torch.inference_mode()
     def new_cache(self, max_len: int) -> EagleCache:

@@ -37,6 +37,7 @@ CONTEXT = 256  # head positions per training chunk: attention context during tra
 # features are fed back), the token loss keeps those features decodable.
 FEATURE_WEIGHT = 1.0
 TOKEN_WEIGHT = 0.1
+STEP_DECAY = 0.8  # EAGLE-3's weight of later draft steps
 CLIP_NORM = 0.5  # EAGLE's gradient clipping
 BETAS = (0.9, 0.95)
 WARMUP_FRACTION = 0.05  # linear warmup, then cosine decay to MIN_LR_FRACTION of lr
@@ -89,40 +90,108 @@ def choose_vocab(sequences: Sequence[TrainingSequence], size: int, always: Seque
     return torch.tensor(sorted(chosen), dtype=torch.int64)
 
 
-def eagle_loss(head: EagleHead, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-    """EAGLE-1 loss: ``FEATURE_WEIGHT`` * smooth L1 (features, robust to the few huge
-    dimensions of a residual stream) + ``TOKEN_WEIGHT`` * cross entropy over the reduced
-    vocabulary (labels outside it are ignored: the head cannot propose them anyway).
+@dataclass(frozen=True)
+class LossSettings:
+    """What the head is trained to do.
 
-    Metrics: ``accuracy`` is the draft's top-1 agreement with the target over *all* counted
-    positions (labels outside the reduced vocabulary count as misses), ``coverage`` the share
-    of labels that the reduced vocabulary holds.
+    ``steps`` > 1 trains on its own fed-back features ("training-time test", EAGLE-3): draft
+    j + 1 from every anchor, weighted ``decay ** j``. Measured on SmolLM2 (see the README):
+    a head trained on step 0 only drafts its second and third tokens poorly, because at
+    inference those read its own guesses, never seen in training.
     """
-    pred, logits = head(batch.features, batch.tokens)  # (B, L, C), (B, L, N)
-    mask = batch.mask
-    count = mask.sum().clamp(min=1)
-    feature_loss = F.smooth_l1_loss(pred, batch.next_features, reduction="none").mean(-1)
-    feature_loss = (feature_loss * mask).sum() / count
+
+    steps: int = 1
+    feature_weight: float = FEATURE_WEIGHT
+    token_weight: float = TOKEN_WEIGHT
+    decay: float = STEP_DECAY
+
+
+def eagle_loss(
+    head: EagleHead, batch: Batch, settings: LossSettings = LossSettings()
+) -> tuple[Tensor, dict[str, float]]:
+    """EAGLE loss per draft step: ``feature_weight`` * smooth L1 (features, robust to the few
+    huge dimensions of a residual stream) + ``token_weight`` * cross entropy over the reduced
+    vocabulary (labels outside it are ignored: the head cannot propose them anyway); steps
+    weighted by ``decay ** j`` and normalised by the weights' sum.
+
+    Metrics: ``accuracy`` is the first draft's top-1 agreement with the target over *all*
+    counted positions (labels outside the reduced vocabulary count as misses), ``coverage``
+    the share of labels that the reduced vocabulary holds.
+    """
+    outputs = head.forward_unrolled(batch.features, batch.tokens, settings.steps)
     draft_labels = head.to_draft_ids(batch.labels)
-    covered = mask & (draft_labels != NO_DRAFT_ROW)
-    token_loss = (
-        F.cross_entropy(logits[covered], draft_labels[covered])
-        if covered.any()
-        else logits.sum() * 0.0
-    )
-    loss = FEATURE_WEIGHT * feature_loss + TOKEN_WEIGHT * token_loss
-    with torch.no_grad():
-        hits = (head.to_target_ids(logits.argmax(-1)) == batch.labels) & mask
-        n = float(count)
-        metrics = {
-            "loss": float(loss),
-            "feature_loss": float(feature_loss),
-            "token_loss": float(token_loss),
-            "accuracy": float(hits.sum()) / n,
-            "coverage": float(covered.sum()) / n,
-            "tokens": float(mask.sum()),
-        }
+    positions = torch.arange(batch.mask.shape[1])
+    total = batch.mask.new_zeros((), dtype=torch.float32)
+    weights = 0.0
+    metrics: dict[str, float] = {}
+    for step, (pred, logits) in enumerate(outputs):
+        mask = batch.mask & (positions >= step)  # step j at s drafts from anchor s - j
+        count = mask.sum().clamp(min=1)
+        feature_loss = F.smooth_l1_loss(pred, batch.next_features, reduction="none").mean(-1)
+        feature_loss = (feature_loss * mask).sum() / count
+        covered = mask & (draft_labels != NO_DRAFT_ROW)
+        token_loss = (
+            F.cross_entropy(logits[covered], draft_labels[covered])
+            if covered.any()
+            else logits.sum() * 0.0
+        )
+        weight = settings.decay**step
+        total = total + weight * (
+            settings.feature_weight * feature_loss + settings.token_weight * token_loss
+        )
+        weights += weight
+        with torch.no_grad():
+            hits = (head.to_target_ids(logits.argmax(-1)) == batch.labels) & mask
+            n = float(count)
+            if step == 0:
+                metrics = {
+                    "feature_loss": float(feature_loss),
+                    "token_loss": float(token_loss),
+                    "accuracy": float(hits.sum()) / n,
+                    "coverage": float(covered.sum()) / n,
+                    "tokens": float(batch.mask.sum()),
+                }
+            else:
+                metrics[f"accuracy_{step + 1}"] = float(hits.sum()) / n
+    loss = total / weights
+    metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+@torch.no_grad()
+def chain_acceptance(
+    head: EagleHead, sequences: Sequence[TrainingSequence], steps: int = 4
+) -> dict[str, Any]:
+    """How a greedy chain of ``steps`` drafts would fare from every counted anchor of
+    ``sequences`` (responses the target wrote greedily: a draft is accepted when it equals the
+    target's argmax and every earlier draft was accepted).
+
+    Returns ``accepted_length`` (mean accepted drafts per chain, the bonus token not counted),
+    ``acceptance`` (per draft position, conditional on the earlier ones) and ``anchors``.
+    """
+    accepted = torch.zeros(steps, dtype=torch.float64)
+    anchors = 0
+    for chunks in _epoch_batches(_chunks(sequences), 4096, seed=0, epoch=0):
+        batch = make_batch(sequences, chunks)
+        L = batch.mask.shape[1]
+        if steps > L:
+            continue
+        outputs = head.forward_unrolled(batch.features, batch.tokens, steps)
+        width = L - steps + 1  # anchors whose whole chain fits in the chunk
+        chain = torch.ones(batch.mask.shape[0], width, dtype=torch.bool)
+        valid = batch.mask[:, :width] & batch.mask[:, steps - 1 :]
+        for step, (_, logits) in enumerate(outputs):
+            drafted = head.to_target_ids(logits.argmax(-1))
+            hits = drafted == batch.labels
+            chain &= hits[:, step : step + width]
+            accepted[step] += float((chain & valid).sum())
+        anchors += int(valid.sum())
+    reached = torch.cat([torch.tensor([float(anchors)], dtype=torch.float64), accepted[:-1]])
+    return {
+        "accepted_length": float(accepted.sum()) / max(anchors, 1),
+        "acceptance": (accepted / reached.clamp(min=1)).tolist(),
+        "anchors": anchors,
+    }
 
 
 # -- batching ----------------------------------------------------------------------------------
@@ -254,12 +323,16 @@ def _load_checkpoint(
 
 
 def _step(
-    head: EagleHead, optimizer: torch.optim.Optimizer, batch: Batch, lr: float
+    head: EagleHead,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    lr: float,
+    settings: LossSettings,
 ) -> dict[str, float]:
     """One AdamW update on ``batch`` at learning rate ``lr``; the batch's metrics."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, metrics = eagle_loss(head, batch)
+    loss, metrics = eagle_loss(head, batch, settings)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(_params(head).values(), CLIP_NORM)
@@ -278,6 +351,7 @@ def train(
     resume: bool,
     seed: int,
     progress: bool = True,
+    settings: LossSettings = LossSettings(),
 ) -> dict[str, Any]:
     """Train ``head`` in place with AdamW (warmup + cosine); returns a summary.
 
@@ -292,8 +366,10 @@ def train(
         raise ValueError("no training pairs: every sequence is shorter than 2 positions")
     plan_batches = [_epoch_batches(chunks, batch_tokens, seed, e) for e in range(epochs)]
     total_steps = sum(len(b) for b in plan_batches)
-    plan = dict(seed=seed, epochs=epochs, chunks=len(chunks), steps=total_steps, lr=lr)
+    plan: dict[str, Any] = dict(seed=seed, epochs=epochs, chunks=len(chunks), lr=lr)
+    plan["steps"] = total_steps
     plan["batch_tokens"] = batch_tokens
+    plan["loss"] = vars(settings).copy()
     params = _params(head)
     optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=BETAS)
     state: dict[str, Any] = dict(plan=plan, epoch=0, batch=0, step=0, seconds=0.0, tokens=0.0)
@@ -316,7 +392,8 @@ def train(
         sums: dict[str, float] = state["sums"]
         for index in range(state["batch"], len(plan_batches[epoch])):
             batch = make_batch(sequences, plan_batches[epoch][index])
-            metrics = _step(head, optimizer, batch, _lr_at(state["step"], total_steps, lr))
+            lr_now = _lr_at(state["step"], total_steps, lr)
+            metrics = _step(head, optimizer, batch, lr_now, settings)
             n = metrics["tokens"]
             for key in ("loss", "accuracy"):
                 sums[key] = sums.get(key, 0.0) + metrics[key] * n
@@ -346,7 +423,6 @@ def _summary(state: dict[str, Any], num_sequences: int) -> dict[str, Any]:
         **state["plan"],  # seed, epochs, chunks, steps, lr, batch_tokens
         "sequences": num_sequences,
         "context": CONTEXT,
-        "loss_weights": {"feature": FEATURE_WEIGHT, "token": TOKEN_WEIGHT},
         "tokens": int(state["tokens"]),
         "epoch_loss": losses,
         "epoch_accuracy": accuracy,

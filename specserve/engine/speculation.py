@@ -16,7 +16,7 @@ from specserve.model.catalog import shipped_drafter
 from specserve.model.loader import Model
 from specserve.spec.proposers.base import Proposal, Proposer, SequenceContext
 from specserve.spec.proposers.draft_model import DraftModelProposer, check_same_vocabulary
-from specserve.spec.proposers.eagle import EagleProposer
+from specserve.spec.proposers.eagle import MIN_SURVIVAL, EagleProposer
 from specserve.spec.proposers.ngram import NgramProposer
 from specserve.spec.proposers.prediction import PredictionProposer, PredictionStats
 from specserve.spec.tuning import LengthTuner, StepCosts
@@ -48,6 +48,8 @@ class SpeculationConfig:
     # Also try n-gram proposals (prompt lookup, free to draft) before the model drafter:
     # they win on long inputs that the output copies.
     with_ngram: bool = False
+    # An EAGLE chain stops where the product of the head's confidences falls below this.
+    min_draft_survival: float = MIN_SURVIVAL
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "draft_model", "eagle"):
@@ -131,7 +133,10 @@ class ProposalSource:
             drafter = NgramProposer(spec.ngram_length)
         elif spec.eagle is not None:
             vocab = target.lm.config.vocab_size
-            eagle = EagleProposer(spec.eagle, params, max_len + spec.draft_token_count + 1, vocab)
+            max_drafted = max_len + spec.draft_token_count + 1
+            eagle = EagleProposer(
+                spec.eagle, params, max_drafted, vocab, min_survival=spec.min_draft_survival
+            )
             self.feature_readers.append(eagle)
             drafter = eagle
         elif spec.draft_model is not None:

@@ -18,6 +18,11 @@ from specserve.drafters.eagle import EagleHead
 from specserve.engine.sampling import SamplingParams, sample, target_probs
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
 
+# A chain stops before the draft whose estimated chance of being reached and accepted — the
+# product of the head's confidences so far — falls below this: such a draft costs a head
+# step and a verify row for little expected gain (EAGLE-2 drafts by the same confidence).
+MIN_SURVIVAL = 0.25
+
 
 @register
 class EagleProposer:
@@ -30,8 +35,10 @@ class EagleProposer:
         max_len: int,
         vocab_size: int,
         generator: torch.Generator | None = None,
+        min_survival: float = MIN_SURVIVAL,
     ) -> None:
         self.head = head
+        self.min_survival = min_survival
         self.params = params
         self.vocab_size = vocab_size
         self.cache = head.new_cache(max_len)
@@ -63,8 +70,12 @@ class EagleProposer:
             drafted: list[int] = []
             probs: list[torch.Tensor] = []
             feature, row = predicted[-1:], logits[-1]
+            survival = 1.0
             for i in range(k):
-                token, p = self._pick(row)
+                token, p, confidence = self._pick(row)
+                survival *= confidence
+                if survival < self.min_survival:
+                    break
                 drafted.append(token)
                 if p is not None:
                     probs.append(p)
@@ -73,14 +84,19 @@ class EagleProposer:
                     step_token = torch.tensor([token])
                     feature, out = self.head.step(self.cache, feature, step_token, position)
                     row = out[-1]
-        self.seconds_per_token = (time.perf_counter() - began) / k
+        self.seconds_per_token = (time.perf_counter() - began) / max(len(drafted), 1)
         return Proposal(drafted, torch.stack(probs) if probs else None, self.method)
 
-    def _pick(self, row: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """Reduced logits ``[N]`` -> a target token id (and its draft distribution)."""
+    def _pick(self, row: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
+        """Reduced logits ``[N]`` -> a target token id, its draft distribution (sampling
+        only) and the head's confidence: the draft's *largest* probability, never the sampled
+        token's — a stop that depended on the sample would bias which tokens get proposed,
+        and the verifier's min(1, q/p) would no longer give the target's distribution."""
         if self.params.greedy:
-            return int(self.head.vocab_ids[int(row.argmax())]), None
+            best = int(row.argmax())
+            confidence = float(torch.softmax(row.float(), dim=-1)[best])
+            return int(self.head.vocab_ids[best]), None, confidence
         full = torch.full((self.vocab_size,), float("-inf"))
         full[self.head.vocab_ids] = row.float()
         p = target_probs(full[None], self.params)
-        return int(sample(p, self.generator)[0]), p[0]
+        return int(sample(p, self.generator)[0]), p[0], float(p[0].max())
