@@ -31,7 +31,7 @@ from bench.common import (
     write_json,
 )
 from specserve.drafters.artifact import load_drafter
-from specserve.drafters.collect import generate_responses, load_data, record_features, save_data
+from specserve.drafters.collect import load_data, save_data, self_distill
 from specserve.drafters.training import TrainingSequence, chain_acceptance
 from specserve.model.loader import Model, load_model
 from specserve.tune.runner import TunePrompt
@@ -51,12 +51,9 @@ def evaluation_data(
     chats = [
         TunePrompt(messages=[{"role": "user", "content": p.text}], prompt=None) for p in prompts
     ]
-    prompt_ids = [chat.token_ids(model) for chat in chats]
     sequences = load_data(path, meta)
     if sequences is None:
-        conversations = generate_responses(model, chats, max_tokens, batch=len(chats))
-        starts = [len(ids) for ids in prompt_ids]
-        sequences = record_features(model, conversations, starts)
+        sequences = self_distill(model, chats, max_tokens, batch=len(chats))
         save_data(path, sequences, meta)
     by_group: dict[str, list[TrainingSequence]] = defaultdict(list)
     for prompt, sequence in zip(prompts, sequences, strict=True):

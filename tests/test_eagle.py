@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from specserve.cli import main
 from specserve.deployments.errors import DraftVocabularyError
@@ -14,12 +15,15 @@ from specserve.deployments.rules import DrafterFlags, EffectiveDrafter
 from specserve.deployments.service import create_deployment
 from specserve.deployments.store import DeploymentStore
 from specserve.drafters.artifact import DrafterError, load_drafter, read_manifest
+from specserve.drafters.collect import self_distill
 from specserve.engine.generate import generate
 from specserve.engine.result import GenerationResult
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.scheduler import Engine
 from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model, load_model
+from specserve.model.transformer import ForwardBatch
+from specserve.tune.runner import TunePrompt
 from tests.tiny import TinySpec, write_tiny_gguf
 
 PROMPTS = [[5, 6, 7, 8] * 5, list(range(40, 60)), [9, 10, 11] * 6]
@@ -110,3 +114,20 @@ def test_drafter_serves_only_its_target(drafter_dir: Path, tiny_gguf: Path, tmp_
     model = load_model(str(other_weights), dtype="float32", progress=False)
     with pytest.raises(DrafterError, match="drafter train"):
         load_drafter(drafter_dir, model)
+
+
+def test_self_distillation_keeps_the_generation_features(tiny_model: Model) -> None:
+    """The engine's recorded features (chunked prefill + decode steps, batched) equal one
+    full forward over the conversation; labels are the greedy answer's next tokens."""
+    prompts = [TunePrompt(messages=None, prompt=None, prompt_token_ids=p) for p in PROMPTS]
+    sequences = self_distill(tiny_model, prompts, max_tokens=12, batch=2)
+    for prompt, seq in zip(PROMPTS, sequences, strict=True):
+        answer = generate(tiny_model, prompt, SamplingParams(max_tokens=12)).token_ids
+        conversation = prompt + answer
+        assert seq.tokens.tolist() == conversation[:-1]
+        assert seq.target_next.tolist() == conversation[1:]
+        assert seq.loss_from == len(prompt)
+        lm = tiny_model.lm
+        batch = ForwardBatch(torch.tensor([conversation[:-1]]), [0], [0])
+        _, features = lm.forward_with_features(batch, lm.new_cache(1, len(conversation)))
+        torch.testing.assert_close(seq.features.float(), features[0], atol=0.05, rtol=0.02)

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from specserve.model.loader import DTYPE_CHOICES
@@ -68,10 +67,9 @@ def _train(args: argparse.Namespace) -> int:
     from specserve.drafters.artifact import build_head, save_drafter
     from specserve.drafters.collect import (
         DATA_FILE,
-        generate_responses,
         load_data,
-        record_features,
         save_data,
+        self_distill,
     )
     from specserve.drafters.eagle import EagleConfig
     from specserve.drafters.prompts import synthetic_prompts
@@ -104,19 +102,10 @@ def _train(args: argparse.Namespace) -> int:
     }
     sequences = load_data(checkpoints / DATA_FILE, meta) if args.resume else None
     if sequences is None:
-        conversations = generate_responses(model, prompts, args.max_tokens, args.batch)
-        sequences = record_features(model, conversations, [0] * len(conversations))
+        sequences = self_distill(model, prompts, args.max_tokens, args.batch)
         save_data(checkpoints / DATA_FILE, sequences, meta)
     else:
         print(f"resuming: {len(sequences)} recorded conversations reused", file=sys.stderr)
-    # Only drafts of response tokens count in the loss (the prompt stays as context): on
-    # prompt positions the head learned an easy task (0.8 accuracy) that never drafts, and
-    # its accuracy on responses, the real task, was 0.3 (measured).
-    prompt_lengths = [len(p.token_ids(model)) for p in prompts]
-    sequences = [
-        replace(s, loss_from=min(n, len(s.tokens) - 1))
-        for s, n in zip(sequences, prompt_lengths, strict=True)
-    ]
     positions = sum(len(s.tokens) for s in sequences)
     vocab_ids = choose_vocab(sequences, args.draft_vocab, model.tokenizer.eos_ids)
     config = EagleConfig.for_target(model.lm.config, draft_vocab_size=len(vocab_ids))

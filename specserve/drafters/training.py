@@ -104,6 +104,12 @@ class LossSettings:
     feature_weight: float = FEATURE_WEIGHT
     token_weight: float = TOKEN_WEIGHT
     decay: float = STEP_DECAY
+    # Matmuls in bfloat16 under autocast (weights, gradients and AdamW stay float32):
+    # ~1.8x faster training on CPUs with AVX512-BF16 (measured on the SmolLM2 head).
+    bf16_autocast: bool = False
+    # EAGLE-1's augmentation: uniform noise on the input features, here relative to each
+    # feature vector's RMS (a residual stream's scale varies by position); training only.
+    feature_noise: float = 0.0
 
 
 def eagle_loss(
@@ -118,7 +124,11 @@ def eagle_loss(
     counted positions (labels outside the reduced vocabulary count as misses), ``coverage``
     the share of labels that the reduced vocabulary holds.
     """
-    outputs = head.forward_unrolled(batch.features, batch.tokens, settings.steps)
+    features = batch.features
+    if settings.feature_noise and head.training:
+        scale = features.pow(2).mean(-1, keepdim=True).sqrt() * settings.feature_noise
+        features = features + (torch.rand_like(features) * 2 - 1) * scale
+    outputs = head.forward_unrolled(features, batch.tokens, settings.steps)
     draft_labels = head.to_draft_ids(batch.labels)
     positions = torch.arange(batch.mask.shape[1])
     total = batch.mask.new_zeros((), dtype=torch.float32)
@@ -332,7 +342,8 @@ def _step(
     """One AdamW update on ``batch`` at learning rate ``lr``; the batch's metrics."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, metrics = eagle_loss(head, batch, settings)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16_autocast):
+        loss, metrics = eagle_loss(head, batch, settings)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(_params(head).values(), CLIP_NORM)

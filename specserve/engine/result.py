@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specserve.spec.proposers.prediction import PredictionStats
 from specserve.spec.stats import SpecStats
 
@@ -18,6 +20,8 @@ class GenerationResult:
     decode_seconds: float  # from the first token to the last
     stats: SpecStats = field(default_factory=SpecStats)
     prediction: PredictionStats | None = None
+    # target features of positions 0..len(prompt + output) - 2, when the request recorded them
+    features: torch.Tensor | None = None
 
     @property
     def decode_tokens_per_second(self) -> float:

@@ -72,6 +72,7 @@ class Job:
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     cancelled: bool = False
+    record_features: bool = False  # the result carries the target's features (training data)
     started: bool = False  # the first token was picked
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -173,10 +174,12 @@ class Engine:
         on_done: DoneSink,
         spec: SpeculationConfig = PLAIN,
         prediction_ids: Ids[int] | None = None,
+        record_features: bool = False,
     ) -> Job:
         """Queue a request; invalid prompts and a full queue raise here, before any compute.
 
-        ``on_text`` and ``on_done`` are called from the engine thread.
+        ``on_text`` and ``on_done`` are called from the engine thread. ``record_features``:
+        the result also carries the target's features (``GenerationResult.features``).
         """
         check_prompt(self.model, prompt_ids, self.context_limit)
         job = Job(
@@ -186,6 +189,7 @@ class Engine:
             None if prediction_ids is None else list(prediction_ids),
             on_text,
             on_done,
+            record_features=record_features,
         )
         with self._cond:
             if self._stopping:
@@ -319,6 +323,7 @@ class Engine:
             job.prediction_ids,
             self.costs_for(1),
             self.context_limit,
+            record_features=job.record_features,
         )
         seq.submitted_at = job.submitted_at  # time to first token includes the queueing
         return seq

@@ -73,6 +73,7 @@ class Sequence:
         prediction_ids: Ids[int] | None = None,
         costs: StepCosts | None = None,
         context_limit: int | None = None,
+        record_features: bool = False,
     ) -> None:
         check_prompt(model, prompt_ids, context_limit)
         self.submitted_at = time.perf_counter()
@@ -93,6 +94,9 @@ class Sequence:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._proposal: Proposal | None = None
+        # (start, features [T, C] bf16) of every position whose features the target computed,
+        # kept when asked (training data for EAGLE heads: no second forward needed)
+        self._features: list[tuple[int, torch.Tensor]] | None = [] if record_features else None
 
     @property
     def done(self) -> bool:
@@ -106,6 +110,7 @@ class Sequence:
     def add_prompt_features(self, start: int, features: torch.Tensor) -> None:
         """Target features ``[T, C]`` of prompt positions ``start..`` (for EAGLE drafters)."""
         self.source.add_features(start, features)
+        self._keep_features(start, features)
 
     def start(self, last_prompt_logits: torch.Tensor) -> str:
         """After the prefill: pick the first token from the last prompt position's logits."""
@@ -158,10 +163,27 @@ class Sequence:
         self.source.observe(proposed, accepted)
         if features is not None:
             self.source.add_features(start, features[: accepted + 1])
+            self._keep_features(start, features[: accepted + 1])
         self.stats.record_step(
             proposal.method if proposed else None, proposed, accepted, len(emitted)
         )
         return self._emit(emitted)
+
+    def _keep_features(self, start: int, features: torch.Tensor) -> None:
+        if self._features is not None:
+            self._features.append((start, features.to(torch.bfloat16)))
+
+    def recorded_features(self) -> torch.Tensor:
+        """Features ``[len(all_ids) - 1, C]`` (bf16) of every position but the last token's
+        (never forwarded), when the sequence was made with ``record_features``."""
+        if self._features is None:
+            raise ValueError("this sequence does not record features (record_features=False)")
+        width = self._features[0][1].shape[-1] if self._features else 0
+        features = torch.zeros(len(self.all_ids) - 1, width, dtype=torch.bfloat16)
+        for start, chunk in self._features:
+            end = min(start + chunk.shape[0], features.shape[0])
+            features[start:end] = chunk[: end - start]
+        return features
 
     def _emit(self, emitted: list[int]) -> str:
         fresh = []
@@ -195,4 +217,5 @@ class Sequence:
             decode_seconds=end - first,
             stats=self.stats,
             prediction=self.source.prediction_stats(self.out),
+            features=None if self._features is None else self.recorded_features(),
         )
