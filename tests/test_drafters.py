@@ -171,6 +171,9 @@ def test_choose_vocab_keeps_always_and_most_frequent() -> None:
     assert choose_vocab([seq], 3, always=[60]).tolist() == [3, 8, 60]
     assert choose_vocab([seq], 2, always=[]).tolist() == [3, 8]  # 8 five times, 3 four times
     assert choose_vocab([seq], 100, always=[2]).tolist() == [1, 2, 3, 5, 8]
+    # the target's vocabulary fills the rest with the smallest unseen ids, never past it
+    assert choose_vocab([seq], 8, always=[2], vocab_size=10).tolist() == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert choose_vocab([seq], 100, always=[], vocab_size=10).tolist() == list(range(10))
 
 
 # -- the drafter format -----------------------------------------------------------------------

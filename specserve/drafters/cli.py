@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from specserve.model.loader import DTYPE_CHOICES
@@ -41,6 +42,17 @@ def add_drafter_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-tokens", type=int, default=1024, help="positions per optimizer step"
     )
     train.add_argument("--draft-vocab", type=int, default=8192, help="rows of the reduced head")
+    train.add_argument(
+        "--unroll-steps",
+        type=int,
+        help="draft steps trained on the head's own features (training-time test; "
+        "default: the built-in recipe's)",
+    )
+    train.add_argument(
+        "--feature-noise",
+        type=float,
+        help="uniform noise on input features, relative to their RMS (default: the recipe's)",
+    )
     train.add_argument("--batch", type=int, default=8, help="sequences generated at once")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--seed", type=int, default=0)
@@ -67,18 +79,20 @@ def _train(args: argparse.Namespace) -> int:
     from specserve.drafters.artifact import build_head, save_drafter
     from specserve.drafters.collect import (
         DATA_FILE,
+        DATA_VERSION,
         load_data,
         save_data,
         self_distill,
     )
     from specserve.drafters.eagle import EagleConfig
     from specserve.drafters.prompts import synthetic_prompts
-    from specserve.drafters.training import choose_vocab, train
+    from specserve.drafters.training import DEFAULT_RECIPE, choose_vocab, train
     from specserve.model.loader import load_model
     from specserve.tune.runner import load_prompts, parse_prompt
 
-    for name in ("prompts", "max_tokens", "epochs", "draft_vocab", "batch", "batch_tokens"):
-        if getattr(args, name) < 1:
+    names = ("prompts", "max_tokens", "epochs", "draft_vocab", "batch", "batch_tokens")
+    for name in (*names, "unroll_steps"):
+        if (getattr(args, name) or 1) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         "prompts": str(len(prompts)),
         "max_tokens": str(args.max_tokens),
         "format": model.fmt,
+        "data": DATA_VERSION,
     }
     sequences = load_data(checkpoints / DATA_FILE, meta) if args.resume else None
     if sequences is None:
@@ -106,8 +121,20 @@ def _train(args: argparse.Namespace) -> int:
         save_data(checkpoints / DATA_FILE, sequences, meta)
     else:
         print(f"resuming: {len(sequences)} recorded conversations reused", file=sys.stderr)
+    recipe = replace(
+        DEFAULT_RECIPE,
+        steps=args.unroll_steps or DEFAULT_RECIPE.steps,
+        feature_noise=(
+            DEFAULT_RECIPE.feature_noise if args.feature_noise is None else args.feature_noise
+        ),
+        bf16_autocast=model.lm.dtype == torch.bfloat16,  # matmuls as the head will run them
+    )
+    if recipe.feature_noise < 0:
+        raise ValueError("--feature-noise must not be negative")
     positions = sum(len(s.tokens) for s in sequences)
-    vocab_ids = choose_vocab(sequences, args.draft_vocab, model.tokenizer.eos_ids)
+    vocab_ids = choose_vocab(
+        sequences, args.draft_vocab, model.tokenizer.eos_ids, model.lm.config.vocab_size
+    )
     config = EagleConfig.for_target(model.lm.config, draft_vocab_size=len(vocab_ids))
     head = build_head(model, config, vocab_ids)
     summary = train(
@@ -119,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoints,
         resume=args.resume,
         seed=args.seed,
+        settings=recipe,
     )
     training = {
         "data": source,

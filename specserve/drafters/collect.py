@@ -27,6 +27,7 @@ from specserve.model.loader import Model
 from specserve.tune.runner import TunePrompt
 
 DATA_FILE = "data.safetensors"
+DATA_VERSION = "2"  # features recorded during generation, loss_from = the prompt's length
 
 
 def self_distill(
