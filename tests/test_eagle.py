@@ -34,8 +34,9 @@ GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
 def drafter_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A drafter trained for the tiny model by the real command (a few seconds)."""
     out = tmp_path_factory.mktemp("drafter") / "tiny-eagle"
-    argv = ["drafter", "train", str(tiny_gguf), "--out", str(out), "--prompts", "12"]
+    argv = ["drafter", "train", str(tiny_gguf), "--out", str(out), "--prompts", "20"]
     argv += ["--max-tokens", "24", "--epochs", "3", "--draft-vocab", "64", "--dtype", "float32"]
+    argv += ["--unroll-steps", "2"]
     assert main(argv) == 0
     return out
 
@@ -54,9 +55,12 @@ def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model)
     manifest = read_manifest(drafter_dir)
     assert manifest["method"] == "eagle"
     assert manifest["target"]["vocab_fingerprint"] == tiny_model.tokenizer.vocab_fingerprint()
-    assert manifest["training"]["prompts"] == 12 and manifest["training"]["positions"] > 300
-    losses = manifest["training"]["summary"]
-    assert losses  # the training summary is recorded with the drafter
+    training = manifest["training"]
+    assert training["prompts"] == 20 and training["positions"] > 300
+    assert training["summary"]["loss"]["steps"] == 2  # the recipe is recorded with the drafter
+    held_out = training["held_out"]  # the 20th conversation, never trained on
+    assert held_out["conversations"] == 1 and held_out["anchors"] > 0
+    assert len(held_out["acceptance"]) == 4
 
 
 @pytest.mark.parametrize("with_ngram", [False, True])

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from specserve.model.loader import DTYPE_CHOICES
 
+HOLD_OUT_EVERY = 20  # conversations: 5% held out to report the head's acceptance
+
 
 def add_drafter_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -86,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     from specserve.drafters.eagle import EagleConfig
     from specserve.drafters.prompts import synthetic_prompts
-    from specserve.drafters.training import DEFAULT_RECIPE, choose_vocab, train
+    from specserve.drafters.training import DEFAULT_RECIPE, chain_acceptance, choose_vocab, train
     from specserve.model.loader import load_model
     from specserve.tune.runner import load_prompts, parse_prompt
 
@@ -131,6 +133,10 @@ def _train(args: argparse.Namespace) -> int:
     )
     if recipe.feature_noise < 0:
         raise ValueError("--feature-noise must not be negative")
+    # Every HOLD_OUT_EVERY-th conversation is held out: the manifest reports how a chain of
+    # drafts fares on answers the head never trained on (with few conversations, none).
+    held_out = sequences[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
+    sequences = [s for i, s in enumerate(sequences) if (i + 1) % HOLD_OUT_EVERY]
     positions = sum(len(s.tokens) for s in sequences)
     vocab_ids = choose_vocab(
         sequences, args.draft_vocab, model.tokenizer.eos_ids, model.lm.config.vocab_size
@@ -148,6 +154,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         settings=recipe,
     )
+    validation = chain_acceptance(head, held_out, steps=4) if held_out else None
     training = {
         "data": source,
         "prompts": len(prompts),
@@ -158,9 +165,18 @@ def _train(args: argparse.Namespace) -> int:
         "batch_tokens": args.batch_tokens,
         "seed": args.seed,
         "summary": summary,
+        "held_out": validation and {"conversations": len(held_out), **validation},
         "seconds": round(time.perf_counter() - began, 1),
     }
     path = save_drafter(args.out, head, model, training)
+    if validation:
+        rates = " ".join(f"{a:.2f}" for a in validation["acceptance"])
+        print(
+            f"held-out answers ({len(held_out)} conversations): "
+            f"{validation['accepted_length']:.2f} drafts of 4 accepted per chain; "
+            f"acceptance by position {rates}",
+            file=sys.stderr,
+        )
     print(
         f"drafter for {model.name} written to {path} ({positions} positions from "
         f"{len(prompts)} prompts, {training['seconds']:.0f} s)\n"
