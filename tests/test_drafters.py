@@ -142,6 +142,24 @@ def test_bf16_compute_stays_close_to_float32() -> None:
         train(head, synthetic_sequences(2, 12), epochs=1, batch_tokens=64, **NO_CHECKPOINT)
 
 
+def test_int8_weights_stay_close_and_step_equals_forward() -> None:
+    head = small_head().eval()
+    features = torch.randn(12, SMALL.hidden_size)
+    tokens = torch.randint(0, SMALL_VOCAB, (12,))
+    with torch.no_grad():
+        _, exact = head(features[None], tokens[None])
+        head.set_compute_dtype(torch.bfloat16).quantize_int8()
+        assert head.int8
+        _, whole = head(features[None], tokens[None])
+    cache = head.new_cache(16)
+    _, first = head.step(cache, features[:5], tokens[:5], 0)
+    _, rest = head.step(cache, features[5:], tokens[5:], 5)
+    torch.testing.assert_close(torch.cat([first, rest]), whole[0], atol=1e-3, rtol=0)
+    torch.testing.assert_close(whole[0], exact[0], atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="train a float32 head"):
+        train(head, synthetic_sequences(2, 12), epochs=1, batch_tokens=64, **NO_CHECKPOINT)
+
+
 def test_trains_on_frozen_tensors_made_in_inference_mode() -> None:
     """A target's tensors may be inference tensors; backward must still work."""
     with torch.inference_mode():

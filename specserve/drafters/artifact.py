@@ -209,7 +209,8 @@ def load_drafter(path: Path, model: Model, dtype: torch.dtype | None = None) -> 
 
     Its matmuls (and their weights) use ``dtype``, by default the target's own
     (``model.lm.dtype``: bfloat16 for the int4 and bf16 formats, float32 for float32; see
-    ``EagleHead.set_compute_dtype``). Raises ``DrafterError`` for a malformed directory or
+    ``EagleHead.set_compute_dtype``), and int8 weights for an int4 target on the CPU
+    (``EagleHead.quantize_int8``). Raises ``DrafterError`` for a malformed directory or
     a drafter of another target.
     """
     manifest = read_manifest(path)
@@ -234,4 +235,7 @@ def load_drafter(path: Path, model: Model, dtype: torch.dtype | None = None) -> 
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise DrafterError(f"{weights_path}: weights do not fit the config ({exc})") from None
-    return head.set_compute_dtype(dtype or model.lm.dtype).eval()
+    head.set_compute_dtype(dtype or model.lm.dtype).eval()
+    if dtype is None and model.fmt == "int4" and model.lm.embedding.device.type == "cpu":
+        head.quantize_int8()  # a low-bit target drafts with low-bit weights (2 bytes -> 1)
+    return head

@@ -36,7 +36,7 @@ def add_drafter_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--data", type=Path, help="JSONL prompts (default: the built-in synthetic set)"
     )
-    train.add_argument("--prompts", type=int, default=400, help="how many prompts to use")
+    train.add_argument("--prompts", type=int, default=1200, help="how many prompts to use")
     train.add_argument("--max-tokens", type=int, default=160, help="response length")
     train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--lr", type=float, default=2e-3)
@@ -55,13 +55,13 @@ def add_drafter_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="uniform noise on input features, relative to their RMS (default: the recipe's)",
     )
-    train.add_argument("--batch", type=int, default=8, help="sequences generated at once")
+    train.add_argument("--batch", type=int, default=16, help="sequences generated at once")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     train.add_argument("--threads", type=int)
     prompts = commands.add_parser("prompts", help="print the built-in training prompts (JSONL)")
-    prompts.add_argument("--count", type=int, default=400)
+    prompts.add_argument("--count", type=int, default=1200)
     prompts.add_argument("--seed", type=int, default=0)
 
 

@@ -391,7 +391,7 @@ def train(
     steps; ``resume=True`` continues from the last one and reaches the same weights as an
     uninterrupted run (batch order is a function of seed and epoch, the LR of the step).
     """
-    if head.compute_dtype != torch.float32:
+    if head.compute_dtype != torch.float32 or head.int8:
         raise ValueError(f"train a float32 head, not {head.compute_dtype} (set_compute_dtype)")
     chunks = _chunks(sequences)
     if not chunks:
