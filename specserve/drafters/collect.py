@@ -42,14 +42,17 @@ def self_distill(
     prompt positions a head learned an easy task (0.8 accuracy) that never drafts, while its
     accuracy on answers, the real task, stayed at 0.3 (measured).
     """
-    engine = Engine(model, max_batch=batch, max_queue=len(prompts), start=False)
+    room = model.max_context - max_tokens - 128  # the engine keeps some context in reserve
+    if room < 1:
+        raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt")
+    encoded = [prompt.token_ids(model)[:room] for prompt in prompts]
+    # A KV cache as long as the longest conversation, not the model's whole context.
+    longest = max(len(ids) for ids in encoded) + max_tokens + 1
+    engine = Engine(model, batch, max_context=longest, max_queue=len(prompts), start=False)
     params = SamplingParams(max_tokens=max_tokens)
     results: dict[int, GenerationResult] = {}
     bar = tqdm(total=len(prompts), desc="generating answers", unit="prompt")
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        ids = prompt.token_ids(model)[: engine.context_limit - max_tokens]
-        encoded.append(ids)
+    for index, ids in enumerate(encoded):
 
         def done(
             result: GenerationResult | None, error: BaseException | None, index: int = index
