@@ -68,6 +68,8 @@ class SpeculationConfig:
             raise ValueError("method 'draft_model' needs a draft model, and only it does")
         if (self.method == "eagle") != (self.eagle is not None):
             raise ValueError("method 'eagle' needs a trained head, and only it does")
+        if not 0.0 <= self.min_draft_survival <= 1.0:
+            raise ValueError(f"min_draft_survival must be in [0, 1], got {self.min_draft_survival}")
 
 
 PLAIN = SpeculationConfig()
