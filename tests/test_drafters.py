@@ -26,6 +26,7 @@ from specserve.drafters.artifact import (
 )
 from specserve.drafters.eagle import NO_DRAFT_ROW, EagleConfig, EagleHead
 from specserve.drafters.training import (
+    Recipe,
     TrainingSequence,
     choose_vocab,
     eagle_loss,
@@ -356,11 +357,14 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.parametrize("recipe", [Recipe(), Recipe(steps=2, feature_noise=0.1)])
 def test_resume_continues_like_an_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: Recipe
 ) -> None:
+    """Also with the unrolled loss and feature noise (its draws are a function of the step)."""
     sequences = synthetic_sequences(16, 33)
     kwargs = dict(epochs=2, lr=1e-2, batch_tokens=128, resume=True, seed=3, progress=False)
+    kwargs["recipe"] = recipe
     whole = small_head(seed=1)
     expected = train(whole, sequences, checkpoint_dir=tmp_path / "whole", **kwargs)
 

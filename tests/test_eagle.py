@@ -57,7 +57,7 @@ def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model)
     assert manifest["target"]["vocab_fingerprint"] == tiny_model.tokenizer.vocab_fingerprint()
     training = manifest["training"]
     assert training["prompts"] == 20 and training["positions"] > 300
-    assert training["summary"]["loss"]["steps"] == 2  # the recipe is recorded with the drafter
+    assert training["summary"]["recipe"]["steps"] == 2  # the recipe is recorded with the drafter
     held_out = training["held_out"]  # the 20th conversation, never trained on
     assert held_out["conversations"] == 1 and held_out["anchors"] > 0
     assert len(held_out["acceptance"]) == 4

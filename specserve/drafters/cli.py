@@ -152,7 +152,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=checkpoints,
         resume=args.resume,
         seed=args.seed,
-        settings=recipe,
+        recipe=recipe,
     )
     validation = chain_acceptance(head, held_out, steps=4) if held_out else None
     training = {
