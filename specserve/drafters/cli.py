@@ -94,8 +94,11 @@ def _train(args: argparse.Namespace) -> int:
 
     names = ("prompts", "max_tokens", "epochs", "draft_vocab", "batch", "batch_tokens")
     for name in (*names, "unroll_steps"):
-        if (getattr(args, name) or 1) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.feature_noise is not None and args.feature_noise < 0:
+        raise ValueError("--feature-noise must not be negative")
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -125,14 +128,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"resuming: {len(sequences)} recorded conversations reused", file=sys.stderr)
     recipe = replace(
         DEFAULT_RECIPE,
-        steps=args.unroll_steps or DEFAULT_RECIPE.steps,
+        steps=DEFAULT_RECIPE.steps if args.unroll_steps is None else args.unroll_steps,
         feature_noise=(
             DEFAULT_RECIPE.feature_noise if args.feature_noise is None else args.feature_noise
         ),
         bf16_autocast=model.lm.dtype == torch.bfloat16,  # matmuls as the head will run them
     )
-    if recipe.feature_noise < 0:
-        raise ValueError("--feature-noise must not be negative")
     # Every HOLD_OUT_EVERY-th conversation is held out: the manifest reports how a chain of
     # drafts fares on answers the head never trained on (with few conversations, none).
     held_out = sequences[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
