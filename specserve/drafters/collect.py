@@ -22,7 +22,8 @@ from tqdm import tqdm
 from specserve.drafters.training import TrainingSequence
 from specserve.engine.result import GenerationResult
 from specserve.engine.sampling import SamplingParams
-from specserve.engine.scheduler import Engine
+from specserve.engine.scheduler import PADDING_ROOM, Engine
+from specserve.engine.speculation import MAX_DRAFT_TOKEN_COUNT
 from specserve.model.loader import Model
 from specserve.tune.runner import TunePrompt
 
@@ -42,7 +43,8 @@ def self_distill(
     prompt positions a head learned an easy task (0.8 accuracy) that never drafts, while its
     accuracy on answers, the real task, stayed at 0.3 (measured).
     """
-    room = model.max_context - max_tokens - 128  # the engine keeps some context in reserve
+    # the context the engine serves (its reserve for padding and drafts), less the answer
+    room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT - max_tokens - 1
     if room < 1:
         raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt")
     encoded = [prompt.token_ids(model)[:room] for prompt in prompts]
