@@ -1,4 +1,4 @@
-"""The shipped drafter's training prompts never come from the evaluation sets."""
+"""The shipped drafters' training prompts never come from the evaluation sets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import json
 import re
 from pathlib import Path
 
+from specserve.drafters.cli import PROMPTS_FILE
 from specserve.drafters.prompts import synthetic_prompts
+from specserve.model.catalog import SHIPPED_DRAFTERS
+from specserve.tune.runner import load_prompts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHINGLE = 7  # words: a shared run this long would mean copied text
@@ -27,17 +30,33 @@ def _evaluation_texts() -> list[str]:
     return texts
 
 
-def test_training_prompts_share_no_text_with_evaluation_sets() -> None:
-    prompts = synthetic_prompts(1200)  # the shipped drafter's count
-    assert len(prompts) == 1200 and prompts == synthetic_prompts(1200)  # deterministic
-    texts = [p["messages"][0]["content"] for p in prompts]  # type: ignore[index]
-    assert len(set(texts)) > 1000  # varied, not one prompt repeated
+def _copied(texts: list[str]) -> list[str]:
+    """The texts that equal an evaluation text or share a 7-word run with one."""
     evaluation = _evaluation_texts()
     assert len(evaluation) > 1000
-    exact = set(evaluation)
-    assert not [t for t in texts if t in exact]
     seen: set[tuple[str, ...]] = set()
     for text in evaluation:
         seen |= _shingles(text)
-    overlapping = [t for t in texts if _shingles(t) & seen]
+    exact = set(evaluation)
+    return [t for t in texts if t in exact or _shingles(t) & seen]
+
+
+def test_built_in_prompts_share_no_text_with_evaluation_sets() -> None:
+    prompts = synthetic_prompts(1200)
+    assert len(prompts) == 1200 and prompts == synthetic_prompts(1200)  # deterministic
+    texts = [p["messages"][0]["content"] for p in prompts]  # type: ignore[index]
+    assert len(set(texts)) > 1000  # varied, not one prompt repeated
+    overlapping = _copied(texts)
     assert not overlapping, overlapping[:3]
+
+
+def test_shipped_drafters_record_prompts_that_share_no_text_with_evaluation_sets() -> None:
+    """Including the prompts the target wrote itself, which no template controls."""
+    records = sorted(SHIPPED_DRAFTERS.glob(f"*/{PROMPTS_FILE}"))
+    assert records, "every shipped drafter records its training prompts"
+    for record in records:
+        prompts = load_prompts(record)
+        texts = [m["content"] for p in prompts for m in p.messages or []]
+        assert len(texts) == len(prompts) >= 1000
+        overlapping = _copied(texts)
+        assert not overlapping, (record, overlapping[:3])

@@ -15,7 +15,9 @@ from specserve.deployments.rules import DrafterFlags, EffectiveDrafter
 from specserve.deployments.service import create_deployment
 from specserve.deployments.store import DeploymentStore
 from specserve.drafters.artifact import DrafterError, load_drafter, read_manifest
+from specserve.drafters.cli import PROMPTS_FILE
 from specserve.drafters.collect import self_distill
+from specserve.drafters.prompts import synthetic_prompts
 from specserve.engine.generate import generate
 from specserve.engine.result import GenerationResult
 from specserve.engine.sampling import SamplingParams
@@ -23,7 +25,7 @@ from specserve.engine.scheduler import Engine
 from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model, load_model
 from specserve.model.transformer import ForwardBatch
-from specserve.tune.runner import TunePrompt
+from specserve.tune.runner import TunePrompt, load_prompts, parse_prompt
 from tests.tiny import TinySpec, write_tiny_gguf
 
 PROMPTS = [[5, 6, 7, 8] * 5, list(range(40, 60)), [9, 10, 11] * 6]
@@ -57,6 +59,8 @@ def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model)
     assert manifest["target"]["vocab_fingerprint"] == tiny_model.tokenizer.vocab_fingerprint()
     training = manifest["training"]
     assert training["prompts"] == 20 and training["positions"] > 300
+    recorded = load_prompts(drafter_dir / PROMPTS_FILE)  # the drafter's training prompts
+    assert recorded == [parse_prompt(row, "built-in") for row in synthetic_prompts(20)]
     assert training["summary"]["recipe"]["steps"] == 2  # the recipe is recorded with the drafter
     held_out = training["held_out"]  # the 20th conversation, never trained on
     assert held_out["conversations"] == 1 and held_out["anchors"] > 0

@@ -16,10 +16,15 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specserve.model.loader import DTYPE_CHOICES
 
+if TYPE_CHECKING:
+    from specserve.tune.runner import TunePrompt
+
 HOLD_OUT_EVERY = 20  # conversations: 5% held out to report the head's acceptance
+PROMPTS_FILE = "prompts.jsonl"  # in the drafter's directory: the prompts it was trained on
 
 
 def add_drafter_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,10 +92,8 @@ def _train(args: argparse.Namespace) -> int:
         self_distill,
     )
     from specserve.drafters.eagle import EagleConfig
-    from specserve.drafters.prompts import synthetic_prompts
     from specserve.drafters.training import DEFAULT_RECIPE, chain_acceptance, choose_vocab, train
     from specserve.model.loader import load_model
-    from specserve.tune.runner import load_prompts, parse_prompt
 
     names = ("prompts", "max_tokens", "epochs", "draft_vocab", "batch", "batch_tokens")
     for name in (*names, "unroll_steps"):
@@ -102,13 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    if args.data:
-        prompts = load_prompts(args.data, args.prompts)
-        source = str(args.data)
-    else:
-        rows = synthetic_prompts(args.prompts, args.seed)
-        prompts = [parse_prompt(row, f"built-in prompt {i}") for i, row in enumerate(rows)]
-        source = f"built-in synthetic prompts (specserve/drafters/prompts.py, seed {args.seed})"
+    prompts, source = _training_prompts(args)
     model = load_model(args.target, dtype=args.dtype)
     checkpoints = args.out / "checkpoints"
     meta = {
@@ -169,6 +166,7 @@ def _train(args: argparse.Namespace) -> int:
         "held_out": validation and {"conversations": len(held_out), **validation},
         "seconds": round(time.perf_counter() - began, 1),
     }
+    _record_prompts(args.out / PROMPTS_FILE, prompts)
     path = save_drafter(args.out, head, model, training)
     if validation:
         rates = " ".join(f"{a:.2f}" for a in validation["acceptance"])
@@ -186,3 +184,26 @@ def _train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _training_prompts(args: argparse.Namespace) -> tuple[list[TunePrompt], str]:
+    """The prompts to answer and where they came from."""
+    from specserve.drafters.prompts import synthetic_prompts
+    from specserve.tune.runner import load_prompts, parse_prompt
+
+    if args.data:
+        prompts = load_prompts(args.data, args.prompts)
+        source = str(args.data)
+    else:
+        rows = synthetic_prompts(args.prompts, args.seed)
+        prompts = [parse_prompt(row, f"built-in prompt {i}") for i, row in enumerate(rows)]
+        source = f"built-in synthetic prompts (specserve/drafters/prompts.py, seed {args.seed})"
+    return prompts, source
+
+
+def _record_prompts(path: Path, prompts: list[TunePrompt]) -> None:
+    """The drafter's record of what it was trained on (rows `--data` reads back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for prompt in prompts:
+            out.write(json.dumps(prompt.as_row(), ensure_ascii=False) + "\n")

@@ -50,6 +50,19 @@ class TunePrompt:
             return model.tokenizer.encode_chat(self.messages)
         return model.tokenizer.encode(self.prompt or "")
 
+    def as_row(self) -> dict[str, Any]:
+        """The JSONL row ``parse_prompt`` reads back as this prompt."""
+        row: dict[str, Any] = {}
+        if self.messages is not None:
+            row["messages"] = self.messages
+        elif self.prompt_token_ids is not None:
+            row["prompt_token_ids"] = self.prompt_token_ids
+        else:
+            row["prompt"] = self.prompt
+        if self.prediction is not None:
+            row["prediction"] = self.prediction
+        return row
+
 
 def _text(content: Any, where: str) -> str:
     """A string, or OpenAI text parts ``[{"type": "text", "text": ...}]``."""
