@@ -92,6 +92,28 @@ def test_step_in_chunks_equals_forward_and_rolls_back() -> None:
         head.step(cache, features[:2], tokens[:2], 31)
 
 
+def test_windowed_step_sees_only_the_last_positions() -> None:
+    """With a window W, a one-token step at p equals ``forward`` over positions p - W + 1..p
+    alone (RoPE is relative, so where that run starts does not matter); positions skipped
+    before ``cache.first`` are never computed nor read."""
+    head = small_head().eval()
+    T, W = 30, 8
+    features = torch.randn(T, SMALL.hidden_size)
+    tokens = torch.randint(0, SMALL_VOCAB, (T,))
+    cache = head.new_cache(max_len=T)
+    cache.first = 12  # what the proposer does when the window moves past unread positions
+    with torch.inference_mode():
+        cache.keys[:, :12] = float("nan")  # never read
+    head.step(cache, features[12:20], tokens[12:20], 12, window=W)  # catch up: T = W
+    for p in range(20, T):
+        _, logits = head.step(cache, features[p : p + 1], tokens[p : p + 1], p, window=W)
+        with torch.no_grad():
+            _, alone = head(features[None, p - W + 1 : p + 1], tokens[None, p - W + 1 : p + 1])
+        torch.testing.assert_close(logits[0], alone[0, -1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="was skipped"):
+        head.step(cache, features[10:12], tokens[10:12], 10, window=W)
+
+
 def test_unrolled_forward_equals_chained_drafting() -> None:
     """Step j at position s of the training-time unroll == the (j + 1)-th token drafted from
     anchor s - j by the cached inference loop, feeding back its own features."""

@@ -25,6 +25,8 @@ from specserve.engine.scheduler import Engine
 from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model, load_model
 from specserve.model.transformer import ForwardBatch
+from specserve.spec.proposers.base import SequenceContext
+from specserve.spec.proposers.eagle import EagleProposer
 from specserve.tune.runner import TunePrompt, load_prompts, parse_prompt
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -139,3 +141,24 @@ def test_self_distillation_keeps_the_generation_features(tiny_model: Model) -> N
         batch = ForwardBatch(torch.tensor([conversation[:-1]]), [0], [0])
         _, features = lm.forward_with_features(batch, lm.new_cache(1, len(conversation)))
         torch.testing.assert_close(seq.features.float(), features[0], atol=0.05, rtol=0.02)
+
+
+def test_the_window_skips_positions_the_head_never_reads(
+    drafter_dir: Path, tiny_model: Model
+) -> None:
+    """A proposer with a window of W drafts from the last W positions only: the same drafts
+    as a proposer that was handed just those positions, and nothing before them is computed."""
+    head = load_drafter(drafter_dir, tiny_model)
+    prompt, W = PROMPTS[1], 6  # 20 tokens
+    lm, vocab = tiny_model.lm, tiny_model.lm.config.vocab_size
+    batch = ForwardBatch(torch.tensor([prompt]), [0], [0])
+    _, features = lm.forward_with_features(batch, lm.new_cache(1, 64))
+    known = len(prompt) - 1  # a proposer drafts once the features of all but the last token are in
+    windowed = EagleProposer(head, GREEDY, 64, vocab, min_survival=0.0, window=W)
+    windowed.add_features(0, features[0, :known])
+    drafts = windowed.propose(SequenceContext.of(prompt), 4).token_ids
+    assert windowed.cache.first == known - W and len(drafts) == 4
+    alone = EagleProposer(head, GREEDY, 64, vocab, min_survival=0.0, window=64)
+    alone.add_features(known - W, features[0, known - W : known])
+    alone.synced = alone.cache.first = known - W
+    assert alone.propose(SequenceContext.of(prompt), 4).token_ids == drafts

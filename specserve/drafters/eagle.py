@@ -75,6 +75,7 @@ class EagleCache:
     values: Tensor  # [KVH, max_len, D]
     cos: Tensor  # [max_len, D] RoPE tables, computed once per sequence
     sin: Tensor
+    first: int = 0  # slots before this were skipped (never written) and are never read
 
     @property
     def max_len(self) -> int:
@@ -339,24 +340,37 @@ class EagleHead(torch.nn.Module):
 
     @torch.inference_mode()
     def step(
-        self, cache: EagleCache, features: Tensor, tokens: Tensor, start: int
+        self,
+        cache: EagleCache,
+        features: Tensor,
+        tokens: Tensor,
+        start: int,
+        window: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Inference for one sequence: features ``[T, C]`` and tokens ``[T]`` at positions
-        ``start .. start + T - 1``, attending to the cached positions before ``start``.
+        ``start .. start + T - 1``, attending to the cached positions before ``start`` from
+        ``cache.first`` on — and, with a ``window``, only to the last ``window`` positions
+        up to the chunk's end (a T = 1 step then sees exactly its ``window`` last keys).
 
-        Returns (pred ``[T, C]``, logits ``[T, N]``), equal to ``forward`` over the whole
-        prefix. Typical use: T > 1 once to catch up with the accepted tokens (their real
-        features), then T = 1 per drafted token, feeding back its own ``pred``.
+        Returns (pred ``[T, C]``, logits ``[T, N]``), equal to ``forward`` over the prefix
+        the step attends to. Typical use: T > 1 once to catch up with the accepted tokens
+        (their real features), then T = 1 per drafted token, feeding back its own ``pred``.
         """
         assert features.ndim == 2 and tokens.ndim == 1, "features [T, C], tokens [T]"
         end = start + tokens.shape[0]
         if end > cache.max_len:
             raise ValueError(f"position {end - 1} is past the drafter cache ({cache.max_len})")
+        if start < cache.first:
+            raise ValueError(f"position {start} was skipped (the cache starts at {cache.first})")
+        # Every query keeps at least its own chunk's keys (a chunk longer than the window
+        # attends causally over itself).
+        lo = cache.first if window is None else max(cache.first, min(start, end - window))
         x = self._input(features[None], tokens[None])  # (1, T, C)
         q, k, v = self._qkv(x, cache.cos[start:end], cache.sin[start:end])
         cache.keys[:, start:end] = k[0]
         cache.values[:, start:end] = v[0]
-        pred = self._output(x, q, cache.keys[None, :, :end], cache.values[None, :, :end])
+        keys, values = cache.keys[None, :, lo:end], cache.values[None, :, lo:end]
+        pred = self._output(x, q, keys, values)
         return pred[0], self.logits(pred[0])
 
     def to_target_ids(self, draft_ids: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from specserve.drafters.eagle import EagleHead
+from specserve.drafters.training import CONTEXT
 from specserve.engine.sampling import SamplingParams, sample, target_probs
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
 
@@ -22,6 +23,10 @@ from specserve.spec.proposers.base import Proposal, SequenceContext, register
 # product of the head's confidences so far — falls below this: such a draft costs a head
 # step and a verify row for little expected gain (EAGLE-2 drafts by the same confidence).
 MIN_SURVIVAL = 0.25
+# The head attends to the last CONTEXT positions only, as it did in training: longer
+# contexts are out of its training distribution, and a long prompt would cost a head
+# forward over all of it before the first draft. Earlier positions are never computed.
+ATTENTION_WINDOW = CONTEXT
 
 
 @register
@@ -36,8 +41,10 @@ class EagleProposer:
         vocab_size: int,
         generator: torch.Generator | None = None,
         min_survival: float = MIN_SURVIVAL,
+        window: int = ATTENTION_WINDOW,
     ) -> None:
         self.head = head
+        self.window = window
         self.min_survival = min_survival
         self.params = params
         self.vocab_size = vocab_size
@@ -62,10 +69,12 @@ class EagleProposer:
             return Proposal([], None, self.method)
         began = time.perf_counter()
         start = self.synced
+        if start < self.known - self.window:  # the window moved past them: skip
+            start = self.cache.first = self.known - self.window
         with torch.inference_mode():
             feats = self.features[start : self.known]
             tokens = torch.tensor(ids[start + 1 : self.known + 1])
-            predicted, logits = self.head.step(self.cache, feats, tokens, start)
+            predicted, logits = self.head.step(self.cache, feats, tokens, start, self.window)
             self.synced = self.known
             drafted: list[int] = []
             probs: list[torch.Tensor] = []
@@ -82,7 +91,9 @@ class EagleProposer:
                 if i + 1 < k:
                     position = self.known + i
                     step_token = torch.tensor([token])
-                    feature, out = self.head.step(self.cache, feature, step_token, position)
+                    feature, out = self.head.step(
+                        self.cache, feature, step_token, position, self.window
+                    )
                     row = out[-1]
         self.seconds_per_token = (time.perf_counter() - began) / max(len(drafted), 1)
         return Proposal(drafted, torch.stack(probs) if probs else None, self.method)
