@@ -51,7 +51,7 @@ def test_built_in_prompts_share_no_text_with_evaluation_sets() -> None:
 
 
 def test_shipped_drafters_record_prompts_that_share_no_text_with_evaluation_sets() -> None:
-    """Including the prompts the target wrote itself, which no template controls."""
+    """What each drafter recorded as trained on, whatever produced it (not only the generator)."""
     records = sorted(SHIPPED_DRAFTERS.glob(f"*/{PROMPTS_FILE}"))
     assert records, "every shipped drafter records its training prompts"
     for record in records:

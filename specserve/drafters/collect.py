@@ -48,10 +48,29 @@ def self_distill(
     if room < 1:
         raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt")
     encoded = [prompt.token_ids(model)[:room] for prompt in prompts]
+    # A KV cache as long as the longest conversation, not the model's whole context.
+    longest = max(len(ids) for ids in encoded) + max_tokens + 1
+    engine = Engine(model, batch, max_context=longest, max_queue=len(prompts), start=False)
     params = SamplingParams(max_tokens=max_tokens)
-    results = generate_all(
-        model, encoded, [params] * len(encoded), batch, "generating answers", record_features=True
-    )
+    results: dict[int, GenerationResult] = {}
+    bar = tqdm(total=len(prompts), desc="generating answers", unit="prompt")
+    for index, ids in enumerate(encoded):
+
+        def done(
+            result: GenerationResult | None, error: BaseException | None, index: int = index
+        ) -> None:
+            if error is not None:
+                raise error
+            assert result is not None
+            results[index] = result
+            bar.update()
+
+        engine.submit(ids, params, lambda piece: None, done, record_features=True)
+    while len(results) < len(prompts):
+        engine.step()
+    engine.stop()
+    engine.step()
+    bar.close()
     sequences = []
     for index, prompt_ids in enumerate(encoded):
         result = results[index]
@@ -67,40 +86,6 @@ def self_distill(
             )
         )
     return sequences
-
-
-def generate_all(
-    model: Model,
-    prompts: Sequence[list[int]],
-    params: Sequence[SamplingParams],
-    batch: int,
-    desc: str,
-    record_features: bool = False,
-) -> list[GenerationResult]:
-    """Every prompt's result, in order: the continuous-batching engine run in this thread
-    with a KV cache as long as the longest conversation (not the model's whole context)."""
-    longest = max(len(ids) + p.max_tokens for ids, p in zip(prompts, params, strict=True)) + 1
-    engine = Engine(model, batch, max_context=longest, max_queue=len(prompts), start=False)
-    results: dict[int, GenerationResult] = {}
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
-    for index, (ids, param) in enumerate(zip(prompts, params, strict=True)):
-
-        def done(
-            result: GenerationResult | None, error: BaseException | None, index: int = index
-        ) -> None:
-            if error is not None:
-                raise error
-            assert result is not None
-            results[index] = result
-            bar.update()
-
-        engine.submit(ids, param, lambda piece: None, done, record_features=record_features)
-    while len(results) < len(prompts):
-        engine.step()
-    engine.stop()
-    engine.step()
-    bar.close()
-    return [results[index] for index in range(len(prompts))]
 
 
 def save_data(path: Path, sequences: Sequence[TrainingSequence], meta: dict[str, str]) -> None:

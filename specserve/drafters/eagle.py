@@ -28,6 +28,9 @@ from specserve.model.config import ModelConfig
 from specserve.model.transformer import apply_rope, rope_tables
 
 NO_DRAFT_ROW = -1  # draft_index of a target id that the reduced head cannot propose
+# Positions the head attends to: a training chunk, and the drafting window (longer contexts
+# are outside what it learned, and a long prompt would cost a head pass before the first draft).
+CONTEXT = 256
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from specserve.drafters.eagle import NO_DRAFT_ROW, EagleHead
+from specserve.drafters.eagle import CONTEXT, NO_DRAFT_ROW, EagleHead
 
-CONTEXT = 256  # head positions per training chunk: attention context during training
 # Loss weights of EAGLE-1: the feature regression drives multi-token drafting (predicted
 # features are fed back), the token loss keeps those features decodable.
 FEATURE_WEIGHT = 1.0

@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from specserve.drafters.eagle import EagleHead
-from specserve.drafters.training import CONTEXT
+from specserve.drafters.eagle import CONTEXT, EagleHead
 from specserve.engine.sampling import SamplingParams, sample, target_probs
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
 
@@ -23,10 +22,6 @@ from specserve.spec.proposers.base import Proposal, SequenceContext, register
 # product of the head's confidences so far — falls below this: such a draft costs a head
 # step and a verify row for little expected gain (EAGLE-2 drafts by the same confidence).
 MIN_SURVIVAL = 0.25
-# The head attends to the last CONTEXT positions only, as it did in training: longer
-# contexts are out of its training distribution, and a long prompt would cost a head
-# forward over all of it before the first draft. Earlier positions are never computed.
-ATTENTION_WINDOW = CONTEXT
 
 
 @register
@@ -41,7 +36,7 @@ class EagleProposer:
         vocab_size: int,
         generator: torch.Generator | None = None,
         min_survival: float = MIN_SURVIVAL,
-        window: int = ATTENTION_WINDOW,
+        window: int = CONTEXT,  # positions before the last ``window`` are never computed
     ) -> None:
         self.head = head
         self.window = window
