@@ -1,0 +1,27 @@
+"""Builds the native quantized-matmul extension; everything else is in pyproject.toml.
+
+The extension is optional: where it cannot be compiled, the package still installs and the
+runtime uses its PyTorch formats (``specserve.model.qlinear.native_available``).
+"""
+
+from setuptools import Extension, setup
+
+NATIVE = "specserve/model/native/"
+
+setup(
+    ext_modules=[
+        Extension(
+            "specserve.model._native",
+            sources=[NATIVE + "qmatmul.cpp"],
+            depends=[
+                NATIVE + name
+                for name in ("layout.h", "pool.h", "kernel_generic.inc", "kernel_avx512.inc")
+            ],
+            # No -march: each ISA path is compiled by target pragmas and chosen at run time.
+            # -ffp-contract=off keeps the written order of float operations on every path.
+            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off"],
+            language="c++",
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,294 @@
+// specserve._native: matrix products computed directly on packed GGUF blocks (layout.h).
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] with x quantized to int8 per block of 32 (like
+// llama.cpp's Q8_0 activations) and w in its GGUF integer form: integer dot products per
+// block, then one fixed sequence of float operations per block. Each output is computed
+// by the same operations whatever the number of rows M, the rows it is batched with, the
+// thread count or the ISA path, so a k-token verify forward equals k single steps bit for
+// bit. Threads split output columns, never the sum over k.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "layout.h"
+#include "pool.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace specserve {
+
+constexpr int kMaxRows = 4;     // rows that share one decoded weight block
+constexpr int64_t kRowChunk = 64;  // rows whose activations stay in cache across tiles
+
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exp = 113;
+    while (!(mant & 0x400)) {
+      mant <<= 1;
+      exp--;
+    }
+    bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest, ties to even, for |v| <= 2^22 (IEEE: identical on every path).
+static inline float round_even(float v) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  return (v + magic) - magic;
+}
+
+#define SPECSERVE_QUANTIZE_BODY                                                     \
+  static void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, \
+                            float* dxs, int32_t* s16) {                             \
+    const int64_t nb = k / BLK;                                                     \
+    for (int64_t r = 0; r < m; r++)                                                 \
+      for (int64_t j = 0; j < nb; j++) {                                            \
+        const float* v = x + r * k + j * BLK;                                       \
+        float amax = 0.0f;                                                          \
+        for (int i = 0; i < BLK; i++) amax = std::fmax(amax, std::fabs(v[i]));      \
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;                       \
+        int32_t lo = 0, hi = 0;                                                     \
+        int8_t* out = q + r * k + j * BLK;                                          \
+        for (int i = 0; i < BLK; i++) {                                             \
+          out[i] = static_cast<int8_t>(round_even(v[i] * inv));                    \
+          (i < 16 ? lo : hi) += out[i];                                             \
+        }                                                                           \
+        const float d = amax / 127.0f;                                              \
+        dx[r * nb + j] = d;                                                         \
+        dxs[r * nb + j] = d * static_cast<float>(lo + hi);                          \
+        s16[r * 2 * nb + 2 * j] = lo;                                               \
+        s16[r * 2 * nb + 2 * j + 1] = hi;                                           \
+      }                                                                             \
+  }
+
+namespace generic {
+SPECSERVE_QUANTIZE_BODY
+#include "kernel_generic.inc"
+}  // namespace generic
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+SPECSERVE_QUANTIZE_BODY
+#include "kernel_generic.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
+namespace avx512 {
+#include "kernel_avx512.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+static const char* kIsaNames[] = {"generic", "avx2", "avx512"};
+
+static bool isa_supported(int isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AVX512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("avx512dq");
+#endif
+  return isa == GENERIC;
+}
+
+static int best_isa() {
+  for (int isa = AVX512; isa > GENERIC; isa--)
+    if (isa_supported(isa)) return isa;
+  return GENERIC;
+}
+
+static int g_isa = best_isa();
+static Pool g_pool;
+
+struct Job {
+  const std::vector<PackedWeights>* parts;
+  int64_t total_tiles;
+  const QuantizedRows* rows;
+  float* out;
+  int64_t ldo;
+  int isa;
+};
+
+static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_t r0,
+                      int64_t r1) {
+  for (int64_t r = r0; r < r1; r += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, r1 - r));
+#if defined(__x86_64__)
+    if (job.isa == AVX512) {
+      avx512::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
+      continue;
+    }
+    if (job.isa == AVX2) {
+      avx2::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
+      continue;
+    }
+#endif
+    generic::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
+  }
+}
+
+static void run_part(void* ctx, int part, int parts) {
+  const Job& job = *static_cast<const Job*>(ctx);
+  const int64_t lo = job.total_tiles * part / parts, hi = job.total_tiles * (part + 1) / parts;
+  for (int64_t r0 = 0; r0 < job.rows->m; r0 += kRowChunk) {
+    const int64_t r1 = std::min(job.rows->m, r0 + kRowChunk);
+    int64_t base = 0;
+    for (const PackedWeights& pw : *job.parts) {
+      for (int64_t t = std::max(lo, base); t < std::min(hi, base + pw.tiles); t++)
+        run_tiles(job, pw, t - base, r0, r1);
+      base += pw.tiles;
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> dx, dxs;
+  std::vector<int32_t> s16;
+};
+
+static void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
+                   const std::vector<PackedWeights>& parts) {
+  static thread_local Scratch scratch;
+  const int64_t nb = k / BLK;
+  scratch.q.resize(m * k);
+  scratch.dx.resize(m * nb);
+  scratch.dxs.resize(m * nb);
+  scratch.s16.resize(m * 2 * nb);
+#if defined(__x86_64__)
+  if (g_isa != GENERIC)
+    avx2::quantize_rows(x, m, k, scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
+                        scratch.s16.data());
+  else
+#endif
+    generic::quantize_rows(x, m, k, scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
+                           scratch.s16.data());
+  QuantizedRows rows{scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
+                     scratch.s16.data(), m, k};
+  int64_t total = 0;
+  for (const PackedWeights& pw : parts) total += pw.tiles;
+  Job job{&parts, total, &rows, out, ldo, g_isa};
+  g_pool.run(run_part, &job);
+}
+
+}  // namespace specserve
+
+// ---- Python bindings -------------------------------------------------------------------
+
+using specserve::PackedWeights;
+
+static bool parse_part(PyObject* item, int64_t k, PackedWeights* pw) {
+  long long mode, qbits, q, s, d, tiles, col0;
+  if (!PyArg_ParseTuple(item, "LLLLLLL", &mode, &qbits, &q, &s, &d, &tiles, &col0)) return false;
+  const bool super_blocks = mode != specserve::AFFINE16;
+  if (mode < 0 || mode > 2 || (qbits != 4 && qbits != 8) || tiles < 0 ||
+      (super_blocks && k % (specserve::BLK * specserve::SUPER) != 0)) {
+    PyErr_SetString(PyExc_ValueError, "invalid packed weight part");
+    return false;
+  }
+  *pw = PackedWeights{static_cast<int>(mode), static_cast<int>(qbits),
+                      reinterpret_cast<const uint8_t*>(q), reinterpret_cast<const uint8_t*>(s),
+                      reinterpret_cast<const float*>(d), tiles, k, col0};
+  return true;
+}
+
+static PyObject* py_linear(PyObject*, PyObject* args) {
+  long long x, m, k, out, ldo;
+  PyObject* parts_obj;
+  if (!PyArg_ParseTuple(args, "LLLLLO!", &x, &m, &k, &out, &ldo, &PyTuple_Type, &parts_obj))
+    return nullptr;
+  if (m < 0 || k <= 0 || k % specserve::BLK != 0) {
+    PyErr_SetString(PyExc_ValueError, "input width must be a multiple of 32");
+    return nullptr;
+  }
+  std::vector<PackedWeights> parts(PyTuple_GET_SIZE(parts_obj));
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts_obj); i++)
+    if (!parse_part(PyTuple_GET_ITEM(parts_obj, i), k, &parts[i])) return nullptr;
+  Py_BEGIN_ALLOW_THREADS;
+  specserve::linear(reinterpret_cast<const float*>(x), m, k, reinterpret_cast<float*>(out), ldo,
+                    parts);
+  Py_END_ALLOW_THREADS;
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_set_threads(PyObject*, PyObject* args) {
+  int n;
+  if (!PyArg_ParseTuple(args, "i", &n)) return nullptr;
+  if (n < 1) {
+    PyErr_SetString(PyExc_ValueError, "threads must be >= 1");
+    return nullptr;
+  }
+  if (n != specserve::g_pool.size()) specserve::g_pool.resize(n);
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_threads(PyObject*, PyObject*) {
+  return PyLong_FromLong(specserve::g_pool.size());
+}
+
+static PyObject* py_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(specserve::kIsaNames[specserve::g_isa]);
+}
+
+static PyObject* py_supported_isas(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(0);
+  for (int isa = specserve::GENERIC; isa <= specserve::AVX512; isa++)
+    if (specserve::isa_supported(isa))
+      PyList_Append(list, PyUnicode_FromString(specserve::kIsaNames[isa]));
+  return list;
+}
+
+static PyObject* py_set_isa(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  for (int isa = specserve::GENERIC; isa <= specserve::AVX512; isa++)
+    if (std::string(name) == specserve::kIsaNames[isa]) {
+      if (!specserve::isa_supported(isa)) {
+        PyErr_Format(PyExc_ValueError, "this CPU does not support the %s path", name);
+        return nullptr;
+      }
+      specserve::g_isa = isa;
+      Py_RETURN_NONE;
+    }
+  PyErr_Format(PyExc_ValueError, "unknown ISA path %s (generic, avx2, avx512)", name);
+  return nullptr;
+}
+
+static PyMethodDef kMethods[] = {
+    {"linear", py_linear, METH_VARARGS,
+     "linear(x_ptr, M, K, out_ptr, ldo, parts): out[:, part columns] = x @ W.T"},
+    {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per matmul"},
+    {"threads", py_threads, METH_NOARGS, "threads per matmul"},
+    {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2 or avx512"},
+    {"supported_isas", py_supported_isas, METH_NOARGS, "paths this CPU can run"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): choose a path (tests)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_native",
+                              "Quantized matmul on packed GGUF blocks.", -1, kMethods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,93 @@
+"""``PackedLinear``: a linear layer computed by the native kernels on packed GGUF blocks.
+
+The extension (``specserve.model._native``, built from ``native/`` by the package's own
+build) is optional: ``native_available()`` says whether it loaded, and the loader falls back
+to the PyTorch formats when it did not. Inputs are float32; each row is quantized to int8 per
+block of 32 inside the kernel, and every output row is bit-identical whatever else is in the
+batch (see native/qmatmul.cpp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from specserve.model.packing import Packed
+
+_native: ModuleType | None
+try:
+    from specserve.model import _native  # type: ignore[attr-defined,no-redef]
+except ImportError:  # not compiled on this machine: the PyTorch formats still work
+    _native = None
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def native_module() -> ModuleType:
+    if _native is None:
+        raise RuntimeError(
+            "the native kernels were not built on this machine; reinstall the package with a "
+            "C++ compiler present (`pip install -e .`), or choose --dtype int4 / bfloat16"
+        )
+    return _native
+
+
+def set_threads(threads: int) -> None:
+    """Threads per native matmul (the caller's thread is one of them)."""
+    if _native is not None:
+        _native.set_threads(threads)
+
+
+class PackedLinear(torch.nn.Module):
+    """Outputs of one or more packed tensors side by side (e.g. q, k and v fused).
+
+    >>> layer = PackedLinear([pack(decompose(raw, qtype, 1536))])   # doctest: +SKIP
+    >>> layer(torch.randn(3, 1536)).shape                          # doctest: +SKIP
+    torch.Size([3, 256])
+    """
+
+    def __init__(self, parts: Sequence[Packed], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        native_module()
+        self.in_features = parts[0].cols
+        if any(p.cols != self.in_features for p in parts):
+            raise ValueError("fused packed tensors must share their input width")
+        self.out_features = sum(p.rows for p in parts)
+        self.padded = sum(p.tiles * 16 for p in parts)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.float(), requires_grad=False)
+        self._buffers_kept: list[torch.Tensor] = []
+        specs = []
+        col0 = 0
+        for part in parts:
+            q, s, d = (self._keep(a) for a in (part.q, part.s, part.d))
+            specs.append((part.mode, part.qbits, q, s, d, part.tiles, col0))
+            col0 += part.tiles * 16
+        # Column ranges of the real outputs inside the padded result.
+        self._real = [(spec[6], part.rows) for spec, part in zip(specs, parts, strict=True)]
+        self._spec = tuple(specs)
+
+    def _keep(self, array: np.ndarray) -> int:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        self._buffers_kept.append(tensor)
+        return int(tensor.data_ptr())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.empty(rows.shape[0], self.padded, dtype=torch.float32)
+        native_module().linear(
+            rows.data_ptr(), rows.shape[0], self.in_features, out.data_ptr(), self.padded,
+            self._spec,
+        )  # fmt: skip
+        if self.padded != self.out_features:
+            out = torch.cat([out[:, start : start + n] for start, n in self._real], dim=1)
+        out = out.reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, parts={len(self._spec)}"
