@@ -45,6 +45,7 @@ COPY_BLOCK = 8 << 20  # bytes read and hashed at a time
 # few milliseconds); younger ones may belong to another process joining right now.
 STALE_TEMP_S = 600.0
 MARKER_SUFFIX = ".verified.json"
+READABLE = 0o644
 
 
 def data_dir() -> Path:
@@ -145,6 +146,7 @@ def _join(parts: list[Path], target: Path, weights: ChunkedWeights) -> None:
     logger.info("joining %d chunks of %s into %s", len(parts), weights.model, target)
     try:
         digest = hashlib.sha256()
+        os.fchmod(fd, READABLE)  # mkstemp makes it owner-only; it is no secret
         with os.fdopen(fd, "wb") as out, _bar(weights, "joining") as bar:
             for path in parts:
                 with path.open("rb") as chunk:
