@@ -25,3 +25,20 @@ def tiny_model(tiny_gguf: Path) -> Model:
 def smollm2() -> Model:
     """The real SmolLM2-135M-Instruct in the default format, shared by all slow tests."""
     return load_model("smollm2-135m-instruct", progress=False)
+
+
+def train_tiny_drafter(target: Path, out: Path) -> Path:
+    """Train an EAGLE drafter for a tiny model by the real command (a few seconds)."""
+    from specserve.cli import main
+
+    argv = ["drafter", "train", str(target), "--out", str(out), "--prompts", "20"]
+    argv += ["--max-tokens", "24", "--epochs", "3", "--draft-vocab", "64", "--dtype", "float32"]
+    argv += ["--unroll-steps", "2"]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def drafter_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EAGLE drafter trained for the tiny model."""
+    return train_tiny_drafter(tiny_gguf, tmp_path_factory.mktemp("drafter") / "tiny-eagle")

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from specserve.cli import main
 from specserve.deployments.errors import DraftVocabularyError
 from specserve.deployments.rules import DrafterFlags, EffectiveDrafter
 from specserve.deployments.service import create_deployment
@@ -32,17 +31,6 @@ from tests.tiny import TinySpec, write_tiny_gguf
 
 PROMPTS = [[5, 6, 7, 8] * 5, list(range(40, 60)), [9, 10, 11] * 6]
 GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def drafter_dir(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A drafter trained for the tiny model by the real command (a few seconds)."""
-    out = tmp_path_factory.mktemp("drafter") / "tiny-eagle"
-    argv = ["drafter", "train", str(tiny_gguf), "--out", str(out), "--prompts", "20"]
-    argv += ["--max-tokens", "24", "--epochs", "3", "--draft-vocab", "64", "--dtype", "float32"]
-    argv += ["--unroll-steps", "2"]
-    assert main(argv) == 0
-    return out
 
 
 def _eagle(model: Model, path: Path, with_ngram: bool = False) -> SpeculationConfig:

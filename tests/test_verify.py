@@ -139,9 +139,12 @@ def _run_trials(
         confidence = draft_probs.amax(-1) if rule == "max" else drafted
         num_drafts = (confidence.cumprod(-1) >= threshold).sum(-1)  # a prefix survives
     draft_ids[torch.arange(K)[None, :] >= num_drafts[:, None]] = P
-    generators = [gen] * TRIALS  # one shared stream keeps the test fast; rows draw in order
+    # One acceptance stream and one sample stream, each shared by all rows (drawn in order),
+    # keep the test fast; both are independent of ``gen``, which sampled the drafts.
+    accept = [torch.Generator().manual_seed(11)] * TRIALS
+    final = [torch.Generator().manual_seed(12)] * TRIALS
     result = verify_sampled(
-        draft_ids, num_drafts, None if one_hot else draft_probs, target_probs, generators
+        draft_ids, num_drafts, None if one_hot else draft_probs, target_probs, accept, final
     )
     return result.output_ids, result.num_accepted
 
@@ -236,14 +239,19 @@ def _seeded(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def _streams(seeds: list[int]) -> tuple[list[torch.Generator], list[torch.Generator]]:
+    """Per row: an acceptance stream and a sample stream, both from the row's seed."""
+    return _seeded([2 * s for s in seeds]), _seeded([2 * s + 1 for s in seeds])
+
+
 def test_sampled_is_deterministic_per_row_seed() -> None:
     draft_ids, num_drafts, draft_probs, target_probs = _batch(0)
     seeds = list(range(100, 116))
-    first = verify_sampled(draft_ids, num_drafts, draft_probs, target_probs, _seeded(seeds))
-    again = verify_sampled(draft_ids, num_drafts, draft_probs, target_probs, _seeded(seeds))
+    first = verify_sampled(draft_ids, num_drafts, draft_probs, target_probs, *_streams(seeds))
+    again = verify_sampled(draft_ids, num_drafts, draft_probs, target_probs, *_streams(seeds))
     assert torch.equal(first.output_ids, again.output_ids)
     other = verify_sampled(
-        draft_ids, num_drafts, draft_probs, target_probs, _seeded([s + 1000 for s in seeds])
+        draft_ids, num_drafts, draft_probs, target_probs, *_streams([s + 1000 for s in seeds])
     )
     assert not torch.equal(first.output_ids, other.output_ids)
 
@@ -254,7 +262,7 @@ def test_sampled_is_deterministic_per_row_seed() -> None:
         num_drafts[b : b + 1],
         draft_probs[b : b + 1],
         target_probs[b : b + 1],
-        _seeded([seeds[b]]),
+        *_streams([seeds[b]]),
     )
     assert alone.row(0) == first.row(b)
 
@@ -269,6 +277,7 @@ def test_row_without_drafts_is_plain_sampling() -> None:
         torch.zeros(rows, dtype=torch.long),
         None,
         target_probs,
+        _seeded(list(range(rows, 2 * rows))),  # acceptance: unused without drafts
         _seeded(list(range(rows))),
     )
     plain = [
@@ -287,6 +296,6 @@ def test_zero_draft_rows_are_read_as_one_hot() -> None:
     one_hot = torch.nn.functional.one_hot(draft_ids, draft_probs.shape[-1]).float()
     explicit = torch.where(torch.arange(16)[:, None, None] % 2 == 0, one_hot, draft_probs)
     seeds = list(range(16))
-    got = verify_sampled(draft_ids, num_drafts, mixed, target_probs, _seeded(seeds))
-    want = verify_sampled(draft_ids, num_drafts, explicit, target_probs, _seeded(seeds))
+    got = verify_sampled(draft_ids, num_drafts, mixed, target_probs, *_streams(seeds))
+    want = verify_sampled(draft_ids, num_drafts, explicit, target_probs, *_streams(seeds))
     assert torch.equal(got.output_ids, want.output_ids)

@@ -9,10 +9,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 MAX_TOP_K = 1_000_000
 MAX_TOKENS_LIMIT = 1_000_000
+
+# A request's random streams, one per purpose. Rejection sampling is lossless only if the
+# draft token and the acceptance uniform are independent; one generator per purpose makes
+# that hold by construction, not by the offsets at which one shared stream is consumed.
+DRAFT_STREAM = "draft"  # a sampled drafter's draft tokens
+ACCEPT_STREAM = "accept"  # the verifier's acceptance uniforms
+SAMPLE_STREAM = "sample"  # plain, recovered and bonus tokens
+STREAMS = (SAMPLE_STREAM, ACCEPT_STREAM, DRAFT_STREAM)
+
+
+def stream_seed(seed: int, purpose: str) -> int:
+    """The seed of one purpose's stream of a seeded request (a 64-bit integer).
+
+    numpy's ``SeedSequence`` hashes (seed, spawn key) into well-mixed, independent child
+    states — the documented way to derive parallel streams from one seed.
+
+    >>> stream_seed(7, DRAFT_STREAM) != stream_seed(7, ACCEPT_STREAM)
+    True
+    """
+    child = np.random.SeedSequence(seed, spawn_key=(STREAMS.index(purpose),))
+    return int(child.generate_state(1, np.uint64)[0])
 
 
 class InvalidRequestError(ValueError):
@@ -59,13 +81,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A per-request random stream: seeded output does not depend on other requests."""
+    def generator(self, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """This request's random stream for ``purpose`` (one of ``STREAMS``): seeded output
+        does not depend on other requests, and the purposes never share random numbers.
+        Unseeded streams start from fresh entropy each."""
+        if purpose not in STREAMS:
+            raise ValueError(f"unknown random stream {purpose!r}; one of {STREAMS}")
         gen = torch.Generator(device=device)
         if self.seed is None:
             gen.seed()
         else:
-            gen.manual_seed(self.seed)
+            gen.manual_seed(stream_seed(self.seed, purpose))
         return gen
 
 

@@ -16,7 +16,14 @@ import torch
 
 from specserve.engine.output import TextAssembler
 from specserve.engine.result import GenerationResult
-from specserve.engine.sampling import InvalidRequestError, SamplingParams, sample, target_probs
+from specserve.engine.sampling import (
+    ACCEPT_STREAM,
+    SAMPLE_STREAM,
+    InvalidRequestError,
+    SamplingParams,
+    sample,
+    target_probs,
+)
 from specserve.engine.speculation import PLAIN, ProposalSource, SpeculationConfig
 from specserve.model.loader import Model
 from specserve.spec.proposers.base import Proposal, SequenceContext
@@ -48,7 +55,11 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
 
 
 def _verify(
-    logits: torch.Tensor, proposal: Proposal, params: SamplingParams, gen: torch.Generator
+    logits: torch.Tensor,
+    proposal: Proposal,
+    params: SamplingParams,
+    accept_gen: torch.Generator,
+    sample_gen: torch.Generator,
 ) -> tuple[list[int], int]:
     """logits ``[k + 1, V]`` of one sequence -> (emitted tokens, number of accepted drafts)."""
     drafts = torch.tensor([proposal.token_ids])  # [1, k]
@@ -57,7 +68,8 @@ def _verify(
         result = verify_greedy(drafts, num, logits.argmax(-1)[None])
     else:
         draft_probs = None if proposal.draft_probs is None else proposal.draft_probs[None]
-        result = verify_sampled(drafts, num, draft_probs, target_probs(logits, params)[None], [gen])
+        probs = target_probs(logits, params)[None]  # [1, k + 1, V]
+        result = verify_sampled(drafts, num, draft_probs, probs, [accept_gen], [sample_gen])
     return result.row(0), int(result.num_accepted[0])
 
 
@@ -82,7 +94,10 @@ class Sequence:
         limit = context_limit or model.max_context
         self.budget = min(params.max_tokens, limit - len(self.prompt_ids))
         self.max_len = len(self.prompt_ids) + self.budget  # positions this sequence may use
-        self.gen = params.generator()
+        # Independent streams (a sampled drafter draws from a third, its own): plain,
+        # recovered and bonus tokens, and the verifier's acceptance uniforms.
+        self.sample_gen = params.generator(SAMPLE_STREAM)
+        self.accept_gen = params.generator(ACCEPT_STREAM)
         self.costs = costs or StepCosts()
         self.source = ProposalSource(model, spec, params, prediction_ids, self.max_len, self.costs)
         self.assembler = TextAssembler(model.tokenizer, self.prompt_ids, params.stop)
@@ -114,7 +129,7 @@ class Sequence:
 
     def start(self, last_prompt_logits: torch.Tensor) -> str:
         """After the prefill: pick the first token from the last prompt position's logits."""
-        token = pick_token(last_prompt_logits, self.params, self.gen)
+        token = pick_token(last_prompt_logits, self.params, self.sample_gen)
         self.source.prefill(self.prompt_ids)
         self.first_token_at = time.perf_counter()
         return self._emit([token])
@@ -157,9 +172,11 @@ class Sequence:
         self._proposal = None
         proposed = len(proposal.token_ids)
         if proposed:
-            emitted, accepted = _verify(logits[: proposed + 1], proposal, self.params, self.gen)
+            emitted, accepted = _verify(
+                logits[: proposed + 1], proposal, self.params, self.accept_gen, self.sample_gen
+            )
         else:
-            emitted, accepted = [pick_token(logits[0], self.params, self.gen)], 0
+            emitted, accepted = [pick_token(logits[0], self.params, self.sample_gen)], 0
         self.source.observe(proposed, accepted)
         if features is not None:
             self.source.add_features(start, features[: accepted + 1])

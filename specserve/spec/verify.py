@@ -76,7 +76,8 @@ def verify_sampled(
     num_drafts: torch.Tensor,
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
-    generators: Sequence[torch.Generator],
+    accept_generators: Sequence[torch.Generator],
+    sample_generators: Sequence[torch.Generator],
 ) -> VerifyResult:
     """Rejection-sampling verification: the output is distributed exactly as the target's.
 
@@ -84,9 +85,11 @@ def verify_sampled(
     distributions the drafts were sampled from, or None when every proposer is deterministic.
     A ``[V]`` row of zeros (a deterministic proposer in a batch with a draft model) is read as
     one-hot on its draft token too. ``target_probs`` ``[B, K + 1, V]`` is already processed
-    (temperature, top-k, top-p, min-p) by the caller. ``generators[b]`` is row ``b``'s own
-    random stream: row ``b`` draws ``num_drafts[b]`` uniforms, then one multinomial sample, and
-    nothing else, so its output does not depend on the other rows.
+    (temperature, top-k, top-p, min-p) by the caller. Row ``b`` draws ``num_drafts[b]``
+    acceptance uniforms from ``accept_generators[b]`` and one multinomial sample (its
+    recovered or bonus token) from ``sample_generators[b]``, and nothing else, so its output
+    does not depend on the other rows. The streams must be independent of the one the drafts
+    were sampled from: acceptance is lossless only for a uniform independent of the draft.
     """
     _check_drafts(draft_ids, num_drafts)
     assert target_probs.ndim == 3, "target_probs must be [B, K + 1, V]"
@@ -97,14 +100,16 @@ def verify_sampled(
         assert draft_probs.ndim == 3, "draft_probs must be [B, K, V]"
         assert draft_probs.shape == (batch, k, vocab), "draft_probs must be [B, K, V]"
         draft_probs = draft_probs.float()  # [B, K, V]
-    assert len(generators) == batch, "one generator per row"
+    assert len(accept_generators) == len(sample_generators) == batch, "generators per row"
     device = target_probs.device
     draft_ids, num_drafts = draft_ids.to(device), num_drafts.to(device)
     target_probs = target_probs.float()  # [B, K + 1, V]
     token_ids = draft_ids.clamp(min=0)  # [B, K]; placeholders read token 0, masked out below
 
     p_target, p_draft, one_hot = _probs_of_drafts(token_ids, draft_probs, target_probs)
-    uniforms, noise = _draw(num_drafts, k, vocab, generators, device)  # [B, K], [B, V]
+    uniforms, noise = _draw(  # [B, K], [B, V]
+        num_drafts, k, vocab, accept_generators, sample_generators, device
+    )
     # u < p_t / p_d, written without the division: a token the target rules out (p_t = 0) is
     # never accepted, even with u = 0.
     accepted = (uniforms * p_draft < p_target) & _in_proposal(num_drafts, k)  # [B, K]
@@ -190,19 +195,22 @@ def _draw(
     num_drafts: torch.Tensor,
     k: int,
     vocab: int,
-    generators: Sequence[torch.Generator],
+    accept_generators: Sequence[torch.Generator],
+    sample_generators: Sequence[torch.Generator],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row ``b``'s uniforms for its drafts, then the Exp(1) noise of its one multinomial draw.
+    """Row ``b``'s uniforms for its drafts, and the Exp(1) noise of its one multinomial draw.
 
-    Only the row's own generator is used, always in this order: seeded output is reproducible
-    and independent of the batch. Rows without drafts draw no uniforms, so their one draw is
-    the same as plain sampling's ``torch.multinomial`` with the same generator.
+    Only the row's own generators are used: seeded output is reproducible and independent of
+    the batch. Rows without drafts draw no uniforms, and their one draw is the same as plain
+    sampling's ``torch.multinomial`` with the same sample generator.
     """
-    uniforms = torch.ones(len(generators), k, device=device)  # [B, K]; unused slots masked
-    noise = torch.empty(len(generators), vocab, device=device)  # [B, V]
-    for b, (n, gen) in enumerate(zip(num_drafts.tolist(), generators, strict=True)):
+    batch = len(sample_generators)
+    uniforms = torch.ones(batch, k, device=device)  # [B, K]; unused slots masked
+    noise = torch.empty(batch, vocab, device=device)  # [B, V]
+    rows = zip(num_drafts.tolist(), accept_generators, sample_generators, strict=True)
+    for b, (n, accept_gen, sample_gen) in enumerate(rows):
         if n:
-            uniforms[b, :n] = torch.rand(n, generator=gen, device=device)
-        noise[b].exponential_(generator=gen)
+            uniforms[b, :n] = torch.rand(n, generator=accept_gen, device=device)
+        noise[b].exponential_(generator=sample_gen)
     return uniforms, noise

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from specserve.engine.sampling import SamplingParams, sample, target_probs
+from specserve.engine.sampling import DRAFT_STREAM, SamplingParams, sample, target_probs
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
@@ -50,7 +50,7 @@ class DraftModelProposer:
         self.params = params
         self.cache = draft.lm.new_cache(1, max_len)
         self.synced = 0
-        self.generator = generator or params.generator()
+        self.generator = generator or params.generator(DRAFT_STREAM)
         self.seconds_per_token = 0.0  # measured, for the length tuner
 
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:

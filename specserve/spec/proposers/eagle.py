@@ -15,7 +15,7 @@ import time
 import torch
 
 from specserve.drafters.eagle import CONTEXT, EagleHead
-from specserve.engine.sampling import SamplingParams, sample, target_probs
+from specserve.engine.sampling import DRAFT_STREAM, SamplingParams, sample, target_probs
 from specserve.spec.proposers.base import Proposal, SequenceContext, register
 
 # A chain stops before the draft whose estimated chance of being reached and accepted — the
@@ -47,7 +47,7 @@ class EagleProposer:
         self.features = torch.zeros(max_len, head.config.hidden_size)
         self.known = 0  # true target features are known for positions < known
         self.synced = 0  # the head's cache holds true (feature, token) pairs below this
-        self.generator = generator or params.generator()
+        self.generator = generator or params.generator(DRAFT_STREAM)
         self.seconds_per_token = 0.0  # measured, for the length tuner
 
     def add_features(self, start: int, features: torch.Tensor) -> None:
