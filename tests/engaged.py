@@ -17,6 +17,15 @@ def assert_engaged(result: GenerationResult, *methods: str) -> None:
     assert_engaged_stats(result.stats.as_dict(), *methods)
 
 
+def assert_engaged_overall(results: list[GenerationResult], *methods: str) -> None:
+    """``assert_engaged`` over several requests together (some may never have drafted)."""
+    for method in methods:
+        counts = [r.stats.by_method[method] for r in results if method in r.stats.by_method]
+        proposed, accepted = sum(c.proposed for c in counts), sum(c.accepted for c in counts)
+        assert proposed > 0 and accepted > 0, (method, proposed, accepted)
+    assert sum(r.stats.generated for r in results) > sum(r.stats.target_steps for r in results)
+
+
 def assert_engaged_stats(stats: dict[str, Any], *methods: str) -> None:
     """The same, on ``SpecStats.as_dict()`` (what API usage reports as ``speculation``)."""
     for method in methods:

@@ -12,8 +12,9 @@ from specserve.engine.sampling import InvalidRequestError, SamplingParams
 from specserve.engine.scheduler import Engine, Job, QueueFullError
 from specserve.engine.speculation import PLAIN, SpeculationConfig
 from specserve.model.loader import Model
+from tests.engaged import StepLog, assert_engaged, assert_engaged_overall
 
-NGRAM = SpeculationConfig("ngram", 4, ngram_length=2)
+NGRAM = SpeculationConfig("ngram", 4, ngram_length=2, adaptive=False)  # never tuned off
 FIXED = SpeculationConfig("ngram", 3, ngram_length=2, adaptive=False)
 
 
@@ -63,7 +64,7 @@ def _submit(engine: Engine, prompt: list[int], params: SamplingParams, **kw: obj
         (SamplingParams(max_tokens=24, ignore_eos=True), NGRAM),
         (SamplingParams(max_tokens=24, ignore_eos=True), PLAIN),
         # Seeded sampling with a fixed draft length is reproducible: batching must not change it.
-        (SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True), FIXED),
+        (SamplingParams(temperature=0.25, top_k=4, seed=7, max_tokens=24, ignore_eos=True), FIXED),
     ],
 )
 def test_batched_requests_equal_each_alone(
@@ -71,6 +72,7 @@ def test_batched_requests_equal_each_alone(
 ) -> None:
     alone = [generate(tiny_model, p, params, spec=spec) for p in _prompts()]
     engine = Engine(tiny_model, max_batch=3, prefill_chunk=16)
+    steps = StepLog(engine)
     try:
         waiters = [_submit(engine, p, params, spec=spec) for p in _prompts()]
         results = [w.wait() for w in waiters]
@@ -81,6 +83,9 @@ def test_batched_requests_equal_each_alone(
         assert batched.text == one.text == "".join(waiter.pieces)
         assert batched.finish_reason == "length"
     assert engine.stats.finished == len(alone)
+    if spec.method is not None:
+        steps.assert_batched_drafts()
+        assert_engaged_overall(results, spec.method)
 
 
 def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
@@ -88,6 +93,7 @@ def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
     prompt = list(range(40, 52))
     plain = generate(tiny_model, prompt, params)
     engine = Engine(tiny_model, max_batch=2)
+    steps = StepLog(engine)
     try:
         other = _submit(engine, list(range(60, 70)), params, spec=NGRAM)
         waiter = _submit(engine, prompt, params, spec=NGRAM, prediction_ids=plain.token_ids)
@@ -99,6 +105,10 @@ def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
     assert result.prediction is not None
     assert result.prediction.rejected_prediction_tokens == 0
     assert result.prediction.accepted_prediction_tokens == len(plain.token_ids)
+    assert_engaged(result, "prediction")  # by the verifier, not the text count above
+    counts = result.stats.by_method["prediction"]
+    assert counts.accepted == counts.proposed
+    steps.assert_batched_drafts()
 
 
 def test_cancel_frees_the_slot_for_the_next_request(tiny_model: Model) -> None:
