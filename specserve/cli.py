@@ -36,7 +36,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
-        help="execution format; auto = int4 for 4-bit GGUF weights on CPU",
+        help="execution format; auto = the native kernels on the GGUF blocks on CPU (int4 where they were not built)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = p.add_argument_group("speculation (default: n-gram, length 3, up to 4 draft tokens)")

@@ -10,11 +10,15 @@ from tqdm.auto import tqdm
 from specserve.model.config import ModelConfig
 from specserve.model.errors import ModelLoadError
 from specserve.model.linear import DenseLinear, Int4Linear
+from specserve.model.qlinear import PackedLinear
 from specserve.model.transformer import Block, CausalLM
 from specserve.model.weights import WeightSource
 
-# Execution formats: the dtype of linear layers, and whether GGUF 4-bit tensors stay 4-bit.
-FORMATS = ("int4", "bfloat16", "float32")
+# Execution formats: how linear layers run.
+# - gguf: the native kernels on the file's own quantized blocks (float32 activations);
+# - int4: PyTorch's int4 kernel for GGUF 4-bit tensors, bfloat16 for the rest;
+# - bfloat16 / float32: every tensor dequantized to that dtype.
+FORMATS = ("gguf", "int4", "bfloat16", "float32")
 DEFAULT_CONTEXT = 8192  # preallocated RoPE tables / cache length unless asked otherwise
 
 _NORMS_LLAMA = ("attn_norm", "ffn_norm")
@@ -29,7 +33,7 @@ _NORMS_GEMMA = (
 
 
 def compute_dtype(fmt: str) -> torch.dtype:
-    return torch.float32 if fmt == "float32" else torch.bfloat16
+    return torch.float32 if fmt in ("float32", "gguf") else torch.bfloat16
 
 
 class _Builder:
@@ -63,8 +67,20 @@ class _Builder:
         chunks = itertools.chain.from_iterable(self.source.load_int4(n) for n in names)
         return Int4Linear(chunks, rows, self.bias(names))
 
+    def packed_linear(self, names: list[str]) -> PackedLinear | None:
+        """A fused native linear over ``names``, if every tensor's type has a kernel."""
+        if self.fmt != "gguf":
+            return None
+        parts = [self.source.packed(self.require(n)) for n in names]
+        if any(p is None for p in parts):
+            return None
+        return PackedLinear([p for p in parts if p is not None], self.bias(names))
+
     def linear(self, names: list[str]) -> torch.nn.Module:
         """A fused linear over the rows of ``names`` (e.g. q, k, v)."""
+        packed = self.packed_linear(names)
+        if packed is not None:
+            return packed
         int4 = self.int4_linear(names)
         if int4 is not None:
             return int4
@@ -111,7 +127,10 @@ def build_model(
     output_norm = source.load(builder.require("output_norm.weight"))
     lm_head: torch.nn.Module
     if config.tie_embeddings:
-        lm_head = builder.int4_linear(["token_embd.weight"]) or DenseLinear(embedding)
+        tied = ["token_embd.weight"]
+        lm_head = (
+            builder.packed_linear(tied) or builder.int4_linear(tied) or DenseLinear(embedding)
+        )
     else:
         lm_head = builder.linear(["output.weight"])
     steps.update()

@@ -12,12 +12,14 @@ import torch
 
 from specserve.model.builder import FORMATS, build_model
 from specserve.model.catalog import CatalogEntry, resolve
+from specserve.model.qlinear import native_available, native_module
 from specserve.model.tokenizer import Tokenizer
 from specserve.model.transformer import CausalLM
 from specserve.model.weights import GGUFSource, open_weights
 
-# "auto" picks the format measured fastest here (bench/runtime.py): int4 for GGUF 4-bit
-# tensors on CPU (its kernel is CPU-only), bfloat16 elsewhere.
+# "auto" picks the format measured fastest here (bench/runtime.py): the native kernels on
+# the GGUF blocks on CPU where they were built (else PyTorch's int4 kernel), bfloat16 on
+# accelerators.
 AUTO = "auto"
 DTYPE_CHOICES = (AUTO, *FORMATS)
 
@@ -42,9 +44,13 @@ def resolve_format(fmt: str, device: torch.device) -> str:
     if fmt not in DTYPE_CHOICES:
         raise ValueError(f"unknown dtype {fmt!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if fmt == AUTO:
-        return "int4" if device.type == "cpu" else "bfloat16"
-    if fmt == "int4" and device.type != "cpu":
-        raise ValueError("the int4 format runs on the CPU only; use bfloat16 on accelerators")
+        if device.type != "cpu":
+            return "bfloat16"
+        return "gguf" if native_available() else "int4"
+    if fmt in ("int4", "gguf") and device.type != "cpu":
+        raise ValueError(f"the {fmt} format runs on the CPU only; use bfloat16 on accelerators")
+    if fmt == "gguf":
+        native_module()  # a clear error when the extension was not built
     return fmt
 
 

@@ -9,11 +9,14 @@ of the packed form equals the ``gguf`` package's reference dequantizer bit for b
 |-----------|--------|----------|-------------------------------------|
 | Q4_0      | 4      | AFFINE16 | d * q - 8 d                         |
 | Q4_1      | 4      | AFFINE16 | d * q + m                           |
-| Q5_0      | 8      | AFFINE16 | d * q - 16 d        (q = 5 bits)    |
+| Q5_0      | 5      | AFFINE16 | d * q - 16 d                        |
 | Q8_0      | 8      | AFFINE16 | d * q' - 128 d      (q' = q + 128)  |
 | Q4_K      | 4      | KAFFINE  | d sc_j * q - dmin m_j               |
-| Q5_K      | 8      | KAFFINE  | d sc_j * q - dmin m_j (q = 5 bits)  |
-| Q6_K      | 8      | K6       | d sc_h * (q - 32)   (halves of 16)  |
+| Q5_K      | 5      | KAFFINE  | d sc_j * q - dmin m_j               |
+| Q6_K      | 6      | K6       | d sc_h * (q - 32)   (halves of 16)  |
+
+The packed bytes per weight are the file's, within a few percent: 4.5 bits for Q4_K, 5.5
+for Q5_0, 6.6 for Q6_K.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ class Decomposed:
     offset: np.ndarray | None = None  # AFFINE16: [N, K/32] float16
     sc: np.ndarray | None = None  # KAFFINE: [N, K/32] uint8; K6: [N, K/16] int8
     mn: np.ndarray | None = None  # KAFFINE: [N, K/32] uint8
-    d: np.ndarray | None = None  # KAFFINE, K6: [N, K/256] float32
-    nd: np.ndarray | None = None  # KAFFINE: [N, K/256] float32 (= -dmin)
+    d: np.ndarray | None = None  # KAFFINE, K6: [N, K/256] float16
+    nd: np.ndarray | None = None  # KAFFINE: [N, K/256] float16 (= -dmin)
 
     def dequantize(self) -> np.ndarray:
         """The float32 weights, computed as the kernels' scale codes define them."""
@@ -54,11 +57,11 @@ class Decomposed:
             s, m = self.scale.astype(np.float32), self.offset.astype(np.float32)
             return (s[..., None] * q + m[..., None]).reshape(n, k)
         assert self.sc is not None and self.d is not None
-        d = np.repeat(self.d, SUPER * (1 if self.mode == KAFFINE else 2), axis=1)
+        d = np.repeat(self.d.astype(np.float32), SUPER * (1 if self.mode == KAFFINE else 2), 1)
         if self.mode == KAFFINE:
             assert self.mn is not None and self.nd is not None
             s = d * self.sc.astype(np.float32)
-            m = np.repeat(self.nd, SUPER, axis=1) * self.mn.astype(np.float32)
+            m = np.repeat(self.nd.astype(np.float32), SUPER, axis=1) * self.mn.astype(np.float32)
             return (s[..., None] * q + m[..., None]).reshape(n, k)
         s = d * self.sc.astype(np.float32)  # [N, K/16]
         q16 = self.q.reshape(n, k // 16, 16).astype(np.float32) - 32.0
@@ -107,7 +110,7 @@ def _q5_0(b: np.ndarray) -> Decomposed:  # d, qh (32 bits), qs[16]
     qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [N, nb, 1]
     high = (qh >> np.arange(32, dtype=np.uint32)) & 1
     q = _nibbles(b[..., 6:22]) | (high.astype(np.uint8) << 4)
-    return _affine(b.shape[0], q, 8, d, d * np.float16(-16))
+    return _affine(b.shape[0], q, 5, d, d * np.float16(-16))
 
 
 def _q8_0(b: np.ndarray) -> Decomposed:  # d, qs[32] int8
@@ -118,7 +121,7 @@ def _q8_0(b: np.ndarray) -> Decomposed:  # d, qs[32] int8
 
 def _kaffine(b: np.ndarray, q: np.ndarray, qbits: int) -> Decomposed:
     n = b.shape[0]
-    d, dmin = _f16(b[..., 0:2]).astype(np.float32), _f16(b[..., 2:4]).astype(np.float32)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     sc, mn = _k_scales(b[..., 4:16])
     return Decomposed(
         q.reshape(n, -1), KAFFINE, qbits,
@@ -136,7 +139,7 @@ def _q5_k(b: np.ndarray) -> Decomposed:
     qs = b[..., 48:176].reshape(*b.shape[:-1], 4, 1, 32)
     low = np.concatenate([qs & 0x0F, qs >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32)
     high = _bits(b[..., 16:48], 8)  # bit i of qh[e] is the fifth bit of sub-block i
-    return _kaffine(b, low | (high << 4), 8)
+    return _kaffine(b, low | (high << 4), 5)
 
 
 def _q6_k(b: np.ndarray) -> Decomposed:  # ql[128], qh[64], scales[16] int8, d
@@ -147,8 +150,7 @@ def _q6_k(b: np.ndarray) -> Decomposed:  # ql[128], qh[64], scales[16] int8, d
     qh = (qh & 0x03).reshape(n, nb, 8, 32)
     q = (ql | (qh << 4)).reshape(n, -1)
     sc = b[..., 192:208].view(np.int8).reshape(n, -1)
-    d = _f16(b[..., 208:210]).astype(np.float32)
-    return Decomposed(q, K6, 8, sc=sc, d=d)
+    return Decomposed(q, K6, 6, sc=sc, d=_f16(b[..., 208:210]))
 
 
 _DECODERS = {
@@ -178,7 +180,7 @@ class Packed:
     cols: int
     q: np.ndarray  # uint8 [tiles, K/32, 256 or 512]
     s: np.ndarray  # uint8 [tiles, K/32, 64 or 32]
-    d: np.ndarray  # float32 [tiles, K/256, 32 or 16], or [0] for AFFINE16
+    d: np.ndarray  # float16 [tiles, K/256, 32 or 16], or [0] for AFFINE16
 
     @property
     def tiles(self) -> int:
@@ -193,6 +195,10 @@ def _tiles(a: np.ndarray, rows: int) -> np.ndarray:
     return a.reshape(-1, TILE, *a.shape[1:]).swapaxes(1, 2)
 
 
+# 6-bit weights: where bits 4-5 of each of a plane's 4 groups sit (native/layout.h).
+_SIX_BIT_SHIFTS = (4, 6, 0, 2)
+
+
 def _pack_q(q: np.ndarray, qbits: int) -> np.ndarray:
     """[N, K] -> [tiles, K/32, bytes]: group g (4 inputs) of a block is 16 columns x 4."""
     n, k = q.shape
@@ -200,8 +206,19 @@ def _pack_q(q: np.ndarray, qbits: int) -> np.ndarray:
     groups = grouped.transpose(0, 1, 3, 2, 4).reshape(-1, k // BLK, 8, 64)
     if qbits == 8:
         return np.ascontiguousarray(groups.reshape(-1, k // BLK, 512))
-    packed = groups[:, :, :4] | (groups[:, :, 4:] << 4)
-    return np.ascontiguousarray(packed.reshape(-1, k // BLK, 256))
+    nibbles = (groups[:, :, :4] & 0x0F) | ((groups[:, :, 4:] & 0x0F) << 4)
+    planes = [nibbles.reshape(-1, k // BLK, 256)]
+    high = (groups >> 4).astype(np.uint8)  # [t, nb, 8, 64]
+    if qbits == 5:
+        weights = (1 << np.arange(8, dtype=np.uint8))[:, None]
+        planes.append((high * weights).sum(axis=2, dtype=np.uint8))
+    if qbits == 6:
+        for half in (high[:, :, :4], high[:, :, 4:]):
+            shifted = [
+                half[:, :, i] << shift for i, shift in enumerate(_SIX_BIT_SHIFTS)
+            ]
+            planes.append(np.bitwise_or.reduce(shifted).astype(np.uint8))
+    return np.ascontiguousarray(np.concatenate(planes, axis=-1))
 
 
 def _codes(*codes: np.ndarray, rows: int) -> np.ndarray:
@@ -218,14 +235,14 @@ def pack(dec: Decomposed) -> Packed:
     if dec.mode == AFFINE16:
         assert dec.scale is not None and dec.offset is not None
         s = _codes(dec.scale, dec.offset, rows=n)
-        d = np.zeros(0, np.float32)
+        d = np.zeros(0, np.float16)
     elif dec.mode == KAFFINE:
         assert dec.sc is not None and dec.mn is not None
         assert dec.d is not None and dec.nd is not None
         s = _codes(dec.sc, dec.mn, rows=n)
-        d = _codes(dec.d, dec.nd, rows=n).view(np.float32)
+        d = _codes(dec.d, dec.nd, rows=n).view(np.float16)
     else:
         assert dec.sc is not None and dec.d is not None
         s = _codes(dec.sc[:, 0::2], dec.sc[:, 1::2], rows=n).view(np.uint8)
-        d = _codes(dec.d, rows=n).view(np.float32)
+        d = _codes(dec.d, rows=n).view(np.float16)
     return Packed(dec.mode, dec.qbits, n, k, q, s, np.ascontiguousarray(d))

@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 from specserve.model.config import ModelConfig, config_from_gguf, config_from_hf
 from specserve.model.errors import ModelLoadError
 from specserve.model.gguf_file import GGUFFile, GGUFFormatError
+from specserve.model.packing import PACKED_TYPES, Packed, decompose, pack
 from specserve.model.quant import INT4_TYPES, Int4Groups, int4_groups
 
 # The types the loader accepts: what the issue requires plus what common GGUFs mix in.
@@ -72,6 +73,10 @@ class WeightSource(Protocol):
 
     def load_int4(self, name: str) -> Iterator[Int4Groups]:
         """The tensor's affine 4-bit groups, a block of rows at a time (see int4_layout)."""
+        ...
+
+    def packed(self, name: str) -> Packed | None:
+        """The tensor in the native kernels' layout, if its type has a kernel."""
         ...
 
     def type_name(self, name: str) -> str: ...
@@ -164,6 +169,32 @@ class GGUFSource:
         for start in range(0, data.shape[0], LOAD_CHUNK_ROWS):
             yield int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
 
+    def packed(self, name: str) -> Packed | None:
+        tensor = self._tensors[name]
+        if tensor.tensor_type not in PACKED_TYPES or len(tensor.shape) != 2:
+            return None
+        data, cols = np.asarray(tensor.data), int(tensor.shape[0])
+        order = self._row_order(name, data.shape[0])
+        if order is not None:  # Q/K rows are permuted per head
+            data = data[order]
+        # LOAD_CHUNK_ROWS is a whole number of tiles, so chunks concatenate tile by tile.
+        chunks = [
+            pack(decompose(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols))
+            for start in range(0, data.shape[0], LOAD_CHUNK_ROWS)
+        ]
+        first = chunks[0]
+        if len(chunks) == 1:
+            return first
+        return Packed(
+            first.mode,
+            first.qbits,
+            data.shape[0],
+            cols,
+            np.concatenate([c.q for c in chunks]),
+            np.concatenate([c.s for c in chunks]),
+            np.concatenate([c.d for c in chunks]) if first.d.size else first.d,
+        )
+
 
 # Hugging Face parameter names -> GGUF names (the layer index is substituted).
 _HF_TO_GGUF = {
@@ -254,6 +285,9 @@ class SafetensorsSource:
 
     def load_int4(self, name: str) -> Iterator[Int4Groups]:
         return iter(())
+
+    def packed(self, name: str) -> Packed | None:
+        return None
 
 
 def open_weights(path: Path) -> WeightSource:

@@ -1,12 +1,17 @@
-// A tiny persistent thread pool for the quantized matmul: the caller runs part 0 and
-// `threads - 1` workers run the others. Workers spin briefly between calls (a decode step
-// issues hundreds of matmuls a few microseconds apart), then sleep on a condition variable,
-// so an idle server costs no CPU.
+// A small persistent thread pool for the quantized matmul. A call is a list of work items;
+// the caller and the workers claim items from one shared counter, and the call returns as
+// soon as every item is done. A worker the OS delays (the other core busy) therefore costs
+// the call at most the item it holds, never a share of the work it has not started.
+//
+// The counter holds (generation << 32 | next item). Between calls it is closed (item =
+// kClosed), so a late worker can never claim an item of a finished call, nor of the next
+// one before its parameters are written.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -15,51 +20,55 @@ namespace specserve {
 
 class Pool {
  public:
-  using Task = void (*)(void* ctx, int part, int parts);
+  using Item = void (*)(void* ctx, int64_t item);
 
   ~Pool() { resize(1); }
 
   int size() const { return threads_; }
 
-  // Start or stop workers so that `threads` parts run at once (the caller is one of them).
+  // Start or stop workers so that `threads` threads work on a call (the caller is one).
   void resize(int threads) {
     if (threads < 1) threads = 1;
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      generation_++;
+      wake_++;
     }
     cv_.notify_all();
     for (auto& w : workers_) w.join();
     workers_.clear();
     stop_ = false;
     threads_ = threads;
-    for (int i = 1; i < threads; i++) workers_.emplace_back([this, i] { loop(i); });
+    const uint64_t start = wake_.load();  // a call made before a worker runs is still new
+    for (int i = 1; i < threads; i++) workers_.emplace_back([this, start] { loop(start); });
   }
 
-  // Run task(ctx, part, parts) for every part in 0..threads-1; returns when all are done.
-  void run(Task task, void* ctx) {
-    if (threads_ == 1) {
-      task(ctx, 0, 1);
-      return;
-    }
-    task_ = task;
+  // Run item(ctx, i) for i in 0..items-1 over all threads; returns when all are done.
+  void run(Item item, void* ctx, int64_t items) {
+    const uint64_t gen = (claim_.load() >> 32) + 1;
+    item_ = item;
     ctx_ = ctx;
-    pending_.store(threads_ - 1, std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      generation_++;
+    items_ = items;
+    done_.store(0, std::memory_order_relaxed);
+    claim_.store(gen << 32, std::memory_order_release);
+    if (threads_ > 1) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        wake_++;
+      }
+      cv_.notify_all();
     }
-    cv_.notify_all();
-    task(ctx, 0, threads_);
-    while (pending_.load(std::memory_order_acquire) > 0) {
-      pause();
-    }
+    work();
+    while (done_.load(std::memory_order_acquire) < items) pause();
+    claim_.store(gen << 32 | kClosed, std::memory_order_release);
   }
 
  private:
-  // How long a worker spins for the next call before it sleeps.
-  static constexpr std::chrono::microseconds kSpin{300};
+  static constexpr uint64_t kClosed = 0xFFFFFFFFu;
+  // How long a worker spins for the next call before it sleeps. Waking a sleeping thread
+  // can cost a millisecond on a virtual machine (its CPU halts), so workers stay awake
+  // between the matmuls of a generation and sleep only when the model is idle.
+  static constexpr std::chrono::microseconds kSpin{5000};
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,32 +76,44 @@ class Pool {
 #endif
   }
 
-  void loop(int part) {
-    uint64_t seen = generation_.load();
+  // Claim and run items of the current call until none is left.
+  void work() {
     for (;;) {
-      auto until = std::chrono::steady_clock::now() + kSpin;
+      uint64_t v = claim_.load(std::memory_order_acquire);
+      const uint64_t next = v & kClosed;
+      if (next == kClosed || static_cast<int64_t>(next) >= items_) return;
+      if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      item_(ctx_, static_cast<int64_t>(next));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop(uint64_t seen) {
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
       int spins = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
+      while (wake_.load(std::memory_order_acquire) == seen) {
         pause();
         if (++spins % 256 == 0 && std::chrono::steady_clock::now() > until) {
           std::unique_lock<std::mutex> lock(mu_);
-          cv_.wait(lock, [&] { return generation_.load() != seen; });
+          cv_.wait(lock, [&] { return wake_.load() != seen; });
         }
       }
-      seen = generation_.load(std::memory_order_acquire);
+      seen = wake_.load(std::memory_order_acquire);
       if (stop_) return;
-      task_(ctx_, part, threads_);
-      pending_.fetch_sub(1, std::memory_order_release);
+      work();
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  Task task_ = nullptr;
+  std::atomic<uint64_t> wake_{0};
+  std::atomic<uint64_t> claim_{kClosed};
+  std::atomic<int64_t> done_{0};
+  Item item_ = nullptr;
   void* ctx_ = nullptr;
+  int64_t items_ = 0;
   int threads_ = 1;
   bool stop_ = false;
 };

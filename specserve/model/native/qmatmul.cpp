@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -23,8 +24,8 @@
 
 namespace specserve {
 
-constexpr int kMaxRows = 4;     // rows that share one decoded weight block
-constexpr int64_t kRowChunk = 64;  // rows whose activations stay in cache across tiles
+constexpr int64_t kRowChunk = 64;  // rows that share each decoded weight block
+constexpr int kMaxRows = 4;         // rows per pass of the portable path
 
 static inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
@@ -124,6 +125,10 @@ static int best_isa() {
 static int g_isa = best_isa();
 static Pool g_pool;
 
+// Tiles are handed out in small chunks (pool.h), so a thread that the OS delays costs a
+// call one chunk, not half the matmul. Which thread computes a tile never changes it.
+constexpr int64_t kTilesPerChunk = 4;
+
 struct Job {
   const std::vector<PackedWeights>* parts;
   int64_t total_tiles;
@@ -131,17 +136,20 @@ struct Job {
   float* out;
   int64_t ldo;
   int isa;
+  int64_t chunks;  // tile chunks per row chunk
 };
 
 static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_t r0,
                       int64_t r1) {
+#if defined(__x86_64__)
+  if (job.isa == AVX512) {
+    avx512::tile_rows(pw, t, *job.rows, r0, static_cast<int>(r1 - r0), job.out, job.ldo);
+    return;
+  }
+#endif
   for (int64_t r = r0; r < r1; r += kMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, r1 - r));
 #if defined(__x86_64__)
-    if (job.isa == AVX512) {
-      avx512::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
-      continue;
-    }
     if (job.isa == AVX2) {
       avx2::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
       continue;
@@ -151,17 +159,19 @@ static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_
   }
 }
 
-static void run_part(void* ctx, int part, int parts) {
+// Work item i covers rows [64 c, 64 c + 64) of tile chunk i % chunks, row chunk c first:
+// the rows' activations stay in cache while the weights stream past.
+static void run_item(void* ctx, int64_t item) {
   const Job& job = *static_cast<const Job*>(ctx);
-  const int64_t lo = job.total_tiles * part / parts, hi = job.total_tiles * (part + 1) / parts;
-  for (int64_t r0 = 0; r0 < job.rows->m; r0 += kRowChunk) {
-    const int64_t r1 = std::min(job.rows->m, r0 + kRowChunk);
-    int64_t base = 0;
-    for (const PackedWeights& pw : *job.parts) {
-      for (int64_t t = std::max(lo, base); t < std::min(hi, base + pw.tiles); t++)
-        run_tiles(job, pw, t - base, r0, r1);
-      base += pw.tiles;
-    }
+  const int64_t r0 = (item / job.chunks) * kRowChunk;
+  const int64_t r1 = std::min(job.rows->m, r0 + kRowChunk);
+  const int64_t lo = (item % job.chunks) * kTilesPerChunk;
+  const int64_t hi = std::min(job.total_tiles, lo + kTilesPerChunk);
+  int64_t base = 0;
+  for (const PackedWeights& pw : *job.parts) {
+    for (int64_t t = std::max(lo, base); t < std::min(hi, base + pw.tiles); t++)
+      run_tiles(job, pw, t - base, r0, r1);
+    base += pw.tiles;
   }
 }
 
@@ -191,8 +201,9 @@ static void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo
                      scratch.s16.data(), m, k};
   int64_t total = 0;
   for (const PackedWeights& pw : parts) total += pw.tiles;
-  Job job{&parts, total, &rows, out, ldo, g_isa};
-  g_pool.run(run_part, &job);
+  const int64_t chunks = (total + kTilesPerChunk - 1) / kTilesPerChunk;
+  Job job{&parts, total, &rows, out, ldo, g_isa, chunks};
+  g_pool.run(run_item, &job, chunks * ((m + kRowChunk - 1) / kRowChunk));
 }
 
 }  // namespace specserve
@@ -205,14 +216,17 @@ static bool parse_part(PyObject* item, int64_t k, PackedWeights* pw) {
   long long mode, qbits, q, s, d, tiles, col0;
   if (!PyArg_ParseTuple(item, "LLLLLLL", &mode, &qbits, &q, &s, &d, &tiles, &col0)) return false;
   const bool super_blocks = mode != specserve::AFFINE16;
-  if (mode < 0 || mode > 2 || (qbits != 4 && qbits != 8) || tiles < 0 ||
-      (super_blocks && k % (specserve::BLK * specserve::SUPER) != 0)) {
+  // The (mode, bits) pairs that GGUF types produce; the AVX-512 path has code for these.
+  const bool known = (mode == specserve::AFFINE16 && (qbits == 4 || qbits == 5 || qbits == 8)) ||
+                     (mode == specserve::KAFFINE && (qbits == 4 || qbits == 5)) ||
+                     (mode == specserve::K6 && qbits == 6);
+  if (!known || tiles < 0 || (super_blocks && k % (specserve::BLK * specserve::SUPER) != 0)) {
     PyErr_SetString(PyExc_ValueError, "invalid packed weight part");
     return false;
   }
   *pw = PackedWeights{static_cast<int>(mode), static_cast<int>(qbits),
                       reinterpret_cast<const uint8_t*>(q), reinterpret_cast<const uint8_t*>(s),
-                      reinterpret_cast<const float*>(d), tiles, k, col0};
+                      reinterpret_cast<const uint16_t*>(d), tiles, k, col0};
   return true;
 }
 
