@@ -188,8 +188,10 @@ def time_in_turns(
 
 
 def set_threads(threads: int) -> None:
-    """Pin PyTorch's intra-op pool (the knob that matters for single-stream decoding)."""
-    torch.set_num_threads(threads)
+    """Pin the compute threads (the knob that matters for single-stream decoding)."""
+    from specserve.model.loader import set_compute_threads
+
+    set_compute_threads(threads)
 
 
 def free_memory() -> None:

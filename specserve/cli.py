@@ -11,7 +11,7 @@ from specserve.deployments.cli import add_deployment_parser, run_deployment_comm
 from specserve.drafters.cli import add_drafter_parser, run_drafter_command
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL
 from specserve.model.errors import ModelLoadError
-from specserve.model.loader import DTYPE_CHOICES
+from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
 from specserve.server.run import add_serve_parser, run_serve
 from specserve.tune.cli import add_tune_parser, run_tune
 
@@ -36,9 +36,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
-        help="execution format; auto = the native kernels on the GGUF blocks on CPU (int4 where they were not built)",
+        help="execution format; auto = native kernels on the GGUF blocks on CPU (else int4)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
     g = p.add_argument_group("speculation (default: n-gram, length 3, up to 4 draft tokens)")
     g.add_argument("--draft-model", help="draft model name or path (same vocabulary)")
     g.add_argument(
@@ -91,14 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
 
     from specserve.engine.generate import generate
     from specserve.engine.sampling import SamplingParams
     from specserve.model.loader import load_model
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_compute_threads(args.threads)
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,

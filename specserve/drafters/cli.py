@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specserve.model.loader import DTYPE_CHOICES
+from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
 
 if TYPE_CHECKING:
     from specserve.tune.runner import TunePrompt
@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.feature_noise is not None and args.feature_noise < 0:
         raise ValueError("--feature-noise must not be negative")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_compute_threads(args.threads)
     began = time.perf_counter()
     prompts, source = _training_prompts(args)
     model = load_model(args.target, dtype=args.dtype)

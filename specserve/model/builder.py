@@ -128,9 +128,7 @@ def build_model(
     lm_head: torch.nn.Module
     if config.tie_embeddings:
         tied = ["token_embd.weight"]
-        lm_head = (
-            builder.packed_linear(tied) or builder.int4_linear(tied) or DenseLinear(embedding)
-        )
+        lm_head = builder.packed_linear(tied) or builder.int4_linear(tied) or DenseLinear(embedding)
     else:
         lm_head = builder.linear(["output.weight"])
     steps.update()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from specserve.model.builder import FORMATS, build_model
 from specserve.model.catalog import CatalogEntry, resolve
-from specserve.model.qlinear import native_available, native_module
+from specserve.model.qlinear import native_available, native_module, set_threads
 from specserve.model.tokenizer import Tokenizer
 from specserve.model.transformer import CausalLM
 from specserve.model.weights import GGUFSource, open_weights
@@ -22,6 +23,28 @@ from specserve.model.weights import GGUFSource, open_weights
 # accelerators.
 AUTO = "auto"
 DTYPE_CHOICES = (AUTO, *FORMATS)
+
+
+_compute_threads: int | None = None  # --threads, once a command has set it
+
+
+def set_compute_threads(threads: int) -> None:
+    """``--threads``: how many threads compute a forward.
+
+    PyTorch's pool gets them now; a model loaded in the ``gguf`` format hands them to the
+    native kernels instead (``use_native_threads``).
+    """
+    global _compute_threads
+    _compute_threads = threads
+    torch.set_num_threads(threads)
+
+
+def use_native_threads() -> None:
+    """Give the native kernels every compute thread and leave PyTorch's few remaining ops
+    (attention, norms) on the calling thread: two pools of spinning threads would fight over
+    the same cores."""
+    set_threads(_compute_threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(1)
 
 
 @dataclass
@@ -82,6 +105,8 @@ def load_model(
     else:
         tokenizer = Tokenizer.from_pretrained_dir(path)
     lm = build_model(source, fmt, max_len=max_len, progress=progress).to(device)
+    if fmt == "gguf":
+        use_native_threads()
     _release_freed_memory()
     name = entry.name if entry else path.name
     return Model(name=name, path=path, lm=lm, tokenizer=tokenizer, fmt=fmt, entry=entry)

@@ -144,11 +144,12 @@ def _q5_k(b: np.ndarray) -> Decomposed:
 
 def _q6_k(b: np.ndarray) -> Decomposed:  # ql[128], qh[64], scales[16] int8, d
     n, nb = b.shape[0], b.shape[1]
-    ql = b[..., 0:128].reshape(n, nb, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]
-    ql = (ql & 0x0F).reshape(n, nb, 8, 32)
-    qh = b[..., 128:192].reshape(n, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
-    qh = (qh & 0x03).reshape(n, nb, 8, 32)
-    q = (ql | (qh << 4)).reshape(n, -1)
+    # ql: 2 halves x (low, high nibbles) x 64; qh: 2 halves x 4 bit pairs x 32.
+    low_shifts = np.array([[0], [4]], np.uint8)
+    high_shifts = np.array([[0], [2], [4], [6]], np.uint8)
+    ql = ((b[..., 0:128].reshape(n, nb, 2, 1, 64) >> low_shifts) & 0x0F).reshape(n, nb, 8, 32)
+    qh = ((b[..., 128:192].reshape(n, nb, 2, 1, 32) >> high_shifts) & 0x03).reshape(n, nb, 8, 32)
+    q = (ql | (qh << 4)).astype(np.uint8).reshape(n, -1)
     sc = b[..., 192:208].view(np.int8).reshape(n, -1)
     return Decomposed(q, K6, 6, sc=sc, d=_f16(b[..., 208:210]))
 
@@ -214,9 +215,7 @@ def _pack_q(q: np.ndarray, qbits: int) -> np.ndarray:
         planes.append((high * weights).sum(axis=2, dtype=np.uint8))
     if qbits == 6:
         for half in (high[:, :, :4], high[:, :, 4:]):
-            shifted = [
-                half[:, :, i] << shift for i, shift in enumerate(_SIX_BIT_SHIFTS)
-            ]
+            shifted = [half[:, :, i] << shift for i, shift in enumerate(_SIX_BIT_SHIFTS)]
             planes.append(np.bitwise_or.reduce(shifted).astype(np.uint8))
     return np.ascontiguousarray(np.concatenate(planes, axis=-1))
 

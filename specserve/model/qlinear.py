@@ -43,6 +43,10 @@ def set_threads(threads: int) -> None:
         _native.set_threads(threads)
 
 
+def native_threads() -> int:
+    return int(_native.threads()) if _native is not None else 0
+
+
 class PackedLinear(torch.nn.Module):
     """Outputs of one or more packed tensors side by side (e.g. q, k and v fused).
 

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specserve.model.loader import DTYPE_CHOICES
+from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
 
 if TYPE_CHECKING:
     from specserve.deployments.store import Deployment
@@ -108,7 +108,6 @@ def _start_compute_thread(
     OpenMP keeps a thread team per calling thread; loading in one thread and computing in
     another left two teams competing for the cores (steps measured 2-3x slower).
     """
-    import torch
 
     from specserve.engine.scheduler import run_engines
     from specserve.model.loader import load_model
@@ -119,7 +118,7 @@ def _start_compute_thread(
 
     def compute() -> None:
         if threads:
-            torch.set_num_threads(threads)
+            set_compute_threads(threads)
         try:
             served = load_deployments(
                 deployments, lambda name: load_model(name, dtype=dtype), options, start=False

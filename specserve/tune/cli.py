@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from specserve.deployments.rules import DrafterFlags, EffectiveDrafter, effective_drafter
-from specserve.model.loader import DTYPE_CHOICES
+from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
 from specserve.tune.measure import Candidate
 
 DEFAULT_NGRAM_LENGTHS = "1,2,3,4"
@@ -173,7 +173,7 @@ def run_tune(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     candidates = build_candidates(args, drafter, model_name)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_compute_threads(args.threads)
     model = load_model(model_name, dtype=args.dtype)
     drafts: dict[str, Model] = {}
 
