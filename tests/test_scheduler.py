@@ -151,3 +151,19 @@ def test_queue_bound_and_context_limit_are_refused_up_front(tiny_model: Model) -
     finally:
         blocker.set()
         engine.stop()
+
+
+@pytest.mark.parametrize("bad", [-1, 264, 10_000])
+def test_out_of_vocabulary_prompt_ids_are_refused(tiny_model: Model, bad: int) -> None:
+    """Ids outside [0, vocabulary) are refused before any compute, by generate and the engine."""
+    assert tiny_model.lm.config.vocab_size == 264
+    params = SamplingParams(max_tokens=4)
+    with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, 264\)"):
+        generate(tiny_model, [5, bad, 6], params)
+    engine = Engine(tiny_model, max_batch=1)
+    try:
+        with pytest.raises(InvalidRequestError, match="prompt token ids"):
+            engine.submit([5, bad], params, lambda piece: None, lambda r, e: None)
+        assert engine.waiting == 0 and engine.running == 0
+    finally:
+        engine.stop()

@@ -9,7 +9,9 @@ import pytest
 
 from specserve.cli import main
 from specserve.deployments.store import DeploymentStore
-from specserve.tune.runner import PromptFileError, load_prompts
+from specserve.model.loader import Model
+from specserve.tune.measure import Candidate
+from specserve.tune.runner import PromptFileError, TunePrompt, load_prompts, measure
 
 ROWS = [
     {"messages": [{"role": "user", "content": "the cat the cat the cat the cat"}]},
@@ -79,3 +81,15 @@ def test_tune_errors(
     assert "--apply needs a deployment id" in capsys.readouterr().err
     assert main(["tune", str(tiny_gguf), "--prompts", str(good), "--candidates", "ngram:x"]) == 2
     assert "cannot read 'ngram:x'" in capsys.readouterr().err
+
+
+def test_plain_baseline_never_speculates_on_prompts_with_a_prediction(tiny_model: Model) -> None:
+    """Rows carrying a prediction: the plain baseline ignores it (else a speculative run would
+    be compared with a speculative one), while the speculative candidate proposes it."""
+    prompts = [TunePrompt(None, None, "in the in the", [5, 6, 7, 5, 6, 7])]
+    candidates = [Candidate("plain", None), Candidate("ngram", "ngram", 4, ngram_length=2)]
+    rows = measure(tiny_model, prompts, candidates, 16, lambda name: tiny_model, progress=False)
+    by_name = {row.candidate: row for row in rows}
+    assert by_name["plain"].proposed == 0
+    assert by_name["plain"].target_steps == by_name["plain"].tokens - 1
+    assert by_name["ngram"].proposed > 0

@@ -201,7 +201,7 @@ def measure(
                 ids,
                 params,
                 spec=specs[candidate.name],
-                prediction_ids=prediction,
+                prediction_ids=_prediction_for(candidate, prediction),
                 costs=costs[candidate.name],
             )
             bar.update()
@@ -213,6 +213,12 @@ def measure(
             )
     bar.close()
     return measurements
+
+
+def _prediction_for(candidate: Candidate, prediction: list[int] | None) -> list[int] | None:
+    """The prediction is proposed by speculative candidates only: the plain baseline must not
+    speculate, or its rows would compare speculative with speculative."""
+    return None if candidate.method is None else prediction
 
 
 def measure_throughput(
@@ -260,7 +266,7 @@ def measure_throughput(
                     lambda piece: None,
                     done,
                     spec=spec,
-                    prediction_ids=prediction,
+                    prediction_ids=_prediction_for(candidate, prediction),
                 )
             while len(results) + len(errors) < len(prompts):
                 engine.step()  # this thread runs the engine: no second OpenMP team
