@@ -12,10 +12,17 @@ setup(
     ext_modules=[
         Extension(
             "specserve.model._native",
-            sources=[NATIVE + "qmatmul.cpp"],
+            sources=[NATIVE + "qmatmul.cpp", NATIVE + "layer.cpp"],
             depends=[
                 NATIVE + name
-                for name in ("layout.h", "pool.h", "kernel_generic.inc", "kernel_avx512.inc")
+                for name in (
+                    "api.h",
+                    "layout.h",
+                    "pool.h",
+                    "kernel_generic.inc",
+                    "kernel_avx512.inc",
+                    "layer_body.inc",
+                )
             ],
             # No -march: each ISA path is compiled by target pragmas and chosen at run time.
             # -ffp-contract=off keeps the written order of float operations on every path.

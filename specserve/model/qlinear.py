@@ -73,7 +73,7 @@ class PackedLinear(torch.nn.Module):
             col0 += part.tiles * 16
         # Column ranges of the real outputs inside the padded result.
         self._real = [(spec[6], part.rows) for spec, part in zip(specs, parts, strict=True)]
-        self._spec = tuple(specs)
+        self.spec = tuple(specs)  # what _native.linear / layer_forward read
 
     def _keep(self, array: np.ndarray) -> int:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -86,7 +86,7 @@ class PackedLinear(torch.nn.Module):
         out = torch.empty(rows.shape[0], self.padded, dtype=torch.float32)
         native_module().linear(
             rows.data_ptr(), rows.shape[0], self.in_features, out.data_ptr(), self.padded,
-            self._spec,
+            self.spec,
         )  # fmt: skip
         if self.padded != self.out_features:
             out = torch.cat([out[:, start : start + n] for start, n in self._real], dim=1)
@@ -94,4 +94,4 @@ class PackedLinear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, parts={len(self._spec)}"
+        return f"in={self.in_features}, out={self.out_features}, parts={len(self.spec)}"

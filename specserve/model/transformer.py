@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from specserve.model.config import ModelConfig
 from specserve.model.kv_cache import POSITION_BLOCK, KVCache, round_up_to_block
 from specserve.model.linear import matmul_rows_exact
+from specserve.model.qlinear import PackedLinear, native_module
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,27 @@ class Block(torch.nn.Module):
             if config.activation == "gelu_tanh"
             else F.silu
         )
+
+    def native_plan(self) -> tuple | None:
+        """The layer's arguments for ``_native.layer_forward`` (one call per layer), or None
+        where the layer needs what only the PyTorch path has (Gemma's extra norms, GELU,
+        sliding windows) or a projection is not packed."""
+        cfg = self.config
+        linears = (self.qkv, self.attn_output, self.gate_up, self.ffn_down)
+        if self.gemma or cfg.activation != "silu" or self.sliding:
+            return None
+        packed = [m for m in linears if isinstance(m, PackedLinear)]
+        if len(packed) != 4 or any(m.out_features != m.padded for m in packed):
+            return None  # not packed, or a part whose rows are not whole tiles
+        if cfg.head_dim % 16 or cfg.hidden_size % 16 or any(m.bias is not None for m in packed[1:]):
+            return None
+        bias = packed[0].bias
+        dims = (
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        )  # fmt: skip
+        norms = tuple(getattr(self, name).data_ptr() for name in ("attn_norm", "ffn_norm"))
+        weights = (*norms, 0 if bias is None else bias.data_ptr())
+        return dims, weights, tuple(m.spec for m in packed)
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         weight: torch.Tensor = getattr(self, name)
@@ -175,6 +197,8 @@ class CausalLM(torch.nn.Module):
         self.register_buffer("output_norm", output_norm)
         self.lm_head = lm_head
         self.max_len = max_len
+        self._plans: list[tuple] | None = None  # see native_plans
+        self._plans_ready = False
         cos, sin = rope_tables(config.rope_base, config.head_dim, max_len)
         self.register_buffer("cos", cos)
         self.register_buffer("sin", sin)
@@ -217,6 +241,30 @@ class CausalLM(torch.nn.Module):
         """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
         return self.forward_with_features(batch, cache, all_logits)[0]
 
+    def _native_layers(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, plans: list[tuple]
+    ) -> torch.Tensor:
+        """Every layer in native code (``Block.native_plan``): x ``[B, T, C]`` float32."""
+        B, T, C = x.shape
+        if max(batch.slots) >= cache.num_slots or min(batch.slots) < 0:
+            raise ValueError(f"cache slot out of range (cache has {cache.num_slots})")
+        rows = x.reshape(B * T, C).contiguous()
+        slots = torch.tensor(batch.slots, dtype=torch.int64).repeat_interleave(T)
+        offsets = torch.arange(T, dtype=torch.int64)
+        positions = (torch.tensor(batch.starts, dtype=torch.int64)[:, None] + offsets).reshape(-1)
+        cfg = self.config
+        native = native_module()
+        keys, values = cache.keys, cache.values
+        tables = (self.cos.data_ptr(), self.sin.data_ptr())
+        for layer, (dims, weights, parts) in enumerate(plans):
+            scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
+            kv = (keys[layer].data_ptr(), values[layer].data_ptr())
+            native.layer_forward(
+                rows.data_ptr(), B * T, slots.data_ptr(), positions.data_ptr(),
+                (*dims, *scalars, *weights, *tables, *kv), parts,
+            )  # fmt: skip
+        return rows.view(B, T, C)
+
     @torch.inference_mode()
     def forward_with_features(
         self,
@@ -244,13 +292,29 @@ class CausalLM(torch.nn.Module):
         if self.config.embedding_scale != 1.0:
             # Gemma scales in the weights' dtype, as the reference implementation does.
             x = x * torch.tensor(self.config.embedding_scale, dtype=self.dtype).float()
+        plans = self.native_plans()
+        if plans is not None and cache.keys.dtype == torch.float32:
+            return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
         for block in self.blocks:
             if block.sliding:
                 x = block(x, batch, cache, rope_local, sliding, self.dtype)
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
-        features = x
-        if not all_logits:
-            x = x[:, -1:]
+        return self._finish(x, all_logits)
+
+    def native_plans(self) -> list[tuple] | None:
+        """Each layer's native arguments when every layer runs natively (computed once)."""
+        if not self._plans_ready:
+            plans = [block.native_plan() for block in self.blocks if isinstance(block, Block)]
+            ok = len(plans) == len(self.blocks) and all(p is not None for p in plans)
+            self._plans = [p for p in plans if p is not None] if ok else None
+            self._plans_ready = True
+        return self._plans
+
+    def _finish(
+        self, features: torch.Tensor, all_logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm and LM head over the last hidden states ``[B, T, C]``."""
+        x = features if all_logits else features[:, -1:]
         x = F.rms_norm(x, self.output_norm.shape, self.output_norm, self.config.rms_norm_eps)
         return self.lm_head(x.to(self.dtype)).float(), features

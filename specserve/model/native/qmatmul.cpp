@@ -6,17 +6,13 @@
 // by the same operations whatever the number of rows M, the rows it is batched with, the
 // thread count or the ISA path, so a k-token verify forward equals k single steps bit for
 // bit. Threads split output columns, never the sum over k.
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#include "layout.h"
-#include "pool.h"
+#include "api.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -125,6 +121,9 @@ static int best_isa() {
 static int g_isa = best_isa();
 static Pool g_pool;
 
+Pool& pool() { return g_pool; }
+int current_isa() { return g_isa; }
+
 // Tiles are handed out in small chunks (pool.h), so a thread that the OS delays costs a
 // call one chunk, not half the matmul. Which thread computes a tile never changes it.
 constexpr int64_t kTilesPerChunk = 4;
@@ -181,8 +180,8 @@ struct Scratch {
   std::vector<int32_t> s16;
 };
 
-static void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
-                   const std::vector<PackedWeights>& parts) {
+void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
+            const std::vector<PackedWeights>& parts) {
   static thread_local Scratch scratch;
   const int64_t nb = k / BLK;
   scratch.q.resize(m * k);
@@ -230,6 +229,13 @@ static bool parse_part(PyObject* item, int64_t k, PackedWeights* pw) {
   return true;
 }
 
+bool specserve::parse_parts(PyObject* tuple, int64_t k, std::vector<PackedWeights>* parts) {
+  parts->resize(PyTuple_GET_SIZE(tuple));
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tuple); i++)
+    if (!parse_part(PyTuple_GET_ITEM(tuple, i), k, &(*parts)[i])) return false;
+  return true;
+}
+
 static PyObject* py_linear(PyObject*, PyObject* args) {
   long long x, m, k, out, ldo;
   PyObject* parts_obj;
@@ -239,9 +245,8 @@ static PyObject* py_linear(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "input width must be a multiple of 32");
     return nullptr;
   }
-  std::vector<PackedWeights> parts(PyTuple_GET_SIZE(parts_obj));
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(parts_obj); i++)
-    if (!parse_part(PyTuple_GET_ITEM(parts_obj, i), k, &parts[i])) return nullptr;
+  std::vector<PackedWeights> parts;
+  if (!specserve::parse_parts(parts_obj, k, &parts)) return nullptr;
   Py_BEGIN_ALLOW_THREADS;
   specserve::linear(reinterpret_cast<const float*>(x), m, k, reinterpret_cast<float*>(out), ldo,
                     parts);
@@ -295,6 +300,8 @@ static PyObject* py_set_isa(PyObject*, PyObject* args) {
 static PyMethodDef kMethods[] = {
     {"linear", py_linear, METH_VARARGS,
      "linear(x_ptr, M, K, out_ptr, ldo, parts): out[:, part columns] = x @ W.T"},
+    {"layer_forward", py_layer_forward, METH_VARARGS,
+     "one Llama-family decoder layer on the residual stream, in place (layer.cpp)"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per matmul"},
     {"threads", py_threads, METH_NOARGS, "threads per matmul"},
     {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2 or avx512"},

@@ -1,0 +1,91 @@
+// One decoder layer of the Llama family (Llama, SmolLM2, Qwen2) in one native call:
+//   x += o_proj(attention(rope(qkv(rmsnorm(x)))));  x += down(silu(gate) * up)
+// Python's ~30 small ops per layer cost more than the matmuls on small models; here they
+// are loops over rows. Every row (one token of one sequence) goes through the same
+// operations in the same order whatever the batch: attention reads keys 0..position one by
+// one, so a k-token verify equals k single steps bit for bit, and batched rows equal each
+// alone.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "api.h"
+
+namespace specserve {
+
+constexpr int kLanes = 16;  // fixed partial sums: the reduction order never depends on M
+
+struct Layer {
+  int64_t c, heads, kv_heads, d, ffn, max_len;
+  float eps, scale;
+  const float *attn_norm, *ffn_norm, *qkv_bias, *cos, *sin;
+  float *keys, *values;
+  std::vector<PackedWeights> qkv, o, gate_up, down;
+};
+
+namespace generic {
+#include "layer_body.inc"
+}  // namespace generic
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "layer_body.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool parse_layer(PyObject* args, Layer* L, long long* x, long long* m, long long* slot,
+                 long long* pos) {
+  long long an, fn, bias, cos, sin, keys, values;
+  PyObject *qkv, *o, *gate_up, *down;
+  if (!PyArg_ParseTuple(args, "LLLL(LLLLLLffLLLLLLL)(O!O!O!O!)", x, m, slot, pos, &L->c,
+                        &L->heads, &L->kv_heads, &L->d, &L->ffn, &L->max_len, &L->eps,
+                        &L->scale, &an, &fn, &bias, &cos, &sin, &keys, &values, &PyTuple_Type,
+                        &qkv, &PyTuple_Type, &o, &PyTuple_Type, &gate_up, &PyTuple_Type, &down))
+    return false;
+  auto f = [](long long p) { return reinterpret_cast<float*>(p); };
+  L->attn_norm = f(an);
+  L->ffn_norm = f(fn);
+  L->qkv_bias = f(bias);
+  L->cos = f(cos);
+  L->sin = f(sin);
+  L->keys = f(keys);
+  L->values = f(values);
+  if (L->d % kLanes != 0 || L->c % kLanes != 0 || L->heads % L->kv_heads != 0) {
+    PyErr_SetString(PyExc_ValueError, "native layer: unsupported head or model width");
+    return false;
+  }
+  return parse_parts(qkv, L->c, &L->qkv) && parse_parts(o, L->heads * L->d, &L->o) &&
+         parse_parts(gate_up, L->c, &L->gate_up) && parse_parts(down, L->ffn, &L->down);
+}
+
+}  // namespace
+}  // namespace specserve
+
+// layer_forward(x_ptr, M, slot_ptr, pos_ptr, (dims..., pointers...), (qkv, o, gate_up, down))
+// updates the residual stream x [M, C] in place and writes the layer's KV cache.
+PyObject* py_layer_forward(PyObject*, PyObject* args) {
+  specserve::Layer layer;
+  long long x, m, slot, pos;
+  if (!specserve::parse_layer(args, &layer, &x, &m, &slot, &pos)) return nullptr;
+  float* rows = reinterpret_cast<float*>(x);
+  const auto* slots = reinterpret_cast<const int64_t*>(slot);
+  const auto* positions = reinterpret_cast<const int64_t*>(pos);
+  Py_BEGIN_ALLOW_THREADS;
+#if defined(__x86_64__)
+  if (specserve::current_isa() != 0) {
+    specserve::avx2::attention_block(layer, rows, m, slots, positions);
+    specserve::avx2::mlp_block(layer, rows, m);
+  } else
+#endif
+  {
+    specserve::generic::attention_block(layer, rows, m, slots, positions);
+    specserve::generic::mlp_block(layer, rows, m);
+  }
+  Py_END_ALLOW_THREADS;
+  Py_RETURN_NONE;
+}
