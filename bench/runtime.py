@@ -1,407 +1,479 @@
-"""Runtime speed of plain decoding and of multi-token forwards, specserve vs its peers.
+"""Runtime speed and memory of specserve vs llama.cpp on the same GGUF files.
 
-Speculative decoding pays off when a forward over k new tokens costs little more than a
-forward over one. This script measures both sides of that bargain on SmolLM2-135M-Instruct
-(GGUF Q4_1), with ``--threads`` torch/llama.cpp threads (2 by default):
+Speculation pays when a forward over k new tokens costs about one step, and a fast step. For
+each model (the Qwen2.5-Coder 1.5B / 0.5B pair and SmolLM2-135M by default) one run measures
+specserve (``gguf`` format, the model's forward with a KV cache, as the engine calls it) and
+llama.cpp (its own ``llama-bench``), taking turns model by model, on ``--threads`` threads:
 
-1. plain greedy decode tokens/s on a fixed sample of Spec-Bench prompts (first turns, chat
-   template applied; every engine gets the same prompt token ids and decodes exactly
-   ``max_tokens`` tokens, EOS ignored, so all engines do the same work at the same positions);
-2. the time of one forward over k = 1, 2, 4, 8, 16 new tokens after a ~500-token context, and
-   its ratio to k = 1 (what a k-token speculative verify costs relative to one plain step);
-3. a torch.profiler summary of one specserve decode step (top ops by self CPU time).
+1. decode tok/s: greedy, 128 new tokens one step at a time after a short prompt (llama-bench
+   ``tg128``; specserve computes the logits of every fed position, as its decode step does);
+2. prefill tok/s: one forward over a 512-token prompt at position 0 (``pp512``);
+3. the cost of one forward over k = 1, 2, 4, 8, 16, 32 new tokens, in ms and as a ratio to
+   k = 1. specserve: after a 512-token context, logits of all k positions (what a verify
+   needs). llama.cpp: ``llama-bench -p 1,2,...,32 -n 0``, i.e. at position 0 (``-d``, the
+   depth, is ``--llama-depth``) and, as llama-bench decodes, logits of the last position only;
+4. peak RSS: each (engine, model) runs in its own process (``--worker``): specserve's own
+   ``ru_maxrss``; llama-bench's, as RUSAGE_CHILDREN of a worker whose only child it is.
 
-Engines: specserve in each execution format (int4 — the default —, bfloat16, float32), Hugging
-Face transformers (float32, from the same GGUF), and llama.cpp through llama-cpp-python when
-installed (``pip install '.[bench]'``). All engines are loaded first and then measured taking
-turns (prompt by prompt, call by call), so a background load hits them alike.
+Then the issue's goals, met or not, and a torch.profiler summary of one specserve decode step
+of ``--profile-model``.
 
-Usage::
+llama.cpp is found in ``--llama-cpp-bin DIR`` or ``$LLAMA_CPP_BIN`` (else it is skipped). It
+is built from the source that the llama-cpp-python sdist vendors, outside the repository and
+never while timing (about 15 minutes on 2 cores)::
 
-    python bench/runtime.py             # full run, ~6-7 min on 2 cores -> results/runtime.json
-    python bench/runtime.py --quick     # smoke run -> results/runtime.quick.json
-    python bench/runtime.py --peers hf  # peers: any of hf, llamacpp (or "none")
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
+    tar xzf llama_cpp_python-0.3.36.tar.gz && cd llama_cpp_python-0.3.36/vendor/llama.cpp
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
+        -DLLAMA_BUILD_TESTS=OFF
+    cmake --build build -j2 --target llama-server llama-bench      # -> build/bin/
+
+Usage (from the repository root)::
+
+    LLAMA_CPP_BIN=/opt/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin \\
+        python -m bench.runtime                          # -> bench/results/runtime.json
+    python -m bench.runtime --quick --models smollm2-135m-instruct   # smoke run, .quick.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 if __package__ in (None, ""):  # run as a script: make `bench` and `specserve` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
 from bench.common import (
+    REPO_ROOT,
     RESULTS_DIR,
-    Prompt,
     TimingStats,
     fmt_number,
     load_spec_bench,
     machine_info,
     markdown_table,
-    package_version,
-    sample_prompts,
     set_threads,
+    time_call,
     time_in_turns,
     write_json,
 )
-from bench.engines import (
-    KS,
-    MODEL,
-    DecodeSample,
-    Engine,
-    HFEngine,
-    LlamaCppEngine,
-    SpecserveEngine,
-)
-from specserve.model.tokenizer import Tokenizer
+from specserve.model.catalog import resolve
+from specserve.model.loader import load_model
+from specserve.model.transformer import ForwardBatch
 
-FORMATS = ("int4", "bfloat16", "float32")  # int4 is the default ("auto") format on CPU
-PEERS = ("hf", "llamacpp")
-WARMUP_TOKENS = 8  # one short untimed decode per engine before the timed ones
-LLAMA_SKIP = "llama-cpp-python not installed (pip install '.[bench]')"
+MODELS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
+ENGINES = ("specserve", "llama.cpp")
+KS = (1, 2, 4, 8, 16, 32)  # forward sizes: what a verify of k - 1 drafts (+ 1) costs
+LLAMA_ENV = "LLAMA_CPP_BIN"
+DECODE_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+MB = 1024  # ru_maxrss is in KiB on Linux
+# The issue's goals (specserve): k-token forward / one-token forward, and a drafter step
+# (0.5B) / a target step (1.5B), about their ratio of weight bytes (0.44).
+K_FORWARD_LIMITS = {8: 1.3, 16: 2.0}
+DRAFT_STEP_LIMIT = 0.45
 
 
 @dataclass(frozen=True)
 class Settings:
     """What one run measures; ``--quick`` shrinks everything for a smoke test."""
 
-    prompts: int = 10
-    max_tokens: int = 128
-    context: int = 500
-    ks: tuple[int, ...] = KS
-    repeats: int = 20  # timed forwards per (engine, k), after `warmup` untimed ones
-    warmup: int = 3
-    profile_steps: int = 20
+    models: tuple[str, ...] = MODELS
     threads: int = 2
-    formats: tuple[str, ...] = FORMATS
-    peers: tuple[str, ...] = PEERS
+    decode_tokens: int = 128
+    prompt_tokens: int = 512  # the prefill length, and the context before the k-forwards
+    ks: tuple[int, ...] = KS
+    repeats: int = 5  # timed decodes / prefills / forwards per k; llama-bench -r
+    warmup: int = 2
+    profile_model: str | None = MODELS[0]
+    profile_steps: int = 10
+    llama_bin: str | None = None
+    llama_depth: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
-        base: dict[str, Any] = {
-            "prompts": 3,
-            "max_tokens": 32,
-            "repeats": 5,
-            "warmup": 2,
-            "profile_steps": 5,
-        }
-        base["formats"] = ("int4", "bfloat16")
+        base = {"decode_tokens": 32, "repeats": 2, "warmup": 1, "profile_steps": 3}
         return cls(**{**base, **overrides})
 
-
-def load_peers(settings: Settings, n_ctx: int) -> tuple[list[Engine], list[dict[str, Any]]]:
-    """The peer engines to measure, and rows for those skipped (with the reason)."""
-    engines: list[Engine] = []
-    skipped: list[dict[str, Any]] = []
-    if "hf" in settings.peers:
-        engines.append(HFEngine())
-    if "llamacpp" in settings.peers:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            skipped.append({"engine": LlamaCppEngine.name, "format": "Q4_1", "skipped": LLAMA_SKIP})
-        else:
-            engines.append(LlamaCppEngine(settings.threads, n_ctx))
-    return engines, skipped
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        data = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
-# ----------------------------------------------------------------------------- measurements
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return round(resource.getrusage(who).ru_maxrss / MB, 1)
 
 
-@dataclass
-class EngineResult:
-    engine: Engine
-    samples: list[DecodeSample] = field(default_factory=list)
-    forward: dict[int, TimingStats] = field(default_factory=dict)
+# ----------------------------------------------------------------------------- specserve
 
 
-def encode(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
-    """Chat-template token ids of a prompt (the GGUF's own template)."""
-    return tokenizer.encode_chat([{"role": "user", "content": prompt.text}])
+def context_ids(tokenizer: Any, length: int) -> list[int]:
+    """Real text for the prefill and k-forwards: the first Spec-Bench prompt (file order)
+    with ``length`` tokens, as chat-template ids of the model's own tokenizer."""
+    for prompt in load_spec_bench():
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt.text}])
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError(f"no Spec-Bench prompt has {length} tokens")
 
 
-def measure_decode(
-    results: list[EngineResult], prompt_ids: list[list[int]], max_tokens: int
-) -> None:
-    """Each prompt on every engine in turn (after one short untimed decode per engine)."""
-    for result in results:
-        result.engine.decode(prompt_ids[0], WARMUP_TOKENS)
-    for n, ids in enumerate(prompt_ids, 1):
-        for result in results:
-            result.samples.append(result.engine.decode(ids, max_tokens))
-        speeds = ", ".join(
-            f"{r.engine.name} {r.engine.fmt} "
-            f"{(len(r.samples[-1].token_ids) - 1) / max(r.samples[-1].decode_s, 1e-9):.1f}"
-            for r in results
-        )
-        print(
-            f"  prompt {n}/{len(prompt_ids)} ({len(ids)} tokens): {speeds} tok/s", file=sys.stderr
-        )
+class Forwards:
+    """The model's forward over one sequence in slot 0 of a KV cache, as the engine calls it."""
+
+    def __init__(self, name: str) -> None:
+        self.model = load_model(name, dtype="gguf", progress=False)
+        self.lm = self.model.lm
+        self.cache = self.lm.new_cache(1, 64)
+
+    def reset(self, max_len: int) -> None:
+        self.cache = self.lm.new_cache(1, max_len)
+
+    def __call__(self, ids: list[int], start: int, all_logits: bool = True) -> Any:
+        tokens = torch.tensor([ids])  # (1, T)
+        return self.lm(ForwardBatch(tokens, [0], [start]), self.cache, all_logits)  # (1, T|1, V)
+
+    def decode(self, prompt: list[int], steps: int) -> float:
+        """Seconds for ``steps`` greedy one-token steps after ``prompt`` (prefill untimed)."""
+        self.reset(len(prompt) + steps + 1)
+        token = int(self(prompt, 0, all_logits=False)[0, -1].argmax())
+        begin = time.perf_counter()
+        for position in range(len(prompt), len(prompt) + steps):
+            token = int(self([token], position)[0, -1].argmax())
+        return time.perf_counter() - begin
 
 
-def measure_forwards(results: list[EngineResult], ids: list[int], settings: Settings) -> None:
-    """Forward time over k new tokens at position ``settings.context``. Every (engine, k)
-    pair takes its turn in each round, so a burst of background load is shared by all."""
-    context, new = ids[: settings.context], ids[settings.context :]
-    for result in results:
-        result.engine.prefill(context)
-    pairs = [(i, k) for i in range(len(results)) for k in settings.ks]
-    calls = {f"{i}:{k}": partial(results[i].engine.forward, new[:k]) for i, k in pairs}
-    after = {f"{i}:{k}": results[i].engine.rollback for i, k in pairs}
-    stats = time_in_turns(calls, settings.repeats, settings.warmup, after)
-    for i, k in pairs:
-        results[i].forward[k] = stats[f"{i}:{k}"]
+def specserve_decode(fwd: Forwards, s: Settings) -> dict[str, Any]:
+    prompt = fwd.model.tokenizer.encode_chat([{"role": "user", "content": DECODE_PROMPT}])
+    for _ in range(s.warmup):
+        fwd.decode(prompt, min(8, s.decode_tokens))
+    stats = TimingStats.of([fwd.decode(prompt, s.decode_tokens) for _ in range(s.repeats)])
+    return {"tokens": s.decode_tokens, "after": len(prompt), **speed(stats, s.decode_tokens)}
 
 
-def context_ids(tokenizer: Tokenizer, prompts: Sequence[Prompt], length: int) -> list[int]:
-    """The first Spec-Bench prompt (file order) long enough for ``length`` tokens plus the
-    largest k, as chat-template ids: real text for both the context and the new tokens."""
-    for prompt in prompts:
-        ids = encode(tokenizer, prompt)
-        if len(ids) >= length + max(KS):
-            return ids[: length + max(KS)]
-    raise ValueError(f"no Spec-Bench prompt has {length + max(KS)} tokens")
+def specserve_prefill(fwd: Forwards, ids: list[int], s: Settings) -> dict[str, Any]:
+    fwd.reset(len(ids))  # the cache is position-indexed: each call rewrites the same cells
+    stats = time_call(partial(fwd, ids, 0, False), s.repeats, s.warmup)
+    return {"tokens": len(ids), **speed(stats, len(ids))}
 
 
-def profile_step(engine: SpecserveEngine, ids: list[int], steps: int, top: int = 10) -> dict:
-    """Top ops by self CPU time of one decode step at the context position (torch.profiler,
-    averaged over ``steps`` steps; the profiler's own overhead inflates tiny ops)."""
+def specserve_forwards(fwd: Forwards, ids: list[int], s: Settings) -> dict[str, Any]:
+    """One forward over k new tokens after ``len(ids)`` cached ones; the ks take turns."""
+    context = s.prompt_tokens
+    fwd.reset(context + max(s.ks))
+    fwd(ids[:context], 0, all_logits=False)
+    new = ids[context:]
+    calls = {str(k): partial(fwd, new[:k], context) for k in s.ks}
+    stats = time_in_turns(calls, s.repeats, s.warmup)
+    return {"position": context, "all_logits": True, **forward_costs(stats)}
+
+
+def profile_step(fwd: Forwards, ids: list[int], steps: int, top: int = 8) -> dict[str, Any]:
+    """Top ops by self CPU time of one decode step after ``ids`` (the profiler's own
+    overhead inflates tiny ops). The native gguf kernels are no torch ops: their time is in
+    the wall time outside any op, with Python and dispatch."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.prefill(ids)
-    token = [ids[-1]]
-    for _ in range(3):
-        engine.forward(token)
+    fwd.reset(len(ids) + 1)
+    fwd(ids, 0, all_logits=False)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         begin = time.perf_counter()
         for _ in range(steps):
-            engine.forward(token)
-        wall = (time.perf_counter() - begin) / steps
+            fwd(ids[-1:], len(ids))
+        wall_ms = (time.perf_counter() - begin) * 1e3 / steps
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    ops = [
-        {
-            "op": e.key,
-            "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
-            "percent": round(100 * e.self_cpu_time_total / total, 1),
-            "calls_per_step": round(e.count / steps, 1),
-        }
-        for e in events[:top]
-    ]
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    ops = [[e.key, round(e.self_cpu_time_total / 1e3 / steps, 3), e.count // steps] for e in events]
+    outside = round(wall_ms - total_ms, 3)
     return {
-        "engine": engine.name,
-        "format": engine.fmt,
         "position": len(ids),
-        "steps": steps,
-        "step_ms_under_profiler": round(wall * 1e3, 3),
-        "self_cpu_ms_per_step_total": round(total / 1e3 / steps, 3),
-        # Wall time outside any op: the Python of the forward, dispatch, the profiler itself.
-        "outside_ops_ms_per_step": round(wall * 1e3 - total / 1e3 / steps, 3),
-        "top_ops": ops,
+        "step_ms": round(wall_ms, 3),
+        "outside_ops_ms": outside,
+        "top_ops [op, self CPU ms, calls]": ops[:top],
     }
+
+
+def specserve_worker(name: str, s: Settings) -> dict[str, Any]:
+    set_threads(s.threads)  # before loading: the gguf format hands them to the native kernels
+    fwd = Forwards(name)
+    ids = context_ids(fwd.model.tokenizer, s.prompt_tokens + max(s.ks))
+    result: dict[str, Any] = {
+        "decode": specserve_decode(fwd, s),
+        "prefill": specserve_prefill(fwd, ids[: s.prompt_tokens], s),
+        "forward": specserve_forwards(fwd, ids, s),
+        "peak_rss_mb": peak_rss_mb(),  # read before the profiler adds its own memory
+    }
+    if name == s.profile_model and s.profile_steps > 0:
+        result["profile"] = profile_step(fwd, ids[: s.prompt_tokens], s.profile_steps)
+    return result
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def llama_commands(path: Path, s: Settings) -> list[list[str]]:
+    """Two llama-bench calls: pp at the prompt length and tg (at position 0), then pp at every
+    k (at depth ``llama_depth``; -d would also shift pp512 and tg, hence two calls)."""
+    base = [str(Path(s.llama_bin or "") / "llama-bench"), "-m", str(path)]
+    base += ["-t", str(s.threads), "-r", str(s.repeats), "-o", "json"]
+    ks = ",".join(map(str, s.ks))
+    return [
+        [*base, "-p", str(s.prompt_tokens), "-n", str(s.decode_tokens)],
+        [*base, "-p", ks, "-n", "0", "-d", str(s.llama_depth)],
+    ]
+
+
+def llama_bench(command: list[str]) -> list[dict[str, Any]]:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-bench exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def llama_worker(name: str, s: Settings) -> dict[str, Any]:
+    commands = llama_commands(resolve(name)[0], s)
+    main_tests, k_tests = (llama_bench(command) for command in commands)
+    pp = next(sample_stats(t) for t in main_tests if t["n_gen"] == 0)
+    tg = next(sample_stats(t) for t in main_tests if t["n_gen"] > 0)
+    per_k = {str(t["n_prompt"]): sample_stats(t) for t in k_tests}
+    return {
+        "decode": {"tokens": s.decode_tokens, **speed(tg, s.decode_tokens)},
+        "prefill": {"tokens": s.prompt_tokens, **speed(pp, s.prompt_tokens)},
+        "forward": {"position": s.llama_depth, "all_logits": False, **forward_costs(per_k)},
+        # Both llama-bench runs are this worker's only children: the larger one's peak.
+        "peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+        "model_type": main_tests[0]["model_type"],
+        "build": {key: main_tests[0][key] for key in ("build_commit", "build_number")},
+        "commands": [" ".join(command) for command in commands],
+    }
+
+
+def sample_stats(test: dict[str, Any]) -> TimingStats:
+    return TimingStats.of([ns / 1e9 for ns in test["samples_ns"]])
+
+
+def llama_skip_reason(s: Settings) -> str | None:
+    if not s.llama_bin:
+        return f"llama.cpp not measured: pass --llama-cpp-bin DIR or set ${LLAMA_ENV}"
+    if not (Path(s.llama_bin) / "llama-bench").is_file():
+        return f"llama.cpp not measured: no llama-bench in {s.llama_bin}"
+    return None
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def speed(stats: TimingStats, tokens: int) -> dict[str, Any]:
+    """Tokens/s of the median call, and the call times."""
+    return {"tokens_per_second": round(tokens / stats.median_s, 2), **stats.as_ms()}
+
+
+def forward_costs(stats: dict[str, TimingStats]) -> dict[str, Any]:
+    base = stats[min(stats, key=int)].median_s
+    ratios = {k: round(st.median_s / base, 3) for k, st in stats.items()}
+    return {"ms": {k: st.as_ms() for k, st in stats.items()}, "ratio_to_k1": ratios}
+
+
+def run_worker(engine: str, model: str, s: Settings) -> dict[str, Any]:
+    """One (engine, model) measurement in a fresh process, so its peak RSS is its own."""
+    command = [sys.executable, "-m", "bench.runtime", "--worker", engine, "--model", model]
+    command += ["--settings", json.dumps(asdict(s))]
+    print(f"{model}: {engine} ...", file=sys.stderr, flush=True)
+    began = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        print(f"  failed: {tail[0]}", file=sys.stderr)
+        return {"error": done.stderr[-3000:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = round(time.perf_counter() - began, 1)
+    decode, prefill = (result[part]["tokens_per_second"] for part in ("decode", "prefill"))
+    print(
+        f"  decode {decode}, prefill {prefill} tok/s ({result['wall_seconds']} s)", file=sys.stderr
+    )
+    return result
+
+
+def measure(s: Settings) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Every model on every engine, the engines taking turns model by model."""
+    skip = llama_skip_reason(s)
+    if skip:
+        print(skip, file=sys.stderr)
+    engines = [e for e in ENGINES if not (skip and e == "llama.cpp")]
+    results = {m: {e: run_worker(e, m, s) for e in engines} for m in s.models}
+    return results, skip
+
+
+def vs_llama(results: dict[str, dict[str, Any]]) -> None:
+    """specserve / llama.cpp for decode and prefill, on specserve's entry of each model."""
+    for engines in results.values():
+        ours, peer = engines.get("specserve", {}), engines.get("llama.cpp", {})
+        if "decode" in ours and "decode" in peer:
+            ours["vs_llama_cpp"] = {
+                part: round(ours[part]["tokens_per_second"] / peer[part]["tokens_per_second"], 3)
+                for part in ("decode", "prefill")
+            }
+
+
+def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's goals for specserve, each with its measured figure and whether it is met."""
+    found = []
+    for model, engines in results.items():
+        ours = engines.get("specserve", {})
+        for part, ratio in ours.get("vs_llama_cpp", {}).items():
+            found.append((model, f"{part} >= llama.cpp", ratio, ratio >= 1.0))
+        to_k1 = ours.get("forward", {}).get("ratio_to_k1", {})
+        found += [
+            (model, f"k={k} forward <= {limit}x k=1", to_k1[str(k)], to_k1[str(k)] <= limit)
+            for k, limit in K_FORWARD_LIMITS.items()
+            if str(k) in to_k1
+        ]
+    big, small = (results.get(m, {}).get("specserve", {}).get("decode") for m in MODELS[:2])
+    if big and small:  # a step's time is 1 / tok/s
+        step = round(big["tokens_per_second"] / small["tokens_per_second"], 3)
+        found.append(
+            ("qwen 0.5B vs 1.5B", f"step <= {DRAFT_STEP_LIMIT}x", step, step <= DRAFT_STEP_LIMIT)
+        )
+    return [dict(zip(("model", "goal", "measured", "met"), g, strict=True)) for g in found]
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def table(results: dict[str, dict[str, Any]], s: Settings) -> str:
+    headers = ["model", "engine", "decode tok/s", "prefill tok/s"]
+    headers += [f"k={k} ms (x k=1)" for k in s.ks]
+    headers += ["peak RSS MB", "decode vs llama.cpp", "prefill vs llama.cpp"]
+    rows = []
+    for model, engines in results.items():
+        for engine, r in engines.items():
+            if "error" in r:
+                rows.append([model, engine, "failed: see the JSON file"])
+                continue
+            rows.append([model, engine, *cells(r, s.ks)])
+    return markdown_table(headers, rows)
 
 
-def row(result: EngineResult, reference: EngineResult | None, settings: Settings) -> dict:
-    """One engine's figures for the JSON file."""
-    samples = result.samples
-    steps = sum(len(s.token_ids) - 1 for s in samples)
-    seconds = sum(s.decode_s for s in samples)
-    per_prompt = sorted((len(s.token_ids) - 1) / s.decode_s for s in samples if s.decode_s > 0)
-    ttfts = sorted(s.ttft_s for s in samples)
-    base = result.forward[settings.ks[0]].median_s
-    data: dict[str, Any] = {
-        "engine": result.engine.name,
-        "format": result.engine.fmt,
-        "decode": {
-            "prompts": len(samples),
-            "decode_steps": steps,
-            "tokens_per_second": round(steps / seconds, 2),
-            "ms_per_step": round(1e3 * seconds / steps, 2),
-            "tokens_per_second_median_prompt": round(per_prompt[len(per_prompt) // 2], 2),
-            "ttft_ms_median": round(1e3 * ttfts[len(ttfts) // 2], 1),
-        },
-        "forward": {
-            "context": settings.context,
-            "ms": {str(k): s.as_ms() for k, s in result.forward.items()},
-            "ratio_to_k1": {str(k): round(s.median_s / base, 3) for k, s in result.forward.items()},
-        },
-    }
-    if reference is not None and reference is not result:
-        agree = [
-            common_prefix(a.token_ids, b.token_ids) / max(len(b.token_ids), 1)
-            for a, b in zip(samples, reference.samples, strict=True)
-        ]
-        data["decode"]["greedy_prefix_agreement"] = {
-            "reference": f"{reference.engine.name} {reference.engine.fmt}",
-            "mean_fraction": round(sum(agree) / len(agree), 3),
-        }
-    return data
+def cells(r: dict[str, Any], ks: Sequence[int]) -> list[str]:
+    """One engine's figures: tok/s, ms at each k (and its ratio to k=1), RSS, vs llama.cpp."""
+    fwd, vs = r["forward"], r.get("vs_llama_cpp", {})
+    k_ms = [f"{fwd['ms'][str(k)]['median_ms']:.1f} ({fwd['ratio_to_k1'][str(k)]:.2f}x)" for k in ks]
+    speeds = [fmt_number(r[part]["tokens_per_second"]) for part in ("decode", "prefill")]
+    ratios = [f"{vs[part]:.2f}x" if part in vs else "-" for part in ("decode", "prefill")]
+    return [*speeds, *k_ms, fmt_number(r["peak_rss_mb"], 0), *ratios]
 
 
-def tables(rows: list[dict], profile: dict | None, ks: Sequence[int]) -> str:
-    """The markdown report printed at the end of a run."""
-    measured = [r for r in rows if "skipped" not in r]
-    speed = [
-        [
-            r["engine"],
-            r["format"],
-            fmt_number(r["decode"]["tokens_per_second_median_prompt"]),
-            fmt_number(r["decode"]["tokens_per_second"]),
-            fmt_number(r["decode"]["ms_per_step"]),
-            fmt_number(r["decode"]["ttft_ms_median"], 0),
-            *(fmt_number(r["forward"]["ms"][str(k)]["median_ms"]) for k in ks),
-            *(fmt_number(r["forward"]["ratio_to_k1"][str(k)], 2) + "x" for k in ks[1:]),
-        ]
-        for r in measured
+def notes(s: Settings, skip: str | None) -> list[str]:
+    lines = [
+        f"{s.threads} threads; medians of {s.repeats} timed runs after {s.warmup} warm-up ones.",
+        f"decode: {s.decode_tokens} greedy one-token steps (specserve: after a short chat "
+        f"prompt; llama.cpp: tg{s.decode_tokens}, from position 0).",
+        f"prefill: one forward over {s.prompt_tokens} tokens at position 0 (pp{s.prompt_tokens}).",
+        f"k-forwards: specserve after a {s.prompt_tokens}-token context, logits of all k "
+        f"positions; llama.cpp llama-bench -p k at position {s.llama_depth} (depth), "
+        "logits of the last position only.",
     ]
-    speed += [
-        [r["engine"], r["format"], f"skipped: {r['skipped']}"] for r in rows if "skipped" in r
-    ]
-    headers = ["engine", "format", "tok/s (median prompt)", "tok/s (all)", "ms/step (all)"]
-    headers += ["TTFT ms (median)"]
-    headers += [f"fwd k={k} ms" for k in ks] + [f"k={k}/k=1" for k in ks[1:]]
-    parts = [markdown_table(headers, speed)]
-    agreement = [
-        [
-            r["engine"],
-            r["format"],
-            r["decode"]["greedy_prefix_agreement"]["reference"],
-            fmt_number(100 * r["decode"]["greedy_prefix_agreement"]["mean_fraction"], 0) + "%",
-        ]
-        for r in measured
-        if "greedy_prefix_agreement" in r["decode"]
-    ]
-    if agreement:
-        headers = ["engine", "format", "reference", "greedy tokens before first divergence (mean)"]
-        parts.append(markdown_table(headers, agreement))
-    if profile is not None:
-        ops = [
-            [
-                o["op"],
-                fmt_number(o["self_cpu_ms_per_step"], 3),
-                fmt_number(o["percent"]),
-                fmt_number(o["calls_per_step"]),
-            ]
-            for o in profile["top_ops"]
-        ]
-        title = (
-            f"specserve {profile['format']} decode step at position {profile['position']}: "
-            f"{profile['step_ms_under_profiler']} ms under the profiler, of which "
-            f"{profile['outside_ops_ms_per_step']} ms outside any op (Python, dispatch)"
-        )
-        headers = ["op", "self CPU ms/step", "% of self CPU", "calls/step"]
-        parts.append(title + "\n\n" + markdown_table(headers, ops))
-    return "\n\n".join(parts)
+    return lines + ([skip] if skip else [])
+
+
+def report(payload: dict[str, Any], s: Settings) -> str:
+    """The markdown printed at the end: the table, how it was measured, goals, profile."""
+    lines = [table(payload["results"], s), ""] + [f"- {n}" for n in payload["notes"]]
+    met = {True: "met", False: "NOT met"}
+    for g in payload["goals"]:
+        lines.append(f"- goal, {g['model']}: {g['goal']}: {g['measured']:.2f} ({met[g['met']]})")
+    return "\n".join(lines) + profile_text(payload["results"])
+
+
+def profile_text(results: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for model, engines in results.items():
+        prof = engines.get("specserve", {}).get("profile")
+        if prof:
+            rows = prof["top_ops [op, self CPU ms, calls]"]
+            title = (
+                f"specserve {model} decode step at position {prof['position']}: "
+                f"{prof['step_ms']} ms under the profiler, {prof['outside_ops_ms']} ms outside "
+                "any torch op (native kernels, Python, dispatch)"
+            )
+            parts.append(title + "\n\n" + markdown_table(["op", "self CPU ms", "calls"], rows))
+    return "".join("\n\n" + part for part in parts)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path, bool]:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer prompts/tokens")
-    parser.add_argument("--peers", default=",".join(PEERS), help="hf,llamacpp or none")
-    parser.add_argument("--formats", help=f"specserve formats (default {','.join(FORMATS)})")
-    parser.add_argument("--prompts", type=int, help="number of Spec-Bench prompts")
-    parser.add_argument("--max-tokens", type=int, help="new tokens per prompt")
-    parser.add_argument("--repeats", type=int, help="timed forwards per engine and k")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer, shorter runs")
+    parser.add_argument("--models", help=f"comma-separated catalog names ({','.join(MODELS)})")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler step")
+    parser.add_argument("--llama-cpp-bin", help=f"llama.cpp's build/bin (default ${LLAMA_ENV})")
+    parser.add_argument("--llama-depth", type=int, help="llama-bench -d for the k-forwards")
+    parser.add_argument("--decode-tokens", type=int, help="new tokens per decode (128)")
+    parser.add_argument("--prompt-tokens", type=int, help="prefill length and context (512)")
+    parser.add_argument("--repeats", type=int, help="timed runs of each measurement")
+    parser.add_argument("--profile-model", help=f"model to profile ({MODELS[0]}; 'none')")
     parser.add_argument("--out", type=Path, help="JSON file (default results/runtime[.quick].json)")
-    args = parser.parse_args(argv)
-    peers = tuple(p for p in args.peers.split(",") if p and p != "none")
-    unknown = set(peers) - set(PEERS)
-    if unknown:
-        parser.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
-    overrides: dict[str, Any] = {"peers": peers, "threads": args.threads}
-    if args.formats:
-        overrides["formats"] = tuple(args.formats.split(","))
-    for name in ("prompts", "max_tokens", "repeats"):
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {"threads": args.threads}
+    overrides["llama_bin"] = args.llama_cpp_bin or os.environ.get(LLAMA_ENV)
+    if args.models:
+        overrides["models"] = tuple(m for m in args.models.split(",") if m)
+    if args.profile_model:
+        overrides["profile_model"] = None if args.profile_model == "none" else args.profile_model
+    for name in ("llama_depth", "decode_tokens", "prompt_tokens", "repeats"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    settings = Settings.quick(**overrides) if args.quick else Settings(**overrides)
-    if not settings.formats or not set(settings.formats) <= set(FORMATS):
-        parser.error(f"--formats must be a comma-separated subset of {', '.join(FORMATS)}")
-    out = args.out or RESULTS_DIR / ("runtime.quick.json" if args.quick else "runtime.json")
-    return settings, out, not args.no_profile
+    return Settings.quick(**overrides) if args.quick else Settings(**overrides)
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    s = Settings.from_json(args.settings)
+    work = specserve_worker if args.worker == "specserve" else llama_worker
+    print(json.dumps(work(args.model, s)))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, out, with_profile = parse_args(argv)
-    set_threads(settings.threads)
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    s = settings_of(args)
     began = time.perf_counter()
-    all_prompts = load_spec_bench()
-    prompts = sample_prompts(settings.prompts, all_prompts)
-    print(
-        f"loading {MODEL}: specserve {', '.join(settings.formats)}; peers "
-        f"{', '.join(settings.peers) or 'none'}",
-        file=sys.stderr,
-    )
-    ours = [SpecserveEngine(fmt) for fmt in settings.formats]
-    tokenizer = ours[0].model.tokenizer
-    prompt_ids = [encode(tokenizer, p) for p in prompts]
-    n_ctx = max(1024, max(map(len, prompt_ids)) + settings.max_tokens + 16)
-    peers, skipped = load_peers(settings, n_ctx)
-    results = [EngineResult(e) for e in [*ours, *peers]]
-    print(f"decoding {len(prompts)} prompts x {settings.max_tokens} tokens", file=sys.stderr)
-    measuring, measuring_cpu = time.perf_counter(), time.process_time()
-    measure_decode(results, prompt_ids, settings.max_tokens)
-    print(f"forwards over k={list(settings.ks)} at {settings.context}", file=sys.stderr)
-    ctx = context_ids(tokenizer, all_prompts, settings.context)
-    measure_forwards(results, ctx, settings)
-    cpu_share = (time.process_time() - measuring_cpu) / (time.perf_counter() - measuring)
-    profile = None
-    if with_profile:
-        print(f"profiling a specserve {ours[0].fmt} decode step", file=sys.stderr)
-        profile = profile_step(ours[0], ctx[: settings.context], settings.profile_steps)
-    reference = next((r for r in results if r.engine.name == HFEngine.name), None)
-    rows = [row(r, reference, settings) for r in results] + skipped
+    results, skip = measure(s)
+    vs_llama(results)
+    peer = next((e["llama.cpp"] for e in results.values() if "build" in e.get("llama.cpp", {})), {})
     payload = {
         "benchmark": "runtime",
-        "model": MODEL,
-        "machine": machine_info(settings.threads),
-        "versions": {
-            name: package_version(name)
-            for name in ("transformers", "llama_cpp_python", "gguf", "numpy")
-        },
-        "settings": {
-            **settings.__dict__,
-            "questions": [{"question_id": p.question_id, "category": p.category} for p in prompts],
-            "prompt_tokens": [len(ids) for ids in prompt_ids],
-            "decode": "greedy, EOS ignored; tok/s = (tokens - 1) / (last token - first token)",
-            "forward": "median time of one forward over k new tokens after `context` cached "
-            "tokens, logits for all k; engines take turns call by call",
-        },
-        "rows": rows,
-        "profile": profile,
+        "machine": machine_info(s.threads),
+        "llama_cpp": peer.get("build", skip),
+        "settings": asdict(s),
+        "notes": notes(s, skip),
+        "goals": goals(results),
+        "results": results,
         "wall_seconds": round(time.perf_counter() - began, 1),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # above --threads: contended
     }
-    # CPU seconds this process got per wall second and thread while measuring: near 1 on an
-    # idle machine (worker threads spin between ops); well below 1 means other work took the
-    # cores, so treat the figures with suspicion.
-    payload["machine"]["cpu_share_while_measuring"] = round(cpu_share / settings.threads, 2)
+    out = args.out or RESULTS_DIR / ("runtime.quick.json" if args.quick else "runtime.json")
     write_json(out, payload)
-    print(tables(rows, payload["profile"], settings.ks))
+    print(report(payload, s))
     print(f"\nwrote {out} ({payload['wall_seconds']} s)", file=sys.stderr)
     return 0
 
