@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from specserve.model import packing
+from specserve.model.errors import ModelLoadError
 from specserve.model.loader import load_model
 from specserve.model.qlinear import PackedLinear, native_available, native_module
 from specserve.model.transformer import ForwardBatch
@@ -173,3 +174,12 @@ def test_native_layers_match_the_pytorch_path(tmp_path: Path) -> None:
     reference = model.lm(batch, model.lm.new_cache(num_slots=2))
     assert torch.allclose(native, reference, rtol=1e-4, atol=1e-4)
     assert not torch.equal(native, reference)  # the native path did run
+
+
+def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
+    """--dtype gguf on a file with a Q5_1 matrix (no kernel) names the file and the type;
+    auto picks a format that runs it."""
+    path = write_tiny_gguf(tmp_path / "tiny-q5_1.gguf", TinySpec(linear_type=Q.Q5_1))
+    with pytest.raises(ModelLoadError, match=r"tiny-q5_1\.gguf: tensor .* Q5_1, which has no"):
+        load_model(str(path), dtype="gguf", progress=False)
+    assert load_model(str(path), progress=False).fmt == "int4"

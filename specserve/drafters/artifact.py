@@ -236,6 +236,6 @@ def load_drafter(path: Path, model: Model, dtype: torch.dtype | None = None) -> 
     except RuntimeError as exc:
         raise DrafterError(f"{weights_path}: weights do not fit the config ({exc})") from None
     head.set_compute_dtype(dtype or model.lm.dtype).eval()
-    if dtype is None and model.fmt == "int4" and model.lm.embedding.device.type == "cpu":
+    if dtype is None and model.fmt in ("int4", "gguf") and model.lm.embedding.device.type == "cpu":
         head.quantize_int8()  # a low-bit target drafts with low-bit weights (2 bytes -> 1)
     return head

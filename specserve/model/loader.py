@@ -13,10 +13,12 @@ import torch
 
 from specserve.model.builder import FORMATS, build_model
 from specserve.model.catalog import CatalogEntry, resolve
+from specserve.model.errors import ModelLoadError
+from specserve.model.packing import PACKED_TYPES
 from specserve.model.qlinear import native_available, native_module, set_threads
 from specserve.model.tokenizer import Tokenizer
 from specserve.model.transformer import CausalLM
-from specserve.model.weights import GGUFSource, open_weights
+from specserve.model.weights import GGUFSource, WeightSource, open_weights
 
 # "auto" picks the format measured fastest here (bench/runtime.py): the native kernels on
 # the GGUF blocks on CPU where they were built (else PyTorch's int4 kernel), bfloat16 on
@@ -77,6 +79,23 @@ def resolve_format(fmt: str, device: torch.device) -> str:
     return fmt
 
 
+def _check_kernels(source: WeightSource, fmt: str, explicit: bool) -> str:
+    """The gguf format needs a native kernel for every quantized matrix: asked for by name,
+    a type without one is an error naming the file and the type; chosen by auto, the model
+    runs in the int4 format instead."""
+    missing = source.types_without_kernel() if fmt == "gguf" else {}
+    if not missing:
+        return fmt
+    if not explicit:
+        return "int4"
+    name, qtype = next(iter(missing.items()))
+    raise ModelLoadError(
+        f"{source.path}: tensor {name} is stored as {qtype}, which has no native kernel "
+        f"(kernels: {', '.join(sorted(t.name for t in PACKED_TYPES))}); "
+        "use --dtype int4 or bfloat16 for this file"
+    )
+
+
 def _release_freed_memory() -> None:
     """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
     gc.collect()
@@ -100,6 +119,7 @@ def load_model(
     path, entry = resolve(name_or_path)
     fmt = resolve_format(dtype, torch.device(device))
     source = open_weights(path)
+    fmt = _check_kernels(source, fmt, explicit=dtype != AUTO)
     if isinstance(source, GGUFSource):
         tokenizer = Tokenizer.from_gguf_metadata(source.metadata, str(path))
     else:

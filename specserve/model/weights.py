@@ -79,6 +79,10 @@ class WeightSource(Protocol):
         """The tensor in the native kernels' layout, if its type has a kernel."""
         ...
 
+    def types_without_kernel(self) -> dict[str, str]:
+        """Quantized matrices whose type has no native kernel: tensor name -> type name."""
+        ...
+
     def type_name(self, name: str) -> str: ...
 
 
@@ -168,6 +172,18 @@ class GGUFSource:
             return
         for start in range(0, data.shape[0], LOAD_CHUNK_ROWS):
             yield int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
+
+    def types_without_kernel(self) -> dict[str, str]:
+        unquantized = (
+            GGMLQuantizationType.F32,
+            GGMLQuantizationType.F16,
+            GGMLQuantizationType.BF16,
+        )
+        return {
+            t.name: t.tensor_type.name
+            for t in self._tensors.values()
+            if len(t.shape) == 2 and t.tensor_type not in (*PACKED_TYPES, *unquantized)
+        }
 
     def packed(self, name: str) -> Packed | None:
         tensor = self._tensors[name]
@@ -288,6 +304,9 @@ class SafetensorsSource:
 
     def packed(self, name: str) -> Packed | None:
         return None
+
+    def types_without_kernel(self) -> dict[str, str]:
+        return {}  # float weights: the gguf format runs them as float32 matmuls
 
 
 def open_weights(path: Path) -> WeightSource:
