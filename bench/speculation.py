@@ -1,11 +1,18 @@
-"""Speculative decoding vs plain decoding on SmolLM2-135M, greedy, in one process.
+"""Speculative decoding vs plain decoding, greedy, in one process.
 
 Each prompt runs plain decoding and every method back to back (interleaved, so machine noise
 hits all alike). Reported per Spec-Bench group and for HumanEvalFix (buggy code as the
 Predicted Output): decode-phase tokens/s ratio to plain (sum of tokens / sum of seconds),
 end-to-end ratio, mean tokens per target step, and whether every output equalled plain.
 
-    python bench/speculation.py [--per-category 2] [--humanevalfix 4] [--max-tokens 128]
+The methods depend on the target. SmolLM2-135M (the default): n-gram tuned and fixed, the
+shipped EAGLE head, the bf16 target drafted by its quantized copy, transformers as a peer.
+Qwen2.5-Coder-1.5B: n-gram, the 0.5B as draft model, both together (n-gram first, the 0.5B
+where n-gram has nothing); no transformers peer (an fp32 1.5B is too slow on a laptop CPU).
+Each target writes its own results file.
+
+    python -m bench.speculation [--per-category 2] [--humanevalfix 4] [--max-tokens 128]
+    python -m bench.speculation --model qwen2.5-coder-1.5b-instruct
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ from specserve.drafters.artifact import is_drafter_dir, load_drafter
 from specserve.engine.generate import GenerationResult, generate
 from specserve.engine.sampling import SamplingParams
 from specserve.engine.speculation import PLAIN, SpeculationConfig
-from specserve.model.loader import load_model
+from specserve.model.loader import Model, load_model
 from specserve.spec.tuning import StepCosts
 
+SMOLLM2 = "smollm2-135m-instruct"
+QWEN_CODER = "qwen2.5-coder-1.5b-instruct"
+QWEN_DRAFT = "qwen2.5-coder-0.5b-instruct"  # same 151,936-token vocabulary as the 1.5B
 SHIPPED_EAGLE = (
     Path(__file__).resolve().parents[1]
     / "specserve"
@@ -45,8 +55,9 @@ SHIPPED_EAGLE = (
     / "shipped"
     / "smollm2-135m-instruct-eagle"
 )
+NGRAM_TUNED = "ngram (n=3, k<=4, tuned)"  # the catalog default drafter of both targets
 METHODS = {
-    "ngram (n=3, k<=4, tuned)": SpeculationConfig("ngram", 4, ngram_length=3),
+    NGRAM_TUNED: SpeculationConfig("ngram", 4, ngram_length=3),
     "ngram (n=3, k=4, fixed)": SpeculationConfig("ngram", 4, ngram_length=3, adaptive=False),
 }
 
@@ -67,7 +78,7 @@ class HFPeer:
 
         from specserve.model.catalog import resolve
 
-        path, _ = resolve("smollm2-135m-instruct")
+        path, _ = resolve(SMOLLM2)  # pad_token_id below is SmolLM2's too
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -144,9 +155,43 @@ def _result_row(
     )
 
 
+def _eagle_methods(path: Path | None, model: Model) -> dict[str, SpeculationConfig]:
+    """Rows for a trained EAGLE head for this target, if ``path`` is one."""
+    if path is None or not is_drafter_dir(path):
+        return {}
+    head = load_drafter(path, model)
+    return {
+        "eagle (k<=4, tuned)": SpeculationConfig("eagle", 4, eagle=head),
+        "eagle + ngram (k<=4, tuned)": SpeculationConfig("eagle", 4, eagle=head, with_ngram=True),
+    }
+
+
+def _qwen_methods() -> dict[str, SpeculationConfig]:
+    """The coder target's default-drafter candidates (issue 11): n-gram, the 0.5B, or both.
+
+    Names must not start with "draft" or "HF": summarize() maps those prefixes to other
+    baselines than plain.
+    """
+    draft = load_model(QWEN_DRAFT, progress=False)
+    return {
+        NGRAM_TUNED: METHODS[NGRAM_TUNED],
+        "0.5B draft model (k<=4, tuned)": SpeculationConfig("draft_model", 4, draft_model=draft),
+        # with_ngram: n-gram proposes first (free to draft); the 0.5B where it has nothing.
+        "ngram + 0.5B draft model (k<=4, tuned)": SpeculationConfig(
+            "draft_model", 4, draft_model=draft, with_ngram=True
+        ),
+    }
+
+
+def _methods(args: argparse.Namespace, model: Model) -> dict[str, SpeculationConfig]:
+    if args.model == QWEN_CODER:
+        return _qwen_methods()
+    return {**METHODS, **_eagle_methods(args.eagle, model)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
-    model = load_model("smollm2-135m-instruct", progress=False)
+    model = load_model(args.model, progress=False)
     tok = model.tokenizer
     params = SamplingParams(max_tokens=args.max_tokens)
     costs = StepCosts()
@@ -160,28 +205,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             [{"role": "user", "content": f"Fix the bug in this Python function:\n\n{code}"}]
         )
         cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
-    generate(model, cases[0][1], SamplingParams(max_tokens=8))  # warm-up
-    eagle = {}
-    if args.eagle and is_drafter_dir(args.eagle):
-        head = load_drafter(args.eagle, model)  # a trained EAGLE head for this target
-        eagle = {
-            "eagle (k<=4, tuned)": SpeculationConfig("eagle", 4, eagle=head),
-            "eagle + ngram (k<=4, tuned)": SpeculationConfig(
-                "eagle", 4, eagle=head, with_ngram=True
-            ),
-        }
+    all_methods = _methods(args, model)
+    for spec in (PLAIN, *all_methods.values()):  # warm-up, the draft model's too
+        generate(model, cases[0][1], SamplingParams(max_tokens=8), spec=spec)
     peer = HFPeer() if "hf" in args.peers else None
-    # Draft-model rows: the bf16 target drafted by its int4 copy (a low-bit self-drafter).
-    bf16 = (
-        load_model("smollm2-135m-instruct", dtype="bfloat16", progress=False)
-        if args.draft_rows
-        else None
-    )
+    # Draft-model rows: the bf16 target drafted by its quantized copy (a low-bit self-drafter).
+    bf16 = load_model(args.model, dtype="bfloat16", progress=False) if args.draft_rows else None
     rows = []
     for i, (category, ids, prediction) in enumerate(cases):
         plain = generate(model, ids, params, spec=PLAIN)
         runs = {"plain": (plain, True)}
-        methods = {**METHODS, **eagle}
+        methods = dict(all_methods)
         if prediction is not None:
             methods = {
                 "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
@@ -243,6 +277,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         s["identical"] += row["identical_to_plain"]
         s["count"] += 1
     table = []
+    # Method-name prefix -> its baseline row; any other method is compared with "plain".
     baselines = {"HF": "HF plain (fp32)", "draft": "plain (bf16 target)"}
     for (category, method), s in sums.items():
         baseline = next(
@@ -266,27 +301,53 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def _per_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from the target: SmolLM2 keeps the historical settings."""
+    small = args.model == SMOLLM2
+    if args.peers is None:
+        args.peers = "hf" if small else "none"
+    elif "hf" in args.peers and not small:
+        print(
+            f"--peers hf: skipped for {args.model} (fp32 transformers is too slow)", file=sys.stderr
+        )
+        args.peers = "none"
+    if args.draft_rows is None:
+        args.draft_rows = small  # a bf16 1.5B target is too slow and heavy to be worth a row
+    if args.eagle is None and small:
+        args.eagle = SHIPPED_EAGLE  # the only shipped head is SmolLM2's
+    if args.out is None:
+        name = "speculation.json" if small else f"speculation-{args.model}.json"
+        args.out = RESULTS_DIR / name
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=[SMOLLM2, QWEN_CODER], default=SMOLLM2)
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--humanevalfix", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peers", default="hf", help="'hf' or 'none'")
+    parser.add_argument(
+        "--peers", help="'hf' or 'none' (default: 'hf' for SmolLM2, 'none' for Qwen)"
+    )
     parser.add_argument(
         "--draft-rows",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="measure the bf16 target drafted by its int4 copy",
+        help="measure the bf16 target drafted by its quantized copy (default: SmolLM2 only)",
     )
     parser.add_argument(
         "--eagle",
         type=Path,
-        default=SHIPPED_EAGLE,
-        help="a trained EAGLE drafter directory to add rows for (default: the shipped one)",
+        help="a trained EAGLE drafter directory for this target (default: SmolLM2's shipped one)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "speculation.json")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results file (default: bench/results/speculation.json for SmolLM2, "
+        "speculation-<model>.json otherwise)",
+    )
+    args = _per_model_defaults(parser.parse_args())
     payload = run(args)
     payload["summary"] = summarize(payload["rows"])
     write_json(args.out, payload)
