@@ -183,3 +183,17 @@ def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"tiny-q5_1\.gguf: tensor .* Q5_1, which has no"):
         load_model(str(path), dtype="gguf", progress=False)
     assert load_model(str(path), progress=False).fmt == "int4"
+
+
+def test_native_layers_give_the_same_bits_on_every_isa_path(
+    tmp_path: Path, each_isa: list[str]
+) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", TinySpec(linear_type=Q.Q4_K))
+    model = load_model(str(path), dtype="gguf", progress=False)
+    batch = ForwardBatch(torch.tensor([list(range(3, 40))]), [0], [0])
+    logits = {}
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        logits[isa] = model.lm(batch, model.lm.new_cache())
+    first = next(iter(logits.values()))
+    assert all(torch.equal(v, first) for v in logits.values()), list(logits)

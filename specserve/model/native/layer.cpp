@@ -34,6 +34,13 @@ namespace avx2 {
 #include "layer_body.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+#include "layer_body.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 namespace {
@@ -77,7 +84,10 @@ PyObject* py_layer_forward(PyObject*, PyObject* args) {
   const auto* positions = reinterpret_cast<const int64_t*>(pos);
   Py_BEGIN_ALLOW_THREADS;
 #if defined(__x86_64__)
-  if (specserve::current_isa() != 0) {
+  if (specserve::current_isa() == 2) {
+    specserve::avx512::attention_block(layer, rows, m, slots, positions);
+    specserve::avx512::mlp_block(layer, rows, m);
+  } else if (specserve::current_isa() == 1) {
     specserve::avx2::attention_block(layer, rows, m, slots, positions);
     specserve::avx2::mlp_block(layer, rows, m);
   } else
