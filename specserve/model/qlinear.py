@@ -9,6 +9,7 @@ batch (see native/qmatmul.cpp).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -22,6 +23,11 @@ try:
     from specserve.model import _native  # type: ignore[attr-defined,no-redef]
 except ImportError:  # not compiled on this machine: the PyTorch formats still work
     _native = None
+
+# Force a slower kernel path (avx2 or generic), as a machine without AVX-512 would run it.
+ISA_ENV = "SPECSERVE_NATIVE_ISA"
+if _native is not None and os.environ.get(ISA_ENV):
+    _native.set_isa(os.environ[ISA_ENV])
 
 
 def native_available() -> bool:

@@ -126,7 +126,7 @@ int current_isa() { return g_isa; }
 
 // Tiles are handed out in small chunks (pool.h), so a thread that the OS delays costs a
 // call one chunk, not half the matmul. Which thread computes a tile never changes it.
-constexpr int64_t kTilesPerChunk = 4;
+constexpr int64_t kTilesPerChunk = 16;
 
 struct Job {
   const std::vector<PackedWeights>* parts;
