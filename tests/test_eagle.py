@@ -27,7 +27,7 @@ from specserve.model.transformer import ForwardBatch
 from specserve.spec.proposers.base import SequenceContext
 from specserve.spec.proposers.eagle import EagleProposer
 from specserve.tune.runner import TunePrompt, load_prompts, parse_prompt
-from tests.engaged import StepLog
+from tests.engaged import StepLog, assert_engaged_overall
 from tests.tiny import TinySpec, write_tiny_gguf
 
 PROMPTS = [[5, 6, 7, 8] * 5, list(range(40, 60)), [9, 10, 11] * 6]
@@ -159,3 +159,22 @@ def test_the_window_skips_positions_the_head_never_reads(
     alone.add_features(known - W, features[0, known - W : known])
     alone.synced = alone.cache.first = known - W
     assert alone.propose(SequenceContext.of(prompt), 4).token_ids == drafts
+
+
+@pytest.mark.slow
+def test_shipped_eagle_head_is_accepted_and_lossless_on_smollm2(smollm2: Model) -> None:
+    """The shipped head on the real SmolLM2: greedy output equals plain and the verifier
+    accepts some of its drafts (the tiny random head above never has any accepted)."""
+    drafter = EffectiveDrafter("draft_model", 4, draft_model="smollm2-135m-instruct-eagle")
+    spec = speculation_for_drafter(drafter, smollm2, lambda name: smollm2)
+    spec = SpeculationConfig("eagle", 4, eagle=spec.eagle, adaptive=False)  # no n-gram help
+    params = SamplingParams(max_tokens=48)
+    prompts = ["Explain what a hash map is.", "Write a haiku about autumn rain."]
+    results = []
+    for text in prompts:
+        prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": text}])
+        plain = generate(smollm2, prompt, params)
+        result = generate(smollm2, prompt, params, spec=spec)
+        assert result.token_ids == plain.token_ids, text
+        results.append(result)
+    assert_engaged_overall(results, "eagle")

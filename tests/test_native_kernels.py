@@ -197,3 +197,18 @@ def test_native_layers_give_the_same_bits_on_every_isa_path(
         logits[isa] = model.lm(batch, model.lm.new_cache())
     first = next(iter(logits.values()))
     assert all(torch.equal(v, first) for v in logits.values()), list(logits)
+
+
+def test_embedding_rows_are_the_files_values(tmp_path: Path) -> None:
+    """The gguf format keeps a quantized embedding as the file's rows: lookups and the
+    table materialized on first whole-table use equal the float32 format's table exactly."""
+    spec = TinySpec(linear_type=Q.Q4_K, embedding_type=Q.Q6_K)
+    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", spec)
+    rows = load_model(str(path), dtype="gguf", progress=False).lm
+    table = load_model(str(path), dtype="float32", progress=False).lm.embedding
+    assert rows.embedding_rows is not None
+    tokens = torch.tensor([[5, 0, 260], [7, 7, 1]])
+    assert torch.equal(rows.embed(tokens), table[tokens])
+    with pytest.raises(IndexError, match="outside the embedding"):
+        rows.embed(torch.tensor([[table.shape[0]]]))
+    assert torch.equal(rows.embedding, table)  # materialized on first use (EAGLE heads)

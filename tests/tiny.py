@@ -34,6 +34,7 @@ class TinySpec:
     context: int = 512
     sliding_window: int = 8
     linear_type: Q = Q.F32
+    embedding_type: Q = Q.F32  # token_embd (quantized GGUFs store it quantized too)
     seed: int = 0
     extra_tokens: int = 0  # appended ordinary tokens: a different vocabulary, same merges
     merges: bool = True  # False: no BPE merges, text encodes to one token per byte
@@ -106,7 +107,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
 
     h, d = spec.hidden, spec.head_dim
     lin = spec.linear_type
-    add("token_embd.weight", (len(tokens), h), 0.05)
+    add("token_embd.weight", (len(tokens), h), 0.05, spec.embedding_type)
     add("output_norm.weight", (h,), 0.1)
     for i in range(spec.layers):
         p = f"blk.{i}."

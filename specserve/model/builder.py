@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specserve.model.config import ModelConfig
+from specserve.model.embedding import EmbeddingRows
 from specserve.model.errors import ModelLoadError
 from specserve.model.linear import DenseLinear, Int4Linear
 from specserve.model.qlinear import PackedLinear
@@ -67,6 +68,12 @@ class _Builder:
         chunks = itertools.chain.from_iterable(self.source.load_int4(n) for n in names)
         return Int4Linear(chunks, rows, self.bias(names))
 
+    def embedding(self) -> torch.Tensor | EmbeddingRows:
+        """The token embedding: in the gguf format a quantized table stays the file's rows."""
+        name = self.require("token_embd.weight")
+        rows = self.source.raw_rows(name) if self.fmt == "gguf" else None
+        return EmbeddingRows(*rows) if rows is not None else self.source.load(name, self.dtype)
+
     def packed_linear(self, names: list[str]) -> PackedLinear | None:
         """A fused native linear over ``names``, if every tensor's type has a kernel."""
         if self.fmt != "gguf":
@@ -113,7 +120,7 @@ def build_model(
         disable=None if progress else True,
         leave=False,
     )
-    embedding = source.load(builder.require("token_embd.weight"), builder.dtype)
+    embedding = builder.embedding()
     if embedding.shape[0] < config.vocab_size:
         raise ModelLoadError(
             f"{source.path}: embedding has {embedding.shape[0]} rows, "
@@ -125,10 +132,13 @@ def build_model(
         blocks.append(builder.block(config, layer))
         steps.update()
     output_norm = source.load(builder.require("output_norm.weight"))
-    lm_head: torch.nn.Module
+    lm_head: torch.nn.Module | None
     if config.tie_embeddings:
         tied = ["token_embd.weight"]
-        lm_head = builder.packed_linear(tied) or builder.int4_linear(tied) or DenseLinear(embedding)
+        lm_head = builder.packed_linear(tied) or builder.int4_linear(tied)
+        if lm_head is None:
+            dense = embedding.dense() if isinstance(embedding, EmbeddingRows) else embedding
+            lm_head = DenseLinear(dense)
     else:
         lm_head = builder.linear(["output.weight"])
     steps.update()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from specserve.model.config import ModelConfig
+from specserve.model.embedding import EmbeddingRows
 from specserve.model.kv_cache import POSITION_BLOCK, KVCache, round_up_to_block
 from specserve.model.linear import matmul_rows_exact
 from specserve.model.qlinear import PackedLinear, native_module
@@ -182,7 +183,7 @@ class CausalLM(torch.nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        embedding: torch.Tensor,
+        embedding: torch.Tensor | EmbeddingRows,
         blocks: list[Block],
         output_norm: torch.Tensor,
         lm_head: torch.nn.Module,
@@ -192,7 +193,11 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype  # compute dtype of the linear layers
-        self.register_buffer("embedding", embedding)  # (V, C) in dtype
+        # A quantized table stays the file's rows (see embedding.py): the buffer is made only
+        # if something asks for the whole table (``__getattr__``).
+        self.embedding_rows = embedding if isinstance(embedding, EmbeddingRows) else None
+        if not isinstance(embedding, EmbeddingRows):
+            self.register_buffer("embedding", embedding)  # (V, C) in dtype
         self.blocks = torch.nn.ModuleList(blocks)
         self.register_buffer("output_norm", output_norm)
         self.lm_head = lm_head
@@ -207,12 +212,29 @@ class CausalLM(torch.nn.Module):
         self.register_buffer("cos_local", cos_local)
         self.register_buffer("sin_local", sin_local)
 
+    def __getattr__(self, name: str) -> torch.Tensor | torch.nn.Module:
+        rows = self.__dict__.get("embedding_rows")
+        if name == "embedding" and rows is not None and "embedding" not in self._buffers:
+            self._buffers["embedding"] = rows.dense()  # first whole-table use: materialize
+        return super().__getattr__(name)
+
+    @property
+    def vocab_rows(self) -> int:
+        rows = self.embedding_rows
+        return rows.shape[0] if rows is not None else self.embedding.shape[0]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, T]`` -> float32 embeddings ``[B, T, C]``."""
+        if self.embedding_rows is not None:
+            return self.embedding_rows.lookup(tokens)
+        return self.embedding[tokens].float()
+
     def new_cache(self, num_slots: int = 1, max_len: int | None = None) -> KVCache:
         # float32 like the attention math: a bf16 cache would be cast back every layer and
         # step (a copy of the whole context); small models have small caches.
         cache_dtype = torch.float32
         return KVCache(
-            self.config, num_slots, max_len or self.max_len, cache_dtype, self.embedding.device
+            self.config, num_slots, max_len or self.max_len, cache_dtype, self.output_norm.device
         )
 
     def _masks(self, positions: torch.Tensor, read_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +310,7 @@ class CausalLM(torch.nn.Module):
         rope_local = rope
         if self.config.sliding_window is not None:  # Gemma's local layers: own RoPE base
             rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
-        x = self.embedding[tokens].float()
+        x = self.embed(tokens)
         if self.config.embedding_scale != 1.0:
             # Gemma scales in the weights' dtype, as the reference implementation does.
             x = x * torch.tensor(self.config.embedding_scale, dtype=self.dtype).float()

@@ -83,6 +83,10 @@ class WeightSource(Protocol):
         """Quantized matrices whose type has no native kernel: tensor name -> type name."""
         ...
 
+    def raw_rows(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType, int] | None:
+        """A quantized matrix's file rows ``[rows, bytes]``, its type and its width."""
+        ...
+
     def type_name(self, name: str) -> str: ...
 
 
@@ -172,6 +176,14 @@ class GGUFSource:
             return
         for start in range(0, data.shape[0], LOAD_CHUNK_ROWS):
             yield int4_groups(data[start : start + LOAD_CHUNK_ROWS], tensor.tensor_type, cols)
+
+    def raw_rows(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType, int] | None:
+        tensor = self._tensors[name]
+        if tensor.tensor_type not in PACKED_TYPES or len(tensor.shape) != 2:
+            return None
+        if self._row_order(name, int(tensor.shape[1])) is not None:
+            return None
+        return np.asarray(tensor.data), tensor.tensor_type, int(tensor.shape[0])
 
     def types_without_kernel(self) -> dict[str, str]:
         unquantized = (
@@ -303,6 +315,9 @@ class SafetensorsSource:
         return iter(())
 
     def packed(self, name: str) -> Packed | None:
+        return None
+
+    def raw_rows(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType, int] | None:
         return None
 
     def types_without_kernel(self) -> dict[str, str]:
