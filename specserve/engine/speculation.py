@@ -24,10 +24,12 @@ from specserve.spec.tuning import LengthTuner, StepCosts
 if TYPE_CHECKING:  # deployments describe drafters; the engine only reads them
     from specserve.deployments.rules import EffectiveDrafter
 
-# Predicted Outputs cost nothing to draft, so they may propose longer runs than k; the
-# tuner still keeps the verify forward from growing past what acceptance pays for.
-PREDICTION_MAX_RUN = 32
+# The bound of the model drafters (draft model, EAGLE head): --draft-token-count 1..32.
 MAX_DRAFT_TOKEN_COUNT = 32
+# Lookups (a request's prediction, and the n-gram proposals the product adds next to a model
+# drafter) cost nothing to draft, so they are bounded apart: up to 64 tokens a step, the
+# self-tuned length keeping the verify forward to what measured acceptance pays for.
+MAX_LOOKUP_DRAFT = 64
 MAX_NGRAM_LENGTH = 16
 
 
@@ -40,7 +42,9 @@ class SpeculationConfig:
     """
 
     method: str | None = None  # "ngram", "draft_model" or "eagle"
-    draft_token_count: int = 4  # upper bound of the self-tuned length (the configured k)
+    # Upper bound of the self-tuned length of the deployment's own drafter (the configured k);
+    # predictions and companion n-gram proposals are bounded by MAX_LOOKUP_DRAFT instead.
+    draft_token_count: int = 4
     ngram_length: int = 3
     draft_model: Model | None = None
     adaptive: bool = True  # False: always propose draft_token_count tokens
@@ -107,7 +111,9 @@ class ProposalSource:
     """The proposers of one request, in priority order, each with its own length tuner.
 
     Predictions come first; where the prediction has nothing to offer (or its measured
-    acceptance does not pay), the deployment's drafter proposes.
+    acceptance does not pay), the deployment's drafter proposes. Lookups the request or the
+    product adds (the prediction, n-gram next to a model drafter) draft up to
+    MAX_LOOKUP_DRAFT tokens; the deployment's drafter up to its ``draft_token_count``.
     """
 
     def __init__(
@@ -124,12 +130,12 @@ class ProposalSource:
         self.adaptive = spec.adaptive
         self._last: tuple[Proposer, LengthTuner] | None = None  # who proposed this step
         if prediction_ids:
-            self.prediction = PredictionProposer(prediction_ids, max_run=PREDICTION_MAX_RUN)
-            self.entries.append((self.prediction, LengthTuner(PREDICTION_MAX_RUN, costs)))
+            self.prediction = PredictionProposer(prediction_ids, max_run=MAX_LOOKUP_DRAFT)
+            self.entries.append((self.prediction, LengthTuner(MAX_LOOKUP_DRAFT, costs)))
         self.feature_readers: list[EagleProposer] = []
         if spec.with_ngram and spec.method != "ngram":
             ngram = NgramProposer(spec.ngram_length)
-            self.entries.append((ngram, LengthTuner(spec.draft_token_count, costs)))
+            self.entries.append((ngram, LengthTuner(MAX_LOOKUP_DRAFT, costs)))
         drafter: Proposer | None = None
         if spec.method == "ngram":
             drafter = NgramProposer(spec.ngram_length)

@@ -23,6 +23,9 @@ from specserve.spec.proposers.base import Proposal, SequenceContext, register
 MAX_SYNC_TOKENS = 8
 MIN_SYNC_TOKENS = 2
 SINGLE_TOKEN_WINDOW = 8
+# A re-synchronized place is a guess until the output confirms it: until then a proposal is
+# at most RESYNC_RUN tokens, so a wrong guess costs a short verify, not a 64-token one.
+RESYNC_RUN = 4
 
 
 @dataclass
@@ -69,6 +72,18 @@ class PredictionProposer:
         output a b X d    "X d" not found; "d" is 1 after the alignment (c) -> propose e f
         output a b d      (c deleted)            "d" just after the alignment -> propose e f
         output a b Y c    (Y inserted)           "c" at the alignment  -> propose d e f
+
+    After a re-sync the place is a guess: proposals stay within RESYNC_RUN tokens until an
+    output token follows it. Edits of whole lines, prediction ``L1 L2 L3`` where each line
+    is ``indent ... newline`` (the indent and newline tokens occur on every line)::
+
+        L2 deleted:  L1 indent L3[1]        "indent L3[1]" found (2 tokens)  -> propose L3
+        L2 replaced: L1 indent X ... newline   "newline" near the alignment  -> propose L3
+        L2 inserted: L1 indent Y ... newline   as above -> propose L3, which the output does
+                     not take: "newline indent L2[1]" found               -> propose L2
+
+    so the prediction proposes again within one or two steps of the edit's end
+    (``tests/test_proposers.py`` counts them on real code).
     """
 
     method = "prediction"
@@ -84,6 +99,7 @@ class PredictionProposer:
             self._occurrences[token].append(i)
         self._next = 0  # index in the prediction of the token expected next
         self._aligned = True
+        self._confirmed = True  # the output has followed the current place at least once
         self._seen = 0  # output tokens already followed
 
     def propose(self, context: SequenceContext, k: int) -> Proposal:
@@ -91,17 +107,19 @@ class PredictionProposer:
         self._follow(context.output_ids)
         if not self._aligned or k <= 0:
             return Proposal([], None, self.method)
-        stop = self._next + min(k, self.max_run)
+        run = self.max_run if self._confirmed else min(self.max_run, RESYNC_RUN)
+        stop = self._next + min(k, run)
         return Proposal(self.prediction_ids[self._next : stop], None, self.method)
 
     def _follow(self, output_ids: Sequence[int]) -> None:
         """Move the alignment over the output tokens generated since the last call."""
         if len(output_ids) < self._seen:  # a new output: start over
-            self._next, self._aligned, self._seen = 0, True, 0
+            self._next, self._aligned, self._confirmed, self._seen = 0, True, True, 0
         prediction = self.prediction_ids
         for token in output_ids[self._seen :]:
             if self._aligned and self._next < len(prediction) and prediction[self._next] == token:
                 self._next += 1
+                self._confirmed = True
             else:
                 self._aligned = False
         self._seen = len(output_ids)
@@ -125,7 +143,7 @@ class PredictionProposer:
             if key > best_key:
                 best_key, best_end = key, end
         if best_end >= 0:
-            self._next, self._aligned = best_end + 1, True
+            self._next, self._aligned, self._confirmed = best_end + 1, True, False
 
     def _match_length(self, tail: list[int], end: int) -> int:
         """How many tokens of ``tail``, from its end, equal the prediction ending at ``end``."""
