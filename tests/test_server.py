@@ -188,6 +188,9 @@ def test_prediction_refuses_what_openai_refuses(
         ({"n": 3}, 400, "'n' must be 1"),
         ({"messages": []}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "context window"),
+        # OpenAI's answer to a max_tokens the context cannot hold: a 400 with the numbers.
+        ({"max_tokens": 10**12}, 400, "maximum context length is 256 tokens"),
+        ({"max_tokens": 250}, 400, "max_tokens can be at most"),
     ],
 )
 def test_bad_requests_get_openai_errors(

@@ -168,6 +168,7 @@ def create_app(
                 prompt_ids = await run_in_threadpool(tokenizer.encode, prompt)
             else:
                 prompt_ids = list(prompt)
+        _check_room(body, len(prompt_ids), served.engine.context_limit)
         prediction_ids = None
         if body.prediction is not None:
             text = join_text(body.prediction.content)
@@ -262,6 +263,22 @@ def create_app(
                 metrics.record_request(served.id, endpoint, "cancelled", None)
 
     return app
+
+
+def _check_room(body: CommonRequest, prompt_tokens: int, context: int) -> None:
+    """A ``max_tokens`` the context cannot hold after the prompt is a 400 with the numbers,
+    as OpenAI answers (it is not silently cut to the room that is left)."""
+    asked = (
+        body.token_limit() if isinstance(body, (ChatCompletionRequest, CompletionRequest)) else None
+    )
+    if asked is not None and prompt_tokens + asked > context:
+        raise invalid(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} in the "
+            f"completion); max_tokens can be at most {context - prompt_tokens} for this prompt.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
 
 
 def _sampling_params(body: CommonRequest) -> SamplingParams:
