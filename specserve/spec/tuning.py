@@ -32,7 +32,7 @@ EMA_WEIGHT = 0.2
 # Before any measurement acceptance is assumed fair, worth PRIOR_TRIALS verified drafts; a
 # position's own counts weigh against POSITION_SHRINK drafts of the method's overall rate.
 ACCEPTANCE_PRIOR = 0.6
-PRIOR_TRIALS = 1.0
+PRIOR_TRIALS = 0.25
 POSITION_SHRINK = 2.0
 # Before a width is measured, verifying T tokens is priced (1 + MARGINAL_COST_PRIOR (T - 1))
 # single steps, scaled from the nearest measured width. Deliberately optimistic (the native
@@ -100,7 +100,7 @@ class Acceptance:
     >>> acc = Acceptance(4)
     >>> acc.observe(proposed=2, accepted=2)
     >>> [round(a, 3) for a in acc.rates()]  # positions 3-4: the method's overall rate
-    [0.911, 0.911, 0.867, 0.867]
+    [0.97, 0.97, 0.956, 0.956]
     """
 
     size: int
