@@ -114,3 +114,15 @@ def test_prediction_resyncs_after_line_edits_in_real_code() -> None:
         within_two = sum(c <= 2 for c in counts) / len(counts)
         print(f"{edit}: {len(counts)} edits, within 2 steps {within_two:.0%}, max {max(counts)}")
         assert within_two >= 0.9 and max(counts) <= 3, (edit, counts)
+
+
+def test_a_resynced_place_drafts_short_until_the_output_confirms_it() -> None:
+    from specserve.spec.proposers.prediction import RESYNC_RUN
+
+    proposer = PredictionProposer(list(range(10, 100)))
+    output = [*range(10, 15), 99, *range(16, 18)]  # 15 replaced, then "16 17" found
+    assert proposer.propose(SequenceContext.of([0], output), 64).token_ids == list(
+        range(18, 18 + RESYNC_RUN)
+    )
+    output += [18]  # the output follows the new place: full runs again
+    assert len(proposer.propose(SequenceContext.of([0], output), 64).token_ids) == 64

@@ -129,7 +129,8 @@ class Acceptance:
         """``a_1 .. a_size``: each position's record, shrunk toward the overall rate."""
         pooled = self.overall() * POSITION_SHRINK
         return [
-            (h + pooled) / (t + POSITION_SHRINK) for h, t in zip(self.hits, self.trials, strict=True)
+            (h + pooled) / (t + POSITION_SHRINK)
+            for h, t in zip(self.hits, self.trials, strict=True)
         ]
 
 
