@@ -84,7 +84,7 @@ def test_draft_equal_to_target_accepts_everything(tiny_model: Model) -> None:
 
 def test_prediction_equal_to_output_is_fully_accepted(tiny_model: Model) -> None:
     plain = generate(tiny_model, REPEATING, GREEDY)
-    # Fixed length (no timing-driven tuner): every step proposes up to PREDICTION_MAX_RUN.
+    # Fixed length (no timing-driven tuner): every step proposes up to MAX_LOOKUP_DRAFT.
     fixed = SpeculationConfig(adaptive=False)
     result = generate(tiny_model, REPEATING, GREEDY, spec=fixed, prediction_ids=plain.token_ids)
     assert result.token_ids == plain.token_ids
