@@ -239,9 +239,9 @@ def test_ensure_default_deployment(
 def test_store_is_wal_versioned_and_refuses_newer_schemas(store: DeploymentStore) -> None:
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(StoreVersionError, match="schema version 2, newer than"):
+    with pytest.raises(StoreVersionError, match="schema version 3, newer than"):
         DeploymentStore(store.path)
 
 
@@ -294,7 +294,10 @@ def test_cli_json_table_and_errors(capsys: pytest.CaptureFixture[str], tmp_path:
     )
     assert code == 0 and json.loads(out)["effective_drafter"]["source"] == "default"
     code, out, _ = run_cli(capsys, "--db", db, "list")  # --db before the subcommand
-    assert out.split()[:4] == ["ID", "MODEL", "DRAFTER", "CREATED"] and "k<=4 (default)" in out
+    assert (
+        out.split()[:5] == ["ID", "MODEL", "DRAFTER", "REPLICAS", "CREATED"]
+        and "k<=4 (default)" in out
+    )
     code, out, _ = run_cli(capsys, "update", "t", "--no-speculation", "--db", db)
     assert "drafter source:   disabled" in out
     code, out, _ = run_cli(capsys, "get", "t", "--db", db, "--output", "json")

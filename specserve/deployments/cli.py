@@ -13,10 +13,11 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from specserve.deployments.rules import SOURCES, DrafterFlags
+from specserve.deployments.rules import SOURCES, DrafterFlags, ReplicaSettings, replica_settings
 from specserve.deployments.service import (
     UPDATE_REPLACES,
     create_deployment,
@@ -28,7 +29,7 @@ from specserve.model.catalog import catalog_names
 from specserve.model.errors import ModelLoadError
 
 EXIT_USAGE = 2  # like argparse: the user's input was wrong
-TABLE_COLUMNS = ("ID", "MODEL", "DRAFTER", "CREATED")
+TABLE_COLUMNS = ("ID", "MODEL", "DRAFTER", "REPLICAS", "CREATED")
 
 
 def _add_common(parser: argparse.ArgumentParser, *, on_subcommand: bool) -> None:
@@ -77,6 +78,33 @@ def _add_drafter_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_replica_flags(parser: argparse.ArgumentParser, *, on_update: bool) -> None:
+    keep = " (default: unchanged)" if on_update else ""
+    group = parser.add_argument_group(
+        "replicas (used by `specserve serve --ray`; a plain `serve` runs one engine)"
+    )
+    group.add_argument(
+        "--min-replicas",
+        type=int,
+        metavar="N",
+        help=f"replicas always running, at least 1{keep or ' (default: 1)'}",
+    )
+    group.add_argument(
+        "--max-replicas",
+        type=int,
+        metavar="N",
+        help="replicas at most; above --min-replicas Ray Serve autoscales between them"
+        + (keep or " (default: --min-replicas)"),
+    )
+    group.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        metavar="R",
+        help="requests per replica the autoscaler aims at"
+        + (keep or " (default: 4, half a batch of 8)"),
+    )
+
+
 def add_deployment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``deployment`` and its subcommands to a ``specserve`` subparsers object."""
     parser = subparsers.add_parser(
@@ -92,12 +120,13 @@ def add_deployment_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     create.add_argument("model", metavar="MODEL", help=f"catalog name ({catalog}) or a path")
     create.add_argument("--id", help="deployment id (default: the model name, made unique)")
     _add_drafter_flags(create)
+    _add_replica_flags(create, on_update=False)
     sub.add_parser("list", help="list deployments and their effective drafters")
     get = sub.add_parser("get", help="show one deployment and where its drafter comes from")
     get.add_argument("id", metavar="ID")
     update = sub.add_parser(
         "update",
-        help="replace a deployment's drafter configuration",
+        help="replace a deployment's drafter configuration and/or change its replicas",
         description=f"Change a deployment's drafter. The {UPDATE_REPLACES}, which "
         "forgets the configured drafter and attaches the model's default one again.",
     )
@@ -108,6 +137,7 @@ def add_deployment_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         action="store_true",
         help="forget the configured drafter flags: use the model's default drafter",
     )
+    _add_replica_flags(update, on_update=True)
     delete = sub.add_parser("delete", help="delete a deployment")
     delete.add_argument("id", metavar="ID")
     for child in (create, sub.choices["list"], get, update, delete):
@@ -127,13 +157,25 @@ def _print_table(deployments: Sequence[Deployment]) -> None:
         print("no deployments yet; create one with `specserve deployment create MODEL`")
         return
     rows = [
-        (d.id, d.model, d.effective_drafter().short(), _when(d.created_at)) for d in deployments
+        (
+            d.id,
+            d.model,
+            d.effective_drafter().short(),
+            _replicas_short(d.replicas),
+            _when(d.created_at),
+        )
+        for d in deployments
     ]
-    widths = [max(len(row[i]) for row in [TABLE_COLUMNS, *rows]) for i in range(4)]
+    widths = [max(len(row[i]) for row in [TABLE_COLUMNS, *rows]) for i in range(len(TABLE_COLUMNS))]
     for row in [TABLE_COLUMNS, *rows]:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
+
+
+def _replicas_short(replicas: ReplicaSettings) -> str:
+    low, high = replicas.min_replicas, replicas.max_replicas
+    return f"{low}-{high}" if replicas.autoscaling else str(low)
 
 
 def _print_deployment(deployment: Deployment) -> None:
@@ -144,6 +186,7 @@ def _print_deployment(deployment: Deployment) -> None:
         ("drafter", drafter.describe()),
         ("drafter source", f"{drafter.source}: {SOURCES[drafter.source]}"),
         ("configured flags", deployment.flags.as_cli() or "(none)"),
+        ("replicas", deployment.replicas.describe()),
         ("created", _when(deployment.created_at)),
         ("updated", _when(deployment.updated_at)),
     ]
@@ -172,8 +215,24 @@ def _flags(args: argparse.Namespace) -> DrafterFlags:
     )
 
 
+def _replica_flags_given(args: argparse.Namespace) -> bool:
+    given = (args.min_replicas, args.max_replicas, args.target_ongoing_requests)
+    return any(value is not None for value in given)
+
+
+def _updated_replicas(current: ReplicaSettings, args: argparse.Namespace) -> ReplicaSettings:
+    """The stored settings with each given flag replacing its field (checked by the service)."""
+    changes = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests,
+    }
+    return replace(current, **{k: v for k, v in changes.items() if v is not None})
+
+
 def _create(store: DeploymentStore, args: argparse.Namespace) -> int:
-    made = create_deployment(store, args.model, _flags(args), id=args.id)
+    replicas = replica_settings(args.min_replicas, args.max_replicas, args.target_ongoing_requests)
+    made = create_deployment(store, args.model, _flags(args), id=args.id, replicas=replicas)
     return _emit(args, made.as_dict(), lambda: _print_deployment(made))
 
 
@@ -191,9 +250,15 @@ def _update(store: DeploymentStore, args: argparse.Namespace) -> int:
     flags = _flags(args)
     if args.default_drafter and not flags.is_empty():
         raise ValueError("--default-drafter cannot be combined with other speculation flags")
-    if not args.default_drafter and flags.is_empty():
-        raise ValueError(f"nothing to update: {UPDATE_REPLACES}")
-    changed = update_deployment(store, args.id, flags)
+    new_replicas = _replica_flags_given(args)
+    if not args.default_drafter and flags.is_empty() and not new_replicas:
+        raise ValueError(
+            f"nothing to update: {UPDATE_REPLACES}; or give --min-replicas, --max-replicas "
+            "or --target-ongoing-requests"
+        )
+    keep_drafter = flags.is_empty() and not args.default_drafter
+    replicas = _updated_replicas(store.get(args.id).replicas, args) if new_replicas else None
+    changed = update_deployment(store, args.id, None if keep_drafter else flags, replicas)
     return _emit(args, changed.as_dict(), lambda: _print_deployment(changed))
 
 

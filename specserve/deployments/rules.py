@@ -32,6 +32,10 @@ SOURCES = {
 # model and pays on code and rewrites, where the output repeats the prompt.
 GENERIC_DEFAULT_DRAFTER = DefaultDrafter(method="ngram", draft_token_count=4, ngram_length=3)
 FALLBACK_DRAFT_TOKEN_COUNT = 4  # tokens a family fallback drafter proposes per step
+# Replicas (`specserve serve --ray`). A replica's engine batches up to --max-batch (8)
+# sequences, and each extra row makes a step dearer, so scaling out starts at half a batch.
+DEFAULT_TARGET_ONGOING_REQUESTS = 4.0
+MAX_REPLICAS = 256  # a typo guard, far above any cluster this is meant for
 
 
 @dataclass(frozen=True)
@@ -164,3 +168,71 @@ def effective_drafter(model: str, flags: DrafterFlags) -> EffectiveDrafter:
             "draft_model", FALLBACK_DRAFT_TOKEN_COUNT, draft_model=fallback, source="fallback"
         )
     return _from_default(GENERIC_DEFAULT_DRAFTER, "default")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """How many copies of a deployment run under ``specserve serve --ray``, and when Ray
+    Serve adds one: it keeps about ``target_ongoing_requests`` requests per replica, between
+    ``min_replicas`` and ``max_replicas`` (equal: a fixed count, no autoscaling).
+
+    >>> ReplicaSettings(1, 4).describe()
+    '1-4, autoscaling at 4 ongoing requests per replica (default)'
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float | None = None  # None: DEFAULT_TARGET_ONGOING_REQUESTS
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+    @property
+    def target(self) -> float:
+        given = self.target_ongoing_requests
+        return DEFAULT_TARGET_ONGOING_REQUESTS if given is None else given
+
+    def describe(self) -> str:
+        if not self.autoscaling:
+            return f"{self.min_replicas} (fixed)"
+        source = " (default)" if self.target_ongoing_requests is None else ""
+        return (
+            f"{self.min_replicas}-{self.max_replicas}, autoscaling at {self.target:g} ongoing "
+            f"requests per replica{source}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "autoscaling": self.autoscaling}
+
+
+def replica_settings(
+    min_replicas: int | None, max_replicas: int | None, target: float | None
+) -> ReplicaSettings:
+    """The settings the flags give, checked: ``--max-replicas`` defaults to ``--min-replicas``
+    (so ``--min-replicas 2`` alone means two replicas), both to 1."""
+    low = 1 if min_replicas is None else min_replicas
+    high = max(low, 1) if max_replicas is None else max_replicas
+    settings = ReplicaSettings(low, high, target)
+    check_replicas(settings)
+    return settings
+
+
+def check_replicas(settings: ReplicaSettings) -> None:
+    """Raise `DeploymentError` naming the first replica rule ``settings`` break."""
+    low, high, target = settings.min_replicas, settings.max_replicas, settings.target
+    if low < 1:
+        raise DeploymentError(
+            f"--min-replicas must be at least 1, got {low}: a deployment with zero replicas "
+            "could not answer (scale to zero is not supported)"
+        )
+    if high < 1:
+        raise DeploymentError(f"--max-replicas must be at least 1, got {high}")
+    if low > high:
+        raise DeploymentError(
+            f"--min-replicas ({low}) cannot be greater than --max-replicas ({high})"
+        )
+    if high > MAX_REPLICAS:
+        raise DeploymentError(f"--max-replicas must be at most {MAX_REPLICAS}, got {high}")
+    if not target > 0:  # also refuses NaN
+        raise DeploymentError(f"--target-ongoing-requests must be positive, got {target:g}")

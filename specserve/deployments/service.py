@@ -17,7 +17,12 @@ import secrets
 from pathlib import Path
 
 from specserve.deployments.errors import DeploymentError, DeploymentExistsError
-from specserve.deployments.rules import DrafterFlags, check_drafter_flags
+from specserve.deployments.rules import (
+    DrafterFlags,
+    ReplicaSettings,
+    check_drafter_flags,
+    check_replicas,
+)
 from specserve.deployments.store import Deployment, DeploymentStore, check_id
 from specserve.deployments.vocab import DRAFTER_MANIFEST, check_same_vocabulary, vocab_size_of
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL, resolve
@@ -78,31 +83,44 @@ def create_deployment(
     model: str,
     flags: DrafterFlags | None = None,
     id: str | None = None,
+    replicas: ReplicaSettings | None = None,
 ) -> Deployment:
     """Validate and store a new deployment of ``model`` (catalog name or path).
 
-    Order: flag rules, then the model, then the draft model and its vocabulary, then the id,
-    so the first error is about what the user typed first.
+    Order: flag rules (drafter, then replicas), then the model, then the draft model and its
+    vocabulary, then the id, so the first error is about what the user typed first.
     """
     flags = flags or DrafterFlags()
     check_drafter_flags(flags)
+    replicas = replicas or ReplicaSettings()
+    check_replicas(replicas)
     if id is not None:
         check_id(id)
     target = canonical_model(model)
     flags = _canonical_flags(flags)
     if flags.draft_model is not None:
         check_same_vocabulary(target, flags.draft_model)
-    return store.create(Deployment(id or suggest_id(store, target), target, flags))
+    return store.create(Deployment(id or suggest_id(store, target), target, flags, replicas))
 
 
-def update_deployment(store: DeploymentStore, id: str, flags: DrafterFlags) -> Deployment:
-    """Replace the drafter configuration of deployment ``id`` with ``flags``.
+def update_deployment(
+    store: DeploymentStore,
+    id: str,
+    flags: DrafterFlags | None,
+    replicas: ReplicaSettings | None = None,
+) -> Deployment:
+    """Replace the drafter configuration of deployment ``id`` with ``flags`` and/or its
+    replica settings with ``replicas`` (None: keep what is stored).
 
     Replacing, not merging, keeps every update checkable on its own: switching from a draft
     model to n-gram needs no "--no-draft-model", and ``DrafterFlags()`` returns to the
     model's default drafter. The vocabulary check reruns when the draft model changes.
     """
     current = store.get(id)
+    if replicas is not None:
+        check_replicas(replicas)
+    if flags is None:
+        return store.update(id, replicas=replicas)
     try:
         check_drafter_flags(flags)
     except DeploymentError as exc:
@@ -110,7 +128,7 @@ def update_deployment(store: DeploymentStore, id: str, flags: DrafterFlags) -> D
     flags = _canonical_flags(flags)
     if flags.draft_model is not None and flags.draft_model != current.flags.draft_model:
         check_same_vocabulary(current.model, flags.draft_model)
-    return store.update(id, flags=flags)
+    return store.update(id, flags=flags, replicas=replicas)
 
 
 def delete_deployment(store: DeploymentStore, id: str) -> None:

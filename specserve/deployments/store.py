@@ -27,7 +27,12 @@ from specserve.deployments.errors import (
     DeploymentNotFoundError,
     StoreVersionError,
 )
-from specserve.deployments.rules import DrafterFlags, EffectiveDrafter, effective_drafter
+from specserve.deployments.rules import (
+    DrafterFlags,
+    EffectiveDrafter,
+    ReplicaSettings,
+    effective_drafter,
+)
 from specserve.model.fetch import data_dir
 
 MIGRATIONS: list[str] = [
@@ -43,13 +48,22 @@ MIGRATIONS: list[str] = [
         updated_at REAL
     );
     """,
+    # 2: replica counts for `serve --ray`; old records get one fixed replica.
+    """
+    ALTER TABLE deployments ADD COLUMN min_replicas INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE deployments ADD COLUMN max_replicas INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE deployments ADD COLUMN target_ongoing_requests REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 10.0  # how long one process waits for another's write lock
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_COLUMNS = "id, model, draft_model, draft_token_count, ngram_speculation_length, no_speculation"
+_COLUMNS = (
+    "id, model, draft_model, draft_token_count, ngram_speculation_length, no_speculation, "
+    "min_replicas, max_replicas, target_ongoing_requests"
+)
 _TIMES = "created_at, updated_at"
-_PLACEHOLDERS = ", ".join("?" * 8)  # one per column above
+_PLACEHOLDERS = ", ".join("?" * 11)  # one per column above
 
 
 def default_store_path() -> Path:
@@ -74,6 +88,7 @@ class Deployment:
     id: str
     model: str  # a catalog name or an absolute path
     flags: DrafterFlags = field(default_factory=DrafterFlags)
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
     created_at: float = 0.0  # seconds since the epoch; set by the store
     updated_at: float = 0.0
 
@@ -91,6 +106,7 @@ class Deployment:
             "ngram_speculation_length": flags.ngram_speculation_length,
             "no_speculation": flags.no_speculation,
             "effective_drafter": self.effective_drafter().as_dict(),
+            "replicas": self.replicas.as_dict(),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -103,7 +119,12 @@ def _row_to_deployment(row: sqlite3.Row) -> Deployment:
         ngram_speculation_length=row["ngram_speculation_length"],
         no_speculation=bool(row["no_speculation"]),
     )
-    return Deployment(row["id"], row["model"], flags, row["created_at"], row["updated_at"])
+    replicas = ReplicaSettings(
+        row["min_replicas"], row["max_replicas"], row["target_ongoing_requests"]
+    )
+    return Deployment(
+        row["id"], row["model"], flags, replicas, row["created_at"], row["updated_at"]
+    )
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -206,7 +227,7 @@ class DeploymentStore:
         check_id(deployment.id)
         now = time.time()
         stored = replace(deployment, created_at=now, updated_at=now)
-        flags = stored.flags
+        flags, replicas = stored.flags, stored.replicas
         with self._transaction() as conn:
             try:
                 conn.execute(
@@ -218,6 +239,9 @@ class DeploymentStore:
                         flags.draft_token_count,
                         flags.ngram_speculation_length,
                         int(flags.no_speculation),
+                        replicas.min_replicas,
+                        replicas.max_replicas,
+                        replicas.target_ongoing_requests,
                         now,
                         now,
                     ),
@@ -230,26 +254,37 @@ class DeploymentStore:
         return stored
 
     def update(
-        self, deployment_id: str, *, model: str | None = None, flags: DrafterFlags | None = None
+        self,
+        deployment_id: str,
+        *,
+        model: str | None = None,
+        flags: DrafterFlags | None = None,
+        replicas: ReplicaSettings | None = None,
     ) -> Deployment:
-        """Replace the model and/or the whole drafter configuration of one deployment."""
+        """Replace the model, the whole drafter configuration and/or the replica settings of
+        one deployment (None: keep)."""
         with self._transaction() as conn:
             current = self._get(conn, deployment_id)
             new = replace(
                 current,
                 model=current.model if model is None else model,
                 flags=current.flags if flags is None else flags,
+                replicas=current.replicas if replicas is None else replicas,
                 updated_at=time.time(),
             )
             conn.execute(
                 "UPDATE deployments SET model = ?, draft_model = ?, draft_token_count = ?, "
-                "ngram_speculation_length = ?, no_speculation = ?, updated_at = ? WHERE id = ?",
+                "ngram_speculation_length = ?, no_speculation = ?, min_replicas = ?, "
+                "max_replicas = ?, target_ongoing_requests = ?, updated_at = ? WHERE id = ?",
                 (
                     new.model,
                     new.flags.draft_model,
                     new.flags.draft_token_count,
                     new.flags.ngram_speculation_length,
                     int(new.flags.no_speculation),
+                    new.replicas.min_replicas,
+                    new.replicas.max_replicas,
+                    new.replicas.target_ongoing_requests,
                     new.updated_at,
                     deployment_id,
                 ),
