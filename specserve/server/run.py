@@ -60,6 +60,20 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "the format `specserve tune --prompts` and drafter training read",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = p.add_argument_group(
+        "Ray Serve (optional extra: pip install 'specserve[ray]'; see docs/ray.md)"
+    )
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run each deployment's replicas (--min/--max-replicas) on Ray Serve, behind one "
+        "endpoint; --threads is then per replica (default 1)",
+    )
+    ray.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="with --ray: join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -78,6 +92,14 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < least:
             kind = "a positive integer" if least == 1 else f"at least {least}"
             raise ValueError(f"{name} must be {kind}, got {value}")
+    if args.address and not args.ray:
+        raise ValueError("--address needs --ray")
+    if args.ray and args.record_traffic:
+        raise ValueError("--record-traffic is not supported with --ray yet")
+    if args.ray:  # before the database and the models: a missing Ray fails fast
+        from specserve.server.ray_run import import_ray
+
+        import_ray()
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("serving on %s without an API key: anyone who reaches it can use it", args.host)
     store = DeploymentStore(args.db or default_store_path())
@@ -89,8 +111,12 @@ def run_serve(args: argparse.Namespace) -> int:
     for d in chosen:
         log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
     options = EngineOptions(args.max_batch, args.max_queue, args.max_context)
-    served = _start_compute_thread(chosen, args.dtype, options, args.threads)
     settings = ServerSettings(args.api_key, args.max_body_bytes, args.record_traffic)
+    if args.ray:
+        from specserve.server.ray_run import run_serve_ray
+
+        return run_serve_ray(args, chosen, options, settings, _is_loopback(args.host))
+    served = _start_compute_thread(chosen, args.dtype, options, args.threads)
     app = create_app(served, settings)
     print(
         f"specserve: serving {', '.join(sorted(served.by_id))} on http://{args.host}:{args.port}/v1",

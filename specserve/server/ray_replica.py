@@ -1,0 +1,168 @@
+"""One replica of one deployment on Ray Serve: the single-process server, whole, in an actor.
+
+Each replica builds exactly what ``specserve serve`` builds for one process (the models
+loaded and the engine run in one compute thread, `create_app` in front of it) and answers
+the requests the ingress forwards to it by calling that app in-process. So a request's
+validation, tokenization, drafters, usage and error shapes are the same code as without
+Ray, and its output is the single-process server's output.
+
+Imported only by ``serve --ray`` (it imports ray at the top).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from specserve.deployments.store import Deployment
+from specserve.server.app import ServerSettings, create_app
+from specserve.server.metrics import Metrics
+from specserve.server.served import EngineOptions
+
+log = logging.getLogger("specserve.ray")
+
+INGRESS_APP = "specserve"  # the Serve application of the ingress and the metrics hub
+REPLICA_HEADER = "x-specserve-replica"  # which replica answered (debugging, tests)
+METRICS_PUSH_SECONDS = 1.0  # how often a replica sends its metrics to the hub
+METRICS_STALE_SECONDS = 15.0  # a replica silent this long is gone (dead or scaled down)
+
+
+def app_name(deployment_id: str) -> str:
+    """The Serve application that runs one stored deployment's replicas."""
+    return f"specserve-{deployment_id}"
+
+
+class EngineReplica:
+    """A continuous-batching engine for one deployment, behind its own OpenAI app."""
+
+    def __init__(
+        self, deployment: Deployment, dtype: str, options: EngineOptions, threads: int
+    ) -> None:
+        from specserve.server.run import _start_compute_thread
+
+        self.deployment_id = deployment.id
+        self.served = _start_compute_thread([deployment], dtype, options, threads)
+        self.metrics = Metrics()
+        # No API key and a generous body limit here: the ingress checks both first.
+        self.app = create_app(self.served, ServerSettings(max_body_bytes=1 << 30), self.metrics)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._stop = threading.Event()
+        threading.Thread(target=self._push_metrics, name="specserve-metrics", daemon=True).start()
+
+    async def handle(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> AsyncIterator[dict[str, Any] | bytes]:
+        """Run one HTTP request through the app: first ``{"status", "headers"}``, then the
+        body as it is produced (SSE events one by one)."""
+        async for item in call_asgi(self.app, method, path, query, headers, body):
+            if isinstance(item, dict):
+                item["headers"].append((REPLICA_HEADER, self.replica))
+            yield item
+
+    def _push_metrics(self) -> None:
+        hub: DeploymentHandle = serve.get_deployment_handle("MetricsHub", app_name=INGRESS_APP)
+        while not self._stop.wait(METRICS_PUSH_SECONDS):
+            text = self.metrics.render().decode()
+            with contextlib.suppress(Exception):  # the hub restarts or shuts down: next time
+                hub.report.remote(self.deployment_id, self.replica, os.getpid(), text).result(
+                    timeout_s=10
+                )
+
+    def __del__(self) -> None:  # Serve calls this when it stops the replica
+        self._stop.set()
+        self.served.stop()
+
+
+class MetricsHub:
+    """The last metrics text of every live replica (replicas push, the ingress reads)."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, tuple[str, int, str, float]] = {}
+
+    def report(self, deployment_id: str, replica: str, pid: int, text: str) -> None:
+        self.reports[replica] = (deployment_id, pid, text, time.monotonic())
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """``{replica: {"deployment", "pid", "metrics"}}`` of replicas heard from lately."""
+        now = time.monotonic()
+        return {
+            replica: {"deployment": d, "pid": pid, "metrics": text}
+            for replica, (d, pid, text, seen) in self.reports.items()
+            if now - seen < METRICS_STALE_SECONDS
+        }
+
+
+async def call_asgi(
+    app: Any,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> AsyncIterator[dict[str, Any] | bytes]:
+    """Call an ASGI app with a complete request body; yield the response start as
+    ``{"status", "headers"}``, then each body chunk. When the caller stops reading (its
+    client went away, or the replica is stopping), the app sees ``http.disconnect``, which
+    frees the sequence as a disconnect does without Ray."""
+    messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    gone = asyncio.Event()
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await messages.put(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await messages.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (message := await messages.get()) is not None:
+            if message["type"] == "http.response.start":
+                pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+                yield {"status": message["status"], "headers": pairs}
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield bytes(message["body"])
+                if not message.get("more_body", False):
+                    break
+    finally:
+        gone.set()
+        try:
+            await asyncio.wait_for(task, timeout=5)
+        except (TimeoutError, asyncio.CancelledError, Exception):
+            task.cancel()
