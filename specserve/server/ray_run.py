@@ -198,8 +198,9 @@ def run_serve_ray(
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
     started = connect(args.address, loopback)
+    # After ray.init, which installs a SIGTERM handler that aborts: ours stops cleanly.
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         deploy(
             deployments,
