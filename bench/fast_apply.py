@@ -1,0 +1,367 @@
+"""Fast apply: code edits with Predicted Outputs on the coder model, against plain decoding
+and llama.cpp on the same GGUF files, in one run (greedy).
+
+Tasks: HumanEvalFix (the buggy function is the prediction; the model writes the whole fixed
+function), open code generation with no prediction (HumanEvalPack's function headers), and
+one prompt from each Spec-Bench group. specserve configurations: plain, prediction alone,
+n-gram, the 0.5B draft model, and the deployment's default mix (the catalog default drafter,
+plus the prediction where the task has one). llama.cpp (llama-server, same GGUFs, the same
+prompt token ids): plain, draft-simple with the 0.5B, ngram-simple, ngram-mod.
+
+Reported per task group and configuration: end-to-end tok/s (prefill included), decode tok/s,
+tokens per target step, acceptance by draft position, and how many outputs equal plain
+decoding; plus a plot of the prediction's speed-up against the edit's size.
+
+    LLAMA_CPP_BIN=.../build/bin python -m bench.fast_apply [--fixes 6] [--open 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `specserve` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    RESULTS_DIR,
+    machine_info,
+    markdown_table,
+    sample_prompts,
+    set_threads,
+    shared_dir,
+    write_json,
+)
+from specserve.deployments.rules import DrafterFlags, effective_drafter
+from specserve.engine.generate import generate
+from specserve.engine.sampling import SamplingParams
+from specserve.engine.speculation import PLAIN, SpeculationConfig, speculation_for_drafter
+from specserve.model.catalog import resolve
+from specserve.model.loader import Model, load_model
+
+TARGET, DRAFT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+FIX_PROMPT = (
+    "Fix the bug in this Python function. Answer with the complete fixed function in one "
+    "```python code block, and nothing else.\n\n```python\n{code}```"
+)
+OPEN_PROMPT = "Complete this Python function. Answer with the whole function only.\n\n{code}"
+LLAMA_PORT = 8089
+
+
+def load_tasks(fixes: int, open_tasks: int, spec_bench: int) -> list[dict[str, Any]]:
+    """Tasks with their prompt text and (for fixes) the prediction text."""
+    rows = [
+        json.loads(line)
+        for line in (shared_dir() / "data" / "humanevalfix" / "humanevalpack_python.jsonl").open()
+    ]
+    step = max(1, len(rows) // max(fixes, 1))
+    tasks = []
+    for row in rows[::step][:fixes]:
+        code = row["declaration"] + row["buggy_solution"]
+        tasks.append(
+            {
+                "group": "humanevalfix",
+                "id": row["task_id"],
+                "text": FIX_PROMPT.format(code=code),
+                "prediction": f"```python\n{code}```",
+            }
+        )
+    for row in rows[step // 2 :: step][:open_tasks]:
+        tasks.append(
+            {
+                "group": "open code",
+                "id": row["task_id"],
+                "text": OPEN_PROMPT.format(code=row["prompt"]),
+                "prediction": None,
+            }
+        )
+    for prompt in sample_prompts(spec_bench):
+        tasks.append(
+            {
+                "group": prompt.category,
+                "id": prompt.question_id,
+                "text": prompt.text,
+                "prediction": None,
+            }
+        )
+    return tasks
+
+
+def specserve_configs(target: Model, draft: Model) -> dict[str, tuple[SpeculationConfig, bool]]:
+    """name -> (speculation, whether the task's prediction is passed)."""
+    default = effective_drafter(TARGET, DrafterFlags())
+    return {
+        "plain": (PLAIN, False),
+        "prediction": (PLAIN, True),
+        "ngram": (SpeculationConfig("ngram", 4, ngram_length=3), False),
+        "draft model 0.5B": (SpeculationConfig("draft_model", 4, draft_model=draft), False),
+        f"default mix ({default.describe()})": (
+            speculation_for_drafter(default, target, lambda name: draft),
+            True,
+        ),
+    }
+
+
+def run_specserve(
+    model: Model, tasks: list[dict[str, Any]], draft: Model, max_tokens: int
+) -> list[dict[str, Any]]:
+    rows = []
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    warm = model.tokenizer.encode_chat([{"role": "user", "content": tasks[0]["text"]}])
+    generate(model, warm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+    for i, task in enumerate(tasks):
+        ids = model.tokenizer.encode_chat([{"role": "user", "content": task["text"]}])
+        task["prompt_ids"] = ids
+        plain_ids = None
+        for name, (spec, with_prediction) in specserve_configs(model, draft).items():
+            prediction = task["prediction"] if with_prediction else None
+            if with_prediction and prediction is None and name == "prediction":
+                continue
+            pred_ids = (
+                model.tokenizer.encode(prediction, add_special_tokens=False) if prediction else None
+            )
+            began = time.perf_counter()
+            result = generate(model, ids, params, spec=spec, prediction_ids=pred_ids)
+            total = time.perf_counter() - began
+            plain_ids = result.token_ids if name == "plain" else plain_ids
+            stats = result.stats.as_dict()
+            rows.append(
+                {
+                    "engine": "specserve",
+                    "config": name,
+                    "group": task["group"],
+                    "task": task["id"],
+                    "tokens": len(result.token_ids),
+                    "seconds": total,
+                    "decode_seconds": result.decode_seconds,
+                    "decode_tokens": len(result.token_ids) - 1,
+                    "tokens_per_step": stats["tokens_per_step"],
+                    "by_method": stats["by_method"],
+                    "identical": result.token_ids == plain_ids,
+                    "edit_size": edit_size(prediction, result.text) if prediction else None,
+                }
+            )
+        print(f"[{i + 1}/{len(tasks)}] {task['group']} {task['id']}", flush=True)
+    return rows
+
+
+def edit_size(prediction: str, output: str) -> float:
+    """Share of the prediction's characters that the output does not keep (0 = copied)."""
+    return round(1.0 - difflib.SequenceMatcher(None, prediction, output).ratio(), 4)
+
+
+LLAMA_CONFIGS = {
+    "llama.cpp plain": [],
+    "llama.cpp draft-simple 0.5B": [
+        "--spec-type",
+        "draft-simple",
+        "-md",
+        "{draft}",
+        "--spec-draft-n-max",
+        "4",
+    ],
+    "llama.cpp ngram-simple": ["--spec-type", "ngram-simple"],
+    "llama.cpp ngram-mod": ["--spec-type", "ngram-mod"],
+}
+
+
+def llama_server(binary: Path, args: list[str], threads: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        str(binary / "llama-server"),
+        "-m",
+        str(resolve(TARGET)[0]),
+        "-t",
+        str(threads),
+        "-c",
+        "4096",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(LLAMA_PORT),
+        "-np",
+        "1",
+        *args,
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{LLAMA_PORT}/health", timeout=1):
+                return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {' '.join(cmd)}") from None
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("llama-server did not start")
+
+
+def llama_complete(ids: list[int], max_tokens: int) -> dict[str, Any]:
+    body = {
+        "prompt": ids,
+        "n_predict": max_tokens,
+        "temperature": 0.0,
+        "top_k": 1,
+        "cache_prompt": False,
+        "samplers": ["top_k"],
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{LLAMA_PORT}/completion",
+        json.dumps(body).encode(),
+        {"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def run_llama(
+    binary: Path, tasks: list[dict[str, Any]], max_tokens: int, threads: int
+) -> list[dict[str, Any]]:
+    rows = []
+    draft = str(resolve(DRAFT)[0])
+    for name, args in LLAMA_CONFIGS.items():
+        server = llama_server(binary, [a.replace("{draft}", draft) for a in args], threads)
+        try:
+            llama_complete(tasks[0]["prompt_ids"], 8)  # warm-up: first-request costs
+            for task in tasks:
+                t = llama_complete(task["prompt_ids"], max_tokens)["timings"]
+                seconds = (t["prompt_ms"] + t["predicted_ms"]) / 1000
+                drafted, accepted = t.get("draft_n", 0), t.get("draft_n_accepted", 0)
+                rows.append(
+                    {
+                        "engine": "llama.cpp",
+                        "config": name,
+                        "group": task["group"],
+                        "task": task["id"],
+                        "tokens": t["predicted_n"],
+                        "seconds": seconds,
+                        "decode_seconds": t["predicted_ms"] / 1000,
+                        "decode_tokens": t["predicted_n"],
+                        "drafted": drafted,
+                        "accepted": accepted,
+                        "tokens_per_step": None,
+                        "identical": None,
+                    }
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(f"{name}: done", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (group, config): summed tokens / summed seconds, as ratios to specserve plain."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        cells[(row["group"], row["config"])].append(row)
+    plain = {g: cells[(g, "plain")] for g, c in cells if c == "plain"}
+    out = []
+    for (group, config), members in cells.items():
+        e2e = sum(r["tokens"] for r in members) / sum(r["seconds"] for r in members)
+        dec = sum(r["decode_tokens"] for r in members) / max(
+            sum(r["decode_seconds"] for r in members), 1e-9
+        )
+        base = plain[group]
+        base_e2e = sum(r["tokens"] for r in base) / sum(r["seconds"] for r in base)
+        base_dec = sum(r["decode_tokens"] for r in base) / sum(r["decode_seconds"] for r in base)
+        steps = [r["tokens_per_step"] for r in members if r["tokens_per_step"]]
+        identical = [r["identical"] for r in members if r["identical"] is not None]
+        out.append(
+            {
+                "group": group,
+                "config": config,
+                "e2e_tok_s": round(e2e, 2),
+                "decode_tok_s": round(dec, 2),
+                "e2e_vs_plain": round(e2e / base_e2e, 3),
+                "decode_vs_plain": round(dec / base_dec, 3),
+                "tokens_per_step": round(sum(steps) / len(steps), 2) if steps else None,
+                "identical": f"{sum(identical)}/{len(identical)}" if identical else "-",
+            }
+        )
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Prediction speed-up (end to end, vs plain) against the edit's size, per fix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = {r["task"]: r["seconds"] / r["tokens"] for r in rows if r["config"] == "plain"}
+    points = [
+        (r["edit_size"], plain[r["task"]] / (r["seconds"] / r["tokens"]))
+        for r in rows
+        if r["config"] == "prediction" and r["edit_size"] is not None
+    ]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("edit size (share of the prediction not kept)")
+    ax.set_ylabel("end-to-end speed-up vs plain")
+    ax.set_title("Qwen2.5-Coder-1.5B, HumanEvalFix, prediction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fixes", type=int, default=6)
+    parser.add_argument("--open", type=int, default=3)
+    parser.add_argument("--spec-bench", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"))
+    parser.add_argument("--quick", action="store_true", help="2 fixes, 1 open, 0 spec-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fast_apply.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.fixes, args.open, args.spec_bench, args.max_tokens = 2, 1, 0, 64
+    set_threads(args.threads)
+    tasks = load_tasks(args.fixes, args.open, args.spec_bench)
+    target, draft = load_model(TARGET, progress=False), load_model(DRAFT, progress=False)
+    rows = run_specserve(target, tasks, draft, args.max_tokens)
+    notes = []
+    if args.llama_cpp_bin:
+        rows += run_llama(Path(args.llama_cpp_bin), tasks, args.max_tokens, args.threads)
+    else:
+        notes.append("llama.cpp skipped: no --llama-cpp-bin / LLAMA_CPP_BIN")
+    summary = summarize(rows)
+    headers = [
+        "group",
+        "config",
+        "e2e tok/s",
+        "decode tok/s",
+        "e2e vs plain",
+        "decode vs plain",
+        "tokens/step",
+        "identical",
+    ]
+    print(markdown_table(headers, [list(s.values()) for s in summary]))
+    plot(rows, args.out.with_suffix(".png"))
+    write_json(
+        args.out,
+        {
+            "machine": machine_info(args.threads),
+            "settings": vars(args)
+            | {"llama_cpp_bin": str(args.llama_cpp_bin), "out": str(args.out)},
+            "notes": notes,
+            "summary": summary,
+            "rows": rows,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
