@@ -7,6 +7,7 @@ exceptions; a stack trace is never sent, unexpected failures are logged here ins
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,18 @@ def error_body(
     message: str, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, dict[str, str | None]]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def model_not_found(name: object, known: Iterable[str]) -> APIError:
+    """404: ``model`` names no served deployment (nor a model with a default one)."""
+    listed = ", ".join(sorted(known)) or "none"
+    return APIError(
+        404,
+        f"The model '{name}' does not exist: name a deployment ({listed})",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

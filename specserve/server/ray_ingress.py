@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 from specserve.deployments.store import Deployment
-from specserve.server.errors import APIError, install_error_handlers
+from specserve.server.errors import APIError, install_error_handlers, model_not_found
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
 from specserve.server.ray_replica import app_name
@@ -62,14 +62,7 @@ class Ingress:
             found = name if name in self.deployments else self.default_for_model.get(name)
             if found is not None and (found == name or "/" not in name):
                 return found
-        known = ", ".join(sorted(self.deployments)) or "none"
-        raise APIError(
-            404,
-            f"The model '{name}' does not exist: name a deployment ({known})",
-            "invalid_request_error",
-            "model",
-            "model_not_found",
-        )
+        raise model_not_found(name, self.deployments)
 
     def handle(self, deployment_id: str) -> DeploymentHandle:
         if deployment_id not in self.handles:

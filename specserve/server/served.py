@@ -19,7 +19,7 @@ from specserve.deployments.store import Deployment
 from specserve.engine.scheduler import Engine
 from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model
-from specserve.server.errors import APIError
+from specserve.server.errors import model_not_found
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,7 @@ class ServedDeployments:
     def lookup(self, name: str) -> ServedDeployment:
         found = self.by_id.get(name) or self.default_for_model.get(name)
         if found is None or (found.id != name and "/" in name):
-            known = ", ".join(sorted(self.by_id)) or "none"
-            raise APIError(
-                404,
-                f"The model '{name}' does not exist: name a deployment ({known})",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
+            raise model_not_found(name, self.by_id)
         return found
 
     def engines(self) -> dict[str, Engine]:
