@@ -218,11 +218,6 @@ class CausalLM(torch.nn.Module):
             self._buffers["embedding"] = rows.dense()  # first whole-table use: materialize
         return super().__getattr__(name)
 
-    @property
-    def vocab_rows(self) -> int:
-        rows = self.embedding_rows
-        return rows.shape[0] if rows is not None else self.embedding.shape[0]
-
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` -> float32 embeddings ``[B, T, C]``."""
         if self.embedding_rows is not None:
