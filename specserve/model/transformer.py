@@ -294,17 +294,9 @@ class CausalLM(torch.nn.Module):
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"
         T = tokens.shape[1]
-        offsets = torch.arange(T, device=tokens.device)
-        positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
         end = max(batch.starts) + T
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
-        causal, sliding = self._masks(positions, read_len)
-        rope = (self.cos[positions][:, None], self.sin[positions][:, None])
-        rope_local = rope
-        if self.config.sliding_window is not None:  # Gemma's local layers: own RoPE base
-            rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
         x = self.embed(tokens)
         if self.config.embedding_scale != 1.0:
             # Gemma scales in the weights' dtype, as the reference implementation does.
@@ -312,6 +304,14 @@ class CausalLM(torch.nn.Module):
         plans = self.native_plans()
         if plans is not None and cache.keys.dtype == torch.float32:
             return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
+        offsets = torch.arange(T, device=tokens.device)
+        positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
+        read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
+        causal, sliding = self._masks(positions, read_len)
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None])
+        rope_local = rope
+        if self.config.sliding_window is not None:  # Gemma's local layers: own RoPE base
+            rope_local = (self.cos_local[positions][:, None], self.sin_local[positions][:, None])
         for block in self.blocks:
             if block.sliding:
                 x = block(x, batch, cache, rope_local, sliding, self.dtype)
