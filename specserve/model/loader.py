@@ -45,7 +45,8 @@ def use_native_threads() -> None:
     """Give the native kernels every compute thread and leave PyTorch's few remaining ops
     (attention, norms) on the calling thread: two pools of spinning threads would fight over
     the same cores."""
-    set_threads(_compute_threads or len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    set_threads(_compute_threads or cores or 1)
     torch.set_num_threads(1)
 
 
