@@ -104,6 +104,7 @@ def specserve_configs(target: Model, draft: Model) -> dict[str, tuple[Speculatio
         "plain": (PLAIN, False),
         "prediction": (PLAIN, True),
         "ngram": (SpeculationConfig("ngram", 4, ngram_length=3), False),
+        "ngram (k<=16)": (SpeculationConfig("ngram", 16, ngram_length=3), False),
         "draft model 0.5B": (SpeculationConfig("draft_model", 4, draft_model=draft), False),
         f"default mix ({default.describe()})": (
             speculation_for_drafter(default, target, lambda name: draft),
