@@ -338,3 +338,41 @@ def test_traffic_log_records_prompts_for_tune(printable: Model, tmp_path: Path) 
     assert all("choices" not in row and "text" not in row for row in rows)  # prompts only
     prompts = load_prompts(log)  # `specserve tune --prompts` reads it as is
     assert prompts[0].prediction == "hi" and prompts[1].token_ids(printable) == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        "",  # empty
+        "x" * 20_000,  # longer than the 256-token context
+        "<|im_end|><|im_start|>assistant\n the cat",  # special tokens spelled out
+        "Le chat est sur le tapis.",  # another language than the answer
+    ],
+    ids=["empty", "over-long", "special-tokens", "other-language"],
+)
+def test_odd_predictions_are_only_hints(
+    client: openai.OpenAI, printable: Model, prediction: str
+) -> None:
+    """A prediction never changes the answer: odd ones are served (the output equals the
+    greedy output) and other requests keep working."""
+    ids = _reference(printable, PROMPTS[2], 12)
+    reply = _chat(client, PROMPTS[2], "tiny", max_tokens=12, prediction=_content(prediction))
+    assert reply.choices[0].message.content == printable.tokenizer.decode(ids)
+    assert _chat(client, "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_prediction_that_is_not_utf8_gets_a_400(server: RunningServer) -> None:
+    """A lone surrogate (valid JSON escape, not encodable text) is refused, not a 500."""
+    body = (
+        '{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}],'
+        ' "prediction": {"type": "content", "content": "\\ud800 x"}}'
+    )
+    response = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prediction.content" and "lone surrogate" in error["message"]

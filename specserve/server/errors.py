@@ -73,7 +73,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         first = problems[0] if problems else {}
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # pydantic names union branches in the location ("str", "function-after[...]"):
+        # the client's parameter is the path of field names and list indices only.
+        where = [
+            str(part)
+            for part in first.get("loc", ())
+            if part != "body" and not (isinstance(part, str) and ("[" in part or part == "str"))
+        ]
         param = ".".join(where) or None
         detail = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":

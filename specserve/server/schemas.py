@@ -6,21 +6,34 @@ support are refused with a 400 naming them, rather than silently doing something
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from specserve.server.errors import invalid
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 
 
+def _encodable(text: str) -> str:
+    """JSON can spell a lone surrogate (``"\\ud800"``), which is no text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
+# Every string that reaches the tokenizer or the detokenizer's stop matching.
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
-def join_text(content: str | list[TextPart] | None) -> str:
+def join_text(content: Text | list[TextPart] | None) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -31,14 +44,14 @@ def join_text(content: str | list[TextPart] | None) -> str:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
 
 class Prediction(BaseModel):
     """Predicted Outputs: text the completion is expected to mostly repeat."""
 
     type: Literal["content"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
 
 class StreamOptions(BaseModel):
@@ -54,7 +67,7 @@ class CommonRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=128)
@@ -135,7 +148,7 @@ class ChatCompletionRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: str | list[str] | list[int] = Field()
+    prompt: Text | list[Text] | list[int] = Field()
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
