@@ -70,10 +70,15 @@ lint: setup
 	$(VENV)/bin/ruff format --check specserve tests bench
 	$(VENV)/bin/mypy
 
-bench: setup
-	$(PY) bench/runtime.py
-	$(PY) bench/speculation.py
-	$(PY) bench/serving.py
+# Benchmarks (results in bench/results/, tables in docs/benchmarks.md). llama.cpp is compared
+# where LLAMA_CPP_BIN names a directory with its llama-bench and llama-server (bench/runtime.py
+# says how to build them); the Qwen pair comes with `make models`.
+bench: setup models
+	$(PY) -m bench.runtime
+	$(PY) -m bench.exactness
+	$(PY) -m bench.fast_apply
+	$(PY) -m bench.speculation
+	$(PY) -m bench.serving
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
