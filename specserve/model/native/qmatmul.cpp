@@ -59,7 +59,10 @@ static inline float round_even(float v) {
       for (int64_t j = 0; j < nb; j++) {                                            \
         const float* v = x + r * k + j * BLK;                                       \
         float amax = 0.0f;                                                          \
-        for (int i = 0; i < BLK; i++) amax = std::fmax(amax, std::fabs(v[i]));      \
+        for (int i = 0; i < BLK; i++) {                                             \
+          const float a = std::fabs(v[i]);                                          \
+          amax = a > amax ? a : amax; /* vectorizes, unlike fmax's NaN rules */     \
+        }                                                                           \
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;                       \
         int32_t lo = 0, hi = 0;                                                     \
         int8_t* out = q + r * k + j * BLK;                                          \
