@@ -147,7 +147,7 @@ CATALOG: dict[str, CatalogEntry] = {
             # N-gram (n = 3, up to 4 tokens), measured on the native kernels
             # (bench/results/fast_apply.json, docs/benchmarks.md): end to end it gives 2.09x
             # plain on HumanEvalFix and 1.73x on open code, where the 0.5B draft model gives
-            # 1.21x and 1.29x (a 0.5B step costs ~0.6x a 1.5B step, for ~2.2 tokens per step
+            # 1.21x and 1.29x (a 0.5B step costs 0.4x-0.6x a 1.5B step, for ~2.2 tokens a step
             # at k <= 4) and loses on Spec-Bench prose (0.77x-0.96x); n-gram + 0.5B was level
             # with n-gram or behind it (bench/speculation.py).
             default_drafter=DefaultDrafter(),
