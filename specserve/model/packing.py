@@ -68,17 +68,17 @@ class Decomposed:
         return (s[..., None] * q16).reshape(n, k)
 
 
-def _f16(raw: np.ndarray) -> np.ndarray:
+def f16_field(raw: np.ndarray) -> np.ndarray:
     """[..., 2] uint8 -> [...] float16."""
     return np.ascontiguousarray(raw).view(np.float16)[..., 0]
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
+def nibbles(qs: np.ndarray) -> np.ndarray:
     """[..., 16] bytes -> [..., 32]: low nibbles are elements 0..15, high ones 16..31."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[..., 12] bytes -> 8 six-bit scales and 8 six-bit mins (Q4_K / Q5_K)."""
     lo_sc, lo_m, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
     sc = np.concatenate([lo_sc & 63, (hi & 0x0F) | ((lo_sc >> 6) << 4)], axis=-1)
@@ -97,32 +97,33 @@ def _affine(n: int, q: np.ndarray, qbits: int, d: np.ndarray, m: np.ndarray) -> 
 
 
 def _q4_0(b: np.ndarray) -> Decomposed:  # d, qs[16]
-    d = _f16(b[..., 0:2])
-    return _affine(b.shape[0], _nibbles(b[..., 2:18]), 4, d, d * np.float16(-8))
+    d = f16_field(b[..., 0:2])
+    return _affine(b.shape[0], nibbles(b[..., 2:18]), 4, d, d * np.float16(-8))
 
 
 def _q4_1(b: np.ndarray) -> Decomposed:  # d, m, qs[16]
-    return _affine(b.shape[0], _nibbles(b[..., 4:20]), 4, _f16(b[..., 0:2]), _f16(b[..., 2:4]))
+    d, m = f16_field(b[..., 0:2]), f16_field(b[..., 2:4])
+    return _affine(b.shape[0], nibbles(b[..., 4:20]), 4, d, m)
 
 
 def _q5_0(b: np.ndarray) -> Decomposed:  # d, qh (32 bits), qs[16]
-    d = _f16(b[..., 0:2])
+    d = f16_field(b[..., 0:2])
     qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [N, nb, 1]
     high = (qh >> np.arange(32, dtype=np.uint32)) & 1
-    q = _nibbles(b[..., 6:22]) | (high.astype(np.uint8) << 4)
+    q = nibbles(b[..., 6:22]) | (high.astype(np.uint8) << 4)
     return _affine(b.shape[0], q, 5, d, d * np.float16(-16))
 
 
 def _q8_0(b: np.ndarray) -> Decomposed:  # d, qs[32] int8
-    d = _f16(b[..., 0:2])
+    d = f16_field(b[..., 0:2])
     q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
     return _affine(b.shape[0], q, 8, d, d * np.float16(-128))
 
 
 def _kaffine(b: np.ndarray, q: np.ndarray, qbits: int) -> Decomposed:
     n = b.shape[0]
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    sc, mn = _k_scales(b[..., 4:16])
+    d, dmin = f16_field(b[..., 0:2]), f16_field(b[..., 2:4])
+    sc, mn = k_scales(b[..., 4:16])
     return Decomposed(
         q.reshape(n, -1), KAFFINE, qbits,
         sc=sc.reshape(n, -1), mn=mn.reshape(n, -1), d=d, nd=-dmin,
@@ -151,7 +152,7 @@ def _q6_k(b: np.ndarray) -> Decomposed:  # ql[128], qh[64], scales[16] int8, d
     qh = ((b[..., 128:192].reshape(n, nb, 2, 1, 32) >> high_shifts) & 0x03).reshape(n, nb, 8, 32)
     q = (ql | (qh << 4)).astype(np.uint8).reshape(n, -1)
     sc = b[..., 192:208].view(np.int8).reshape(n, -1)
-    return Decomposed(q, K6, 6, sc=sc, d=_f16(b[..., 208:210]))
+    return Decomposed(q, K6, 6, sc=sc, d=f16_field(b[..., 208:210]))
 
 
 _DECODERS = {

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
+# The field decoders are the native packing's (one reading of GGUF's block layouts).
+from specserve.model.packing import f16_field, k_scales, nibbles
+
 GROUP_SIZE = 32
 INT4_TYPES = (
     GGMLQuantizationType.Q4_0,
@@ -45,43 +48,29 @@ class Int4Groups:
         return Int4Groups(self.q[order], self.scale[order], self.zero[order], self.input_repeats)
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[..., 16] packed bytes -> [..., 32]: low nibbles are elements 0..15, high ones 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _f16(raw: np.ndarray) -> np.ndarray:
-    """[..., 2] uint8 -> [...] float32."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+def _f32(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 (an fp16 field) -> [...] float32."""
+    return f16_field(raw).astype(np.float32)
 
 
 def _q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # block: d (f16), qs[16]; w = d * (q - 8)
-    d = _f16(blocks[..., 0:2])
-    return _nibbles(blocks[..., 2:18]), d, np.zeros_like(d)
+    d = _f32(blocks[..., 0:2])
+    return nibbles(blocks[..., 2:18]), d, np.zeros_like(d)
 
 
 def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # block: d (f16), m (f16), qs[16]; w = d * q + m = (q - 8) * d + (m + 8 d)
-    d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-    return _nibbles(blocks[..., 4:20]), d, m + 8.0 * d
-
-
-def _q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., 12] bytes -> 8 six-bit scales and 8 six-bit mins per super-block."""
-    p = packed.astype(np.uint16)
-    lo_sc, lo_m, hi = p[..., 0:4], p[..., 4:8], p[..., 8:12]
-    sc = np.concatenate([lo_sc & 63, (hi & 0x0F) | ((lo_sc >> 6) << 4)], axis=-1)
-    mn = np.concatenate([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    d, m = _f32(blocks[..., 0:2]), _f32(blocks[..., 2:4])
+    return nibbles(blocks[..., 4:20]), d, m + 8.0 * d
 
 
 def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # super-block of 256: d, dmin (f16), scales[12], qs[128]; sub-block j of 32 has
     # w = d * sc[j] * q - dmin * m[j]. qs holds 4 chunks of 32 bytes: low nibbles are
     # sub-block 2c, high nibbles sub-block 2c + 1.
-    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-    sc, mn = _q4_k_scales(blocks[..., 4:16])
+    d, dmin = _f32(blocks[..., 0:2]), _f32(blocks[..., 2:4])
+    sc, mn = (codes.astype(np.float32) for codes in k_scales(blocks[..., 4:16]))
     qs = blocks[..., 16:144].reshape(*blocks.shape[:-1], 4, 32)
     q = np.stack([qs & 0x0F, qs >> 4], axis=-2)  # [..., 4, 2, 32]
     q = q.reshape(*blocks.shape[:-1], 8, 32)
@@ -96,7 +85,7 @@ def _q8_0_pair(raw: np.ndarray, cols: int) -> Int4Groups:
     ``[x | x] @ [W_h | W_l]^T``: half the bytes of a bf16 matmul, same values."""
     rows = raw.shape[0]
     blocks = raw.reshape(rows, cols // 32, 34)
-    d = _f16(blocks[..., 0:2])
+    d = _f32(blocks[..., 0:2])
     q = blocks[..., 2:34].view(np.int8).astype(np.int16)
     low = q & 0x0F
     high = (q - low) // 16 + 8
