@@ -1,1 +1,1 @@
-"""Benchmark scripts (``python bench/<name>.py``) and their recorded results (``bench/results``)."""
+"""Benchmark scripts (``python -m bench.<name>``) and their recorded results (``bench/results``)."""

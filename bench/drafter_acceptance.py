@@ -7,7 +7,7 @@ from every answer position at once (the unrolled forward: its own features fed b
 as accepted). Exact for greedy decoding — a chain is accepted while each draft equals the
 target's argmax — and fast, so training recipes can be compared before a timed benchmark.
 
-    python bench/drafter_acceptance.py [DRAFTER_DIR ...] [--per-group 4] [--steps 4]
+    python -m bench.drafter_acceptance [DRAFTER_DIR ...] [--per-group 4] [--steps 4]
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import (
     RESULTS_DIR,
     SPEC_BENCH_GROUPS,
@@ -30,11 +28,11 @@ from bench.common import (
     set_threads,
     write_json,
 )
-from specserve.drafters.artifact import load_drafter
 from specserve.drafters.collect import load_data, save_data, self_distill
 from specserve.drafters.training import TrainingSequence, chain_acceptance
+from specserve.engine.prompt_file import PromptRecord
 from specserve.model.loader import Model, load_model
-from specserve.tune.runner import TunePrompt
+from specserve.speculative.head_artifact import load_drafter
 
 SHIPPED = Path(__file__).resolve().parents[1] / "specserve" / "drafters" / "shipped"
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -49,7 +47,7 @@ def evaluation_data(
     meta["format"] = model.fmt
     path = CACHE / f"acceptance-{model.name}-{len(prompts)}-{max_tokens}.safetensors"
     chats = [
-        TunePrompt(messages=[{"role": "user", "content": p.text}], prompt=None) for p in prompts
+        PromptRecord(messages=[{"role": "user", "content": p.text}], prompt=None) for p in prompts
     ]
     sequences = load_data(path, meta)
     if sequences is None:

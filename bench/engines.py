@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import torch
 
 from specserve.engine.generate import generate
-from specserve.engine.sampling import SamplingParams
 from specserve.model.catalog import resolve
 from specserve.model.loader import load_model
 from specserve.model.transformer import ForwardBatch
+from specserve.speculative.sampling import SamplingParams
 
 MODEL = "smollm2-135m-instruct"
 KS = (1, 2, 4, 8, 16)  # forward sizes measured; the cache must fit context + max(KS)

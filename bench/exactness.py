@@ -13,14 +13,10 @@ failed to write its own keys and values would read NaN), compared position by po
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `specserve` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, machine_info, sample_prompts, set_threads, write_json
 from specserve.model.loader import Model, load_model

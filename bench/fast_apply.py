@@ -22,16 +22,12 @@ import difflib
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `specserve` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     RESULTS_DIR,
@@ -44,10 +40,10 @@ from bench.common import (
 )
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
-from specserve.engine.sampling import SamplingParams
-from specserve.engine.speculation import PLAIN, SpeculationConfig, speculation_for_drafter
 from specserve.model.catalog import resolve
 from specserve.model.loader import Model, load_model
+from specserve.speculative.config import PLAIN, SpeculationConfig, speculation_for_drafter
+from specserve.speculative.sampling import SamplingParams
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 FIX_PROMPT = (
@@ -107,7 +103,7 @@ def specserve_configs(target: Model, draft: Model) -> dict[str, tuple[Speculatio
         "ngram (k<=16)": (SpeculationConfig("ngram", 16, ngram_length=3), False),
         "draft model 0.5B": (SpeculationConfig("draft_model", 4, draft_model=draft), False),
         f"default mix ({default.describe()})": (
-            speculation_for_drafter(default, target, lambda name: draft),
+            speculation_for_drafter(**default.fields(), target=target, load=lambda name: draft),
             True,
         ),
     }

@@ -52,9 +52,6 @@ from typing import Any
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `specserve` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,

@@ -8,7 +8,7 @@ on the same prompts, so machine noise hits both alike. Reported: throughput (gen
 tokens / wall time), request latency and time to first token (p50 / p95), tokens per target
 step, and whether every speculative output equalled the plain one.
 
-    python bench/serving.py [--prompts 16] [--max-tokens 128] [--concurrency 1,2,4,8]
+    python -m bench.serving [--prompts 16] [--max-tokens 128] [--concurrency 1,2,4,8]
 
 With ``--ray`` it measures Ray Serve instead (issue 15): one deployment of the same model with
 plain decoding (``--no-speculation``, so that only the serving path differs), served in turn by
@@ -21,7 +21,7 @@ request (1-token round trip, and the whole streamed request at one client, Ray 1
 single process) and the issue's goals (< 5 ms; T replicas >= 0.9x the single process's
 throughput at the most clients), met or not. The run stops at ``--time-limit`` seconds.
 
-    python bench/serving.py --ray [--prompts 16] [--max-tokens 128] [--concurrency 1,2,4,8]
+    python -m bench.serving --ray [--prompts 16] [--max-tokens 128] [--concurrency 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 import openai

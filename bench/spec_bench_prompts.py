@@ -1,6 +1,6 @@
 """Write Spec-Bench prompts as `specserve tune` / `specserve drafter train` JSONL rows.
 
-    python bench/spec_bench_prompts.py --count 12 > specbench12.jsonl
+    python -m bench.spec_bench_prompts --count 12 > specbench12.jsonl
 
 The sample is the benches' fixed spread over the six Spec-Bench groups (evaluation data:
 for tuning and measuring, never for training a drafter).
@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import sample_prompts
 

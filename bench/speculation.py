@@ -25,8 +25,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import (
     RESULTS_DIR,
     SPEC_BENCH_GROUPS,
@@ -38,12 +36,12 @@ from bench.common import (
     shared_dir,
     write_json,
 )
-from specserve.drafters.artifact import is_drafter_dir, load_drafter
 from specserve.engine.generate import GenerationResult, generate
-from specserve.engine.sampling import SamplingParams
-from specserve.engine.speculation import PLAIN, SpeculationConfig
 from specserve.model.loader import Model, load_model
-from specserve.spec.tuning import StepCosts
+from specserve.speculative.config import PLAIN, SpeculationConfig
+from specserve.speculative.draft_length import StepCosts
+from specserve.speculative.head_artifact import is_drafter_dir, load_drafter
+from specserve.speculative.sampling import SamplingParams
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN_CODER = "qwen2.5-coder-1.5b-instruct"

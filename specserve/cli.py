@@ -16,8 +16,8 @@ from specserve.server.run import add_serve_parser, run_serve
 from specserve.tune.cli import add_tune_parser, run_tune
 
 if TYPE_CHECKING:  # the annotation only; commands import the engine when they run
-    from specserve.engine.speculation import SpeculationConfig
     from specserve.model.loader import Model
+    from specserve.speculative.config import SpeculationConfig
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -62,8 +62,8 @@ def speculation_from_flags(args: argparse.Namespace, target: Model) -> Speculati
     """The product's flag rules (`check_drafter_flags`) and the drafter they amount to: with
     no flags, the model's default drafter (or its family's fallback), as a deployment gets."""
     from specserve.deployments.rules import DrafterFlags, check_drafter_flags, effective_drafter
-    from specserve.engine.speculation import speculation_for_drafter
     from specserve.model.loader import load_model
+    from specserve.speculative.config import speculation_for_drafter
 
     flags = DrafterFlags(
         args.draft_model, args.draft_token_count, args.ngram_speculation_length, args.no_speculation
@@ -71,9 +71,9 @@ def speculation_from_flags(args: argparse.Namespace, target: Model) -> Speculati
     check_drafter_flags(flags)
     drafter = effective_drafter(args.model, flags)
     return speculation_for_drafter(
-        drafter,
-        target,
-        lambda name: load_model(name, dtype=args.dtype),
+        **drafter.fields(),
+        target=target,
+        load=lambda name: load_model(name, dtype=args.dtype),
         adaptive=not args.fixed_length,
     )
 
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
 
     from specserve.engine.generate import generate
-    from specserve.engine.sampling import SamplingParams
     from specserve.model.loader import load_model
+    from specserve.speculative.sampling import SamplingParams
 
     if args.threads:
         set_compute_threads(args.threads)
@@ -166,7 +166,7 @@ def _models() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from specserve.engine.sampling import InvalidRequestError
+    from specserve.speculative.sampling import InvalidRequestError
 
     try:
         if args.command == "generate":

@@ -19,10 +19,5 @@ class DeploymentExistsError(DeploymentError):
     """A deployment with the requested id already exists."""
 
 
-class DraftVocabularyError(DeploymentError):
-    """A draft model whose vocabulary differs from the target's (its ids would mean other
-    tokens, so every draft would be rejected or, worse, verified against the wrong token)."""
-
-
 class StoreVersionError(DeploymentError):
     """The database was written by a newer specserve whose schema this one does not know."""

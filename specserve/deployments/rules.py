@@ -20,6 +20,7 @@ from typing import Any
 from specserve.deployments.errors import DeploymentError
 from specserve.deployments.vocab import fallback_drafter_for
 from specserve.model.catalog import CATALOG, DefaultDrafter
+from specserve.speculative.limits import MAX_DRAFT_TOKEN_COUNT, MAX_NGRAM_LENGTH
 
 # Where an effective drafter came from (shown next to it in `deployment list/get`).
 SOURCES = {
@@ -65,14 +66,6 @@ class DrafterFlags:
         return " ".join(parts)
 
 
-def _limits() -> tuple[int, int]:
-    # Imported here, not at module level: the engine module imports torch (~2 s), and
-    # `specserve deployment list` must stay quick.
-    from specserve.engine.speculation import MAX_DRAFT_TOKEN_COUNT, MAX_NGRAM_LENGTH
-
-    return MAX_DRAFT_TOKEN_COUNT, MAX_NGRAM_LENGTH
-
-
 def check_drafter_flags(flags: DrafterFlags) -> None:
     """Raise `DeploymentError` naming the first flag rule that ``flags`` break."""
     draft, ngram, count = flags.draft_model, flags.ngram_speculation_length, flags.draft_token_count
@@ -96,7 +89,7 @@ def check_drafter_flags(flags: DrafterFlags) -> None:
         raise DeploymentError(
             "--draft-token-count needs --draft-model or --ngram-speculation-length"
         )
-    max_count, max_ngram = _limits()
+    max_count, max_ngram = MAX_DRAFT_TOKEN_COUNT, MAX_NGRAM_LENGTH
     if count is not None and not 1 <= count <= max_count:
         raise DeploymentError(f"--draft-token-count must be in [1, {max_count}], got {count}")
     if ngram is not None and not 1 <= ngram <= max_ngram:
@@ -131,6 +124,15 @@ class EffectiveDrafter:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "description": self.describe()}
+
+    def fields(self) -> dict[str, Any]:
+        """The plain fields `speculation_for_drafter` takes (the engine knows no deployments)."""
+        return {
+            "method": self.method,
+            "draft_token_count": self.draft_token_count,
+            "draft_model": self.draft_model,
+            "ngram_length": self.ngram_length,
+        }
 
 
 def _from_default(default: DefaultDrafter, source: str) -> EffectiveDrafter:

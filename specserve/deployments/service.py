@@ -24,7 +24,11 @@ from specserve.deployments.rules import (
     check_replicas,
 )
 from specserve.deployments.store import Deployment, DeploymentStore, check_id
-from specserve.deployments.vocab import DRAFTER_MANIFEST, check_same_vocabulary, vocab_size_of
+from specserve.deployments.vocab import (
+    DRAFTER_MANIFEST,
+    check_files_share_vocabulary,
+    vocab_size_of,
+)
 from specserve.model.catalog import CATALOG, DEFAULT_MODEL, resolve
 
 MAX_ID_LENGTH = 64
@@ -99,7 +103,7 @@ def create_deployment(
     target = canonical_model(model)
     flags = _canonical_flags(flags)
     if flags.draft_model is not None:
-        check_same_vocabulary(target, flags.draft_model)
+        check_files_share_vocabulary(target, flags.draft_model)
     return store.create(Deployment(id or suggest_id(store, target), target, flags, replicas))
 
 
@@ -127,7 +131,7 @@ def update_deployment(
         raise DeploymentError(f"{exc}; {UPDATE_REPLACES}") from None
     flags = _canonical_flags(flags)
     if flags.draft_model is not None and flags.draft_model != current.flags.draft_model:
-        check_same_vocabulary(current.model, flags.draft_model)
+        check_files_share_vocabulary(current.model, flags.draft_model)
     return store.update(id, flags=flags, replicas=replicas)
 
 

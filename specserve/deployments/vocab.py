@@ -14,14 +14,16 @@ import json
 import logging
 from pathlib import Path
 
-from specserve.deployments.errors import DraftVocabularyError
 from specserve.model import catalog
 from specserve.model.errors import ModelLoadError
 from specserve.model.gguf_file import GGUFFile, GGUFFormatError
 from specserve.model.tokenizer import Tokenizer
+from specserve.model.vocab import Vocabulary, VocabularyMismatchError
+from specserve.model.vocab import check_same_vocabulary as check_vocabulary
 
 logger = logging.getLogger(__name__)
-DRAFTER_MANIFEST = "drafter.json"  # a directory with it is a trained drafter (drafters/artifact)
+# A directory with it is a trained drafter (speculative/head_artifact.py).
+DRAFTER_MANIFEST = "drafter.json"
 _Stamp = tuple[int, int]  # (size, mtime in ns) of the file the tokenizer is read from
 
 
@@ -90,10 +92,10 @@ def weight_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def check_same_vocabulary(target: str, draft: str) -> None:
+def check_files_share_vocabulary(target: str, draft: str) -> None:
     """Refuse ``draft`` (a name or path) as drafter of ``target`` unless they share a vocabulary.
 
-    Raises `DraftVocabularyError`, e.g. "draft model gemma-3-270m cannot draft for
+    Raises `VocabularyMismatchError`, e.g. "draft model gemma-3-270m cannot draft for
     smollm2-135m-instruct: their vocabularies differ (262144 vs 49152 tokens) — ...".
     """
     target_path, _ = catalog.resolve(target)
@@ -101,17 +103,18 @@ def check_same_vocabulary(target: str, draft: str) -> None:
     if (draft_path / DRAFTER_MANIFEST).is_file():  # a trained head: its manifest names its target
         _check_trained_drafter(target, target_path, draft_path)
         return
-    target_size, draft_size = vocab_size_of(target_path), vocab_size_of(draft_path)
-    if draft_size == target_size and fingerprint_of(draft_path) == fingerprint_of(target_path):
-        return
-    sizes = (
-        f"{draft_size} vs {target_size} tokens"
-        if draft_size != target_size
-        else f"both {draft_size} tokens, spelled differently"
-    )
-    raise DraftVocabularyError(
-        f"draft model {draft} cannot draft for {target}: their vocabularies differ ({sizes}) "
-        "— a draft model must share the target's tokenizer"
+    check_vocabulary(target, *_vocabularies(target_path, draft_path, draft))
+
+
+def _vocabularies(target: Path, draft_path: Path, draft: str) -> tuple[Vocabulary, str, Vocabulary]:
+    """Sizes first: the fingerprints (up to ~2 s each) only when the sizes agree."""
+    target_size, draft_size = vocab_size_of(target), vocab_size_of(draft_path)
+    if target_size != draft_size:
+        return Vocabulary(target_size, ""), draft, Vocabulary(draft_size, "")
+    return (
+        Vocabulary(target_size, fingerprint_of(target)),
+        draft,
+        Vocabulary(draft_size, fingerprint_of(draft_path)),
     )
 
 
@@ -122,9 +125,9 @@ def _check_trained_drafter(target: str, target_path: Path, drafter: Path) -> Non
         manifest = json.loads((drafter / DRAFTER_MANIFEST).read_text(encoding="utf-8"))
         trained_for = manifest["target"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DraftVocabularyError(f"{drafter}: unreadable drafter manifest ({exc})") from None
+        raise VocabularyMismatchError(f"{drafter}: unreadable drafter manifest ({exc})") from None
     if trained_for.get("vocab_fingerprint") != fingerprint_of(target_path):
-        raise DraftVocabularyError(
+        raise VocabularyMismatchError(
             f"drafter {drafter} was trained for {trained_for.get('name')}, whose vocabulary "
             f"differs from {target}'s; train one for {target} with `specserve drafter train`"
         )

@@ -20,19 +20,19 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from specserve.drafters.training import TrainingSequence
+from specserve.engine.prompt_file import PromptRecord
 from specserve.engine.result import GenerationResult
-from specserve.engine.sampling import SamplingParams
 from specserve.engine.scheduler import PADDING_ROOM, Engine
-from specserve.engine.speculation import MAX_DRAFT_TOKEN_COUNT
 from specserve.model.loader import Model
-from specserve.tune.runner import TunePrompt
+from specserve.speculative.limits import MAX_DRAFT_TOKEN_COUNT
+from specserve.speculative.sampling import SamplingParams
 
 DATA_FILE = "data.safetensors"
 DATA_VERSION = "2"  # features recorded during generation, loss_from = the prompt's length
 
 
 def self_distill(
-    model: Model, prompts: Sequence[TunePrompt], max_tokens: int, batch: int = 8
+    model: Model, prompts: Sequence[PromptRecord], max_tokens: int, batch: int = 8
 ) -> list[TrainingSequence]:
     """The target's greedy answer to every prompt (in order), with the features it computed
     on the way: one training sequence per conversation, the prompt as context only.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from specserve.engine.sequence import Sequence
-    from specserve.spec.tuning import StepCosts
+    from specserve.speculative.draft_length import StepCosts
 
 RATE_EMA_WEIGHT = 0.1
 PROBE_INTERVAL = 16  # steps between tries of the option the guard currently rejects

@@ -13,12 +13,12 @@ from collections.abc import Sequence as Ids
 import torch
 
 from specserve.engine.result import GenerationResult
-from specserve.engine.sampling import SamplingParams
 from specserve.engine.sequence import Sequence, check_prompt
-from specserve.engine.speculation import PLAIN, SpeculationConfig
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
-from specserve.spec.tuning import StepCosts
+from specserve.speculative.config import PLAIN, SpeculationConfig
+from specserve.speculative.draft_length import StepCosts
+from specserve.speculative.sampling import SamplingParams
 
 __all__ = ["GenerationResult", "check_prompt", "generate"]
 

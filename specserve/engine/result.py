@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.spec.proposers.prediction import PredictionStats
-from specserve.spec.stats import SpecStats
+from specserve.speculative.proposers.prediction import PredictionStats
+from specserve.speculative.stats import SpecStats
 
 
 @dataclass

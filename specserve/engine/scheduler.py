@@ -29,13 +29,14 @@ import torch
 
 from specserve.engine.batch_policy import SpeculationGuard, choose_width
 from specserve.engine.result import GenerationResult
-from specserve.engine.sampling import SamplingParams
 from specserve.engine.sequence import Sequence, check_prompt
-from specserve.engine.speculation import MAX_DRAFT_TOKEN_COUNT, PLAIN, SpeculationConfig
 from specserve.model.kv_cache import POSITION_BLOCK
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
-from specserve.spec.tuning import StepCosts
+from specserve.speculative.config import PLAIN, SpeculationConfig
+from specserve.speculative.draft_length import StepCosts
+from specserve.speculative.limits import MAX_DRAFT_TOKEN_COUNT
+from specserve.speculative.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

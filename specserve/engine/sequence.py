@@ -16,7 +16,11 @@ import torch
 
 from specserve.engine.output import TextAssembler
 from specserve.engine.result import GenerationResult
-from specserve.engine.sampling import (
+from specserve.model.loader import Model
+from specserve.speculative.config import PLAIN, SpeculationConfig
+from specserve.speculative.draft_length import StepCosts
+from specserve.speculative.proposers.base import Proposal, SequenceContext
+from specserve.speculative.sampling import (
     ACCEPT_STREAM,
     SAMPLE_STREAM,
     InvalidRequestError,
@@ -24,12 +28,9 @@ from specserve.engine.sampling import (
     sample,
     target_probs,
 )
-from specserve.engine.speculation import PLAIN, ProposalSource, SpeculationConfig
-from specserve.model.loader import Model
-from specserve.spec.proposers.base import Proposal, SequenceContext
-from specserve.spec.stats import SpecStats
-from specserve.spec.tuning import StepCosts
-from specserve.spec.verify import verify_greedy, verify_sampled
+from specserve.speculative.source import ProposalSource
+from specserve.speculative.stats import SpecStats
+from specserve.speculative.verify import verify_greedy, verify_sampled
 
 
 def check_prompt(model: Model, prompt_ids: Ids[int], context_limit: int | None = None) -> None:

@@ -29,6 +29,14 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Registered in this order, which is the order /metrics lists them in.
+        self._add_request_metrics()
+        self._add_speculation_metrics()
+        self._add_latency_metrics()
+        self._add_engine_metrics()
+
+    def _add_request_metrics(self) -> None:
+        """Requests and tokens per deployment."""
         r = self.registry
         self.requests = Counter(
             "specserve_requests",
@@ -42,6 +50,10 @@ class Metrics:
         self.generation_tokens = Counter(
             "specserve_generation_tokens", "Tokens generated.", ["deployment"], registry=r
         )
+
+    def _add_speculation_metrics(self) -> None:
+        """Drafted and accepted tokens, per method and per draft position; target steps."""
+        r = self.registry
         self.drafted = Counter(
             "specserve_draft_tokens",
             "Draft tokens proposed for verification, by method.",
@@ -78,6 +90,10 @@ class Metrics:
             ["deployment", "outcome"],
             registry=r,
         )
+
+    def _add_latency_metrics(self) -> None:
+        """What a client waits: time to the first token and to the last."""
+        r = self.registry
         self.ttft = Histogram(
             "specserve_time_to_first_token_seconds",
             "Time from submission to the first token (queueing and prefill included).",
@@ -92,6 +108,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _add_engine_metrics(self) -> None:
+        """Per model: step latency and batch size, running and waiting sequences."""
+        r = self.registry
         self.step_seconds = Histogram(
             "specserve_step_seconds",
             "Latency of one engine forward, by kind (prefill, decode).",

@@ -17,9 +17,9 @@ from typing import Any
 from specserve.deployments.rules import EffectiveDrafter
 from specserve.deployments.store import Deployment
 from specserve.engine.scheduler import Engine
-from specserve.engine.speculation import SpeculationConfig, speculation_for_drafter
 from specserve.model.loader import Model
 from specserve.server.errors import model_not_found
+from specserve.speculative.config import SpeculationConfig, speculation_for_drafter
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def load_deployments(
     for deployment in deployments:
         target = model(deployment.model)
         drafter = deployment.effective_drafter()
-        spec = speculation_for_drafter(drafter, target, model)
+        spec = speculation_for_drafter(**drafter.fields(), target=target, load=model)
         if deployment.model not in engines:
             engines[deployment.model] = Engine(
                 target,

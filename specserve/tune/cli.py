@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from specserve.deployments.rules import DrafterFlags, EffectiveDrafter, effective_drafter
-from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
+from specserve.model.loader import DTYPE_CHOICES
 from specserve.tune.measure import Candidate
 
 DEFAULT_NGRAM_LENGTHS = "1,2,3,4"
@@ -159,73 +158,37 @@ def _resolve_target(args: argparse.Namespace) -> tuple[str, str | None, Effectiv
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    import torch
-
-    from specserve.model.loader import Model, load_model
-    from specserve.tune.ranking import rank, recommend
-    from specserve.tune.report import format_table, write_report
-    from specserve.tune.runner import load_prompts, measure, measure_throughput
+    from specserve.engine.prompt_file import load_prompts
+    from specserve.tune.pipeline import TuneOptions, apply_recommendation, run_tuning
+    from specserve.tune.report import format_table
 
     if args.max_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError("--max-tokens and --limit must be positive integers")
     levels = _int_list(args.concurrency, "--concurrency")
     model_name, deployment_id, drafter = _resolve_target(args)
-    prompts = load_prompts(args.prompts, args.limit)
-    candidates = build_candidates(args, drafter, model_name)
-    if args.threads:
-        set_compute_threads(args.threads)
-    model = load_model(model_name, dtype=args.dtype)
-    drafts: dict[str, Model] = {}
-
-    def load(name: str) -> Model:
-        if name not in drafts:
-            drafts[name] = load_model(name, dtype=args.dtype)
-        return drafts[name]
-
-    print(
-        f"specserve tune: {model.name}, {len(prompts)} prompts x {len(candidates)} candidates, "
-        f"up to {args.max_tokens} tokens each (greedy)",
-        file=sys.stderr,
+    options = TuneOptions(
+        model=model_name,
+        prompts=load_prompts(args.prompts, args.limit),
+        candidates=build_candidates(args, drafter, model_name),
+        prompts_file=args.prompts,
+        concurrency=levels,
+        max_tokens=args.max_tokens,
+        min_speedup=args.min_speedup,
+        seed=args.seed,
+        dtype=args.dtype,
+        threads=args.threads,
+        out=args.out,
+        deployment_id=deployment_id,
+        current_drafter=drafter.describe(),
     )
-    measurements = measure(model, prompts, candidates, args.max_tokens, load)
-    ranked = rank(candidates, measurements, seed=args.seed)
-    recommendation = recommend(ranked, args.min_speedup)
-    picked = {c.name: c for c in candidates if c.is_plain or c.is_default}
-    picked[recommendation.candidate.name] = recommendation.candidate
-    throughput = measure_throughput(
-        model, prompts, list(picked.values()), levels, args.max_tokens, load
-    )
-    out = args.out or Path(f"tune-{deployment_id or model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    settings = {
-        "prompts_file": str(args.prompts),
-        "prompts": len(prompts),
-        "max_tokens": args.max_tokens,
-        "concurrency": levels,
-        "dtype": model.fmt,
-        "threads": torch.get_num_threads(),
-        "deployment": deployment_id,
-        "current_drafter": drafter.describe(),
-    }
-    paths = write_report(
-        out,
-        target=model.name,
-        settings=settings,
-        candidates=candidates,
-        measurements=measurements,
-        ranked=ranked,
-        recommendation=recommendation,
-        throughput=throughput,
-    )
-    print(format_table(ranked, throughput))
+    report = run_tuning(options, notify=lambda message: print(message, file=sys.stderr))
+    recommendation = report.recommendation
+    print(format_table(report.ranked, report.throughput))
     print(f"\nRecommendation: {recommendation.reason}")
     print(f"  flags: {recommendation.flags}")
-    for name, path in paths.items():
+    for name, path in report.files.items():
         print(f"  {name}: {path}")
     if args.apply and deployment_id is not None:
-        from specserve.deployments.service import update_deployment
-        from specserve.deployments.store import DeploymentStore, default_store_path
-
-        store = DeploymentStore(args.db or default_store_path())
-        updated = update_deployment(store, deployment_id, recommendation.candidate.flags())
+        updated = apply_recommendation(args.db, deployment_id, recommendation)
         print(f"applied: deployment {updated.id} now runs {updated.effective_drafter().describe()}")
     return 0

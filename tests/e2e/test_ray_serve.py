@@ -1,0 +1,216 @@
+"""`serve --ray`: deployments as Ray Serve applications on a local, loopback-only Ray.
+
+One Ray instance for the module (127.0.0.1, 4 logical CPUs on this 2-core machine, no
+dashboard), shut down by the fixture whatever happens. A tiny printable model; deployment
+"tiny" has two fixed replicas, "auto" autoscales 1..2 with a target of one request.
+Outputs are compared with plain greedy decoding in this process, as tests/e2e/test_server.py
+compares the single-process server's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from specserve.deployments.rules import DrafterFlags, ReplicaSettings
+from specserve.deployments.service import create_deployment
+from specserve.deployments.store import DeploymentStore
+from specserve.engine.generate import generate
+from specserve.model.loader import Model, load_model
+from specserve.server.app import ServerSettings
+from specserve.server.served import EngineOptions
+from specserve.speculative.sampling import SamplingParams
+from tests.server_harness import free_port
+from tests.tiny import TinySpec, write_tiny_gguf
+
+ray = pytest.importorskip(
+    "ray", reason="Ray is not installed: pip install 'specserve[ray]' (make setup installs it)"
+)
+# Ray Serve's own pydantic models warn on import; they are not ours to fix.
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+from specserve.server.ray_replica import INGRESS_APP, REPLICA_HEADER  # noqa: E402
+from specserve.server.ray_run import Scaling, deploy, undeploy  # noqa: E402
+
+OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
+FAST_SCALING = Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0)
+PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
+WAIT_S = 90.0  # the longest any condition below may take to come true
+
+
+@pytest.fixture(scope="module")
+def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    spec = TinySpec(merges=False, printable_output=True, seed=3)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("ray-model") / "printable.gguf", spec)
+    return load_model(str(path), dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    store = DeploymentStore(tmp_path_factory.mktemp("ray-db") / "deployments.db")
+    model = str(printable.path)
+    create_deployment(store, model, DrafterFlags(), id="tiny", replicas=ReplicaSettings(2, 2))
+    auto = ReplicaSettings(1, 2, target_ongoing_requests=1)
+    create_deployment(store, model, DrafterFlags(no_speculation=True), id="auto", replicas=auto)
+    deployments = store.list()
+    port = free_port()
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
+    try:
+        deploy(
+            deployments,
+            dtype="float32",
+            options=OPTIONS,
+            threads=1,
+            settings=ServerSettings(),
+            host="127.0.0.1",
+            port=port,
+            scaling=FAST_SCALING,
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        undeploy(deployments, started_cluster=True)
+
+
+def _until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = condition()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def _reference(model: Model, prompt: str, max_tokens: int) -> str:
+    ids = generate(model, model.tokenizer.encode(prompt), SamplingParams(max_tokens=max_tokens))
+    return model.tokenizer.decode(ids.token_ids)
+
+
+def _complete(base_url: str, prompt: str, model: str = "tiny", **kw: Any) -> httpx.Response:
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, **kw}
+    return httpx.post(f"{base_url}/v1/completions", json=body, timeout=WAIT_S)
+
+
+def _health(base_url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{base_url}/health", timeout=10).json())
+
+
+def test_requests_spread_over_replicas_and_equal_single_process(
+    base_url: str, printable: Model
+) -> None:
+    prompts = PROMPTS * 3
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _complete(base_url, p), prompts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    for prompt, reply in zip(prompts, replies, strict=True):
+        assert reply.json()["choices"][0]["text"] == _reference(printable, prompt, 16)
+    assert len({r.headers[REPLICA_HEADER] for r in replies}) == 2
+    health = _health(base_url)
+    assert health["status"] == "ok" and health["replicas"]["tiny"] == {"RUNNING": 2}
+
+
+def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> None:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    assert {m.id for m in client.models.list().data} == {"tiny", "auto"}
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == _reference(
+        printable, PROMPTS[1], 20
+    )
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(chat)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    # Errors keep OpenAI's shape through the ingress.
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_metrics_from_every_replica(base_url: str) -> None:
+    for prompt in PROMPTS * 2:
+        assert _complete(base_url, prompt).status_code == 200
+
+    def labelled() -> set[str]:
+        text = httpx.get(f"{base_url}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
+        return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
+
+    assert len(_until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
+
+
+def _replica_pids(deployment: str) -> dict[str, int]:
+    from ray import serve
+
+    hub = serve.get_deployment_handle("MetricsHub", app_name=INGRESS_APP)
+    live = hub.live.remote().result(timeout_s=10)
+    return {r: v["pid"] for r, v in live.items() if v["deployment"] == deployment}
+
+
+def _stream_outcome(base_url: str, prompt: str) -> str:
+    """ "ok", or the error code a failed request got (HTTP or in-band SSE)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "temperature": 0}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=WAIT_S
+    ) as reply:
+        if reply.status_code != 200:
+            return str(json.loads(reply.read())["error"]["code"])
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and '"error"' in line:
+                return str(json.loads(line[6:])["error"]["code"])
+    return "ok"
+
+
+def test_a_killed_replica_is_replaced(base_url: str) -> None:
+    pids = _until(lambda: len(_replica_pids("tiny")) == 2 and _replica_pids("tiny"), "pids")
+    victim_replica, victim = next(iter(pids.items()))
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [pool.submit(_stream_outcome, base_url, p) for p in PROMPTS * 2]
+        time.sleep(0.5)  # the streams are under way
+        os.kill(victim, signal.SIGKILL)
+        results = [f.result() for f in outcomes]
+    # Requests on the other replica, and those retried, complete; the rest get the 503.
+    assert set(results) <= {"ok", "replica_unavailable"} and "ok" in results, results
+    _until(
+        lambda: (
+            _health(base_url)["replicas"]["tiny"] == {"RUNNING": 2}
+            and victim_replica not in _replica_pids("tiny")
+            and len(_replica_pids("tiny")) == 2
+        ),
+        "the replacement replica",
+    )
+    assert _complete(base_url, PROMPTS[0]).status_code == 200
+
+
+def test_autoscaling_one_to_two_and_back(base_url: str) -> None:
+    def running() -> int:
+        return int(_health(base_url)["replicas"]["auto"].get("RUNNING", 0))
+
+    assert running() == 1
+    with ThreadPoolExecutor(6) as pool:
+        load = [pool.submit(_complete, base_url, p, "auto", max_tokens=220) for p in PROMPTS]
+        deadline = time.monotonic() + WAIT_S
+        while running() < 2 and time.monotonic() < deadline:  # keep the load up until then
+            if all(f.done() for f in load):
+                load = [
+                    pool.submit(_complete, base_url, p, "auto", max_tokens=220) for p in PROMPTS
+                ]
+            time.sleep(0.25)
+        assert running() == 2, "did not scale up under load"
+        assert all(f.result().status_code == 200 for f in load)
+    _until(lambda: running() == 1, "scale down when idle")

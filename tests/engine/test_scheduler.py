@@ -1,0 +1,169 @@
+"""The continuous-batching engine: batched requests produce what each produces alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from specserve.engine.generate import generate
+from specserve.engine.result import GenerationResult
+from specserve.engine.scheduler import Engine, Job, QueueFullError
+from specserve.model.loader import Model
+from specserve.speculative.config import PLAIN, SpeculationConfig
+from specserve.speculative.sampling import InvalidRequestError, SamplingParams
+from tests.engaged import StepLog, assert_engaged, assert_engaged_overall
+
+NGRAM = SpeculationConfig("ngram", 4, ngram_length=2, adaptive=False)  # never tuned off
+FIXED = SpeculationConfig("ngram", 3, ngram_length=2, adaptive=False)
+
+
+class Waiter:
+    """Collects one job's streamed text and result, and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def on_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def on_done(self, result: GenerationResult | None, error: BaseException | None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+    def wait(self) -> GenerationResult:
+        assert self.done.wait(60), "the engine did not finish the request"
+        assert self.error is None, self.error
+        assert self.result is not None
+        return self.result
+
+
+def _prompts() -> list[list[int]]:
+    # Prompts of different lengths (some repeat themselves, so n-gram drafts get accepted).
+    return [
+        [5, 6, 7, 8] * 6,
+        list(range(30, 41)),
+        [9, 10, 11] * 9 + [12],
+        list(range(100, 160)),
+        [3] * 5,
+    ]
+
+
+def _submit(engine: Engine, prompt: list[int], params: SamplingParams, **kw: object) -> Waiter:
+    waiter = Waiter()
+    engine.submit(prompt, params, waiter.on_text, waiter.on_done, **kw)  # type: ignore[arg-type]
+    return waiter
+
+
+@pytest.mark.parametrize(
+    ("params", "spec"),
+    [
+        (SamplingParams(max_tokens=24, ignore_eos=True), NGRAM),
+        (SamplingParams(max_tokens=24, ignore_eos=True), PLAIN),
+        # Seeded sampling with a fixed draft length is reproducible: batching must not change it.
+        (SamplingParams(temperature=0.25, top_k=4, seed=7, max_tokens=24, ignore_eos=True), FIXED),
+    ],
+)
+def test_batched_requests_equal_each_alone(
+    tiny_model: Model, params: SamplingParams, spec: SpeculationConfig
+) -> None:
+    alone = [generate(tiny_model, p, params, spec=spec) for p in _prompts()]
+    engine = Engine(tiny_model, max_batch=3, prefill_chunk=16)
+    steps = StepLog(engine)
+    try:
+        waiters = [_submit(engine, p, params, spec=spec) for p in _prompts()]
+        results = [w.wait() for w in waiters]
+    finally:
+        engine.stop()
+    for one, batched, waiter in zip(alone, results, waiters, strict=True):
+        assert batched.token_ids == one.token_ids
+        assert batched.text == one.text == "".join(waiter.pieces)
+        assert batched.finish_reason == "length"
+    assert engine.stats.finished == len(alone)
+    if spec.method is not None:
+        steps.assert_batched_drafts()
+        assert_engaged_overall(results, spec.method)
+
+
+def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    prompt = list(range(40, 52))
+    plain = generate(tiny_model, prompt, params)
+    engine = Engine(tiny_model, max_batch=2)
+    steps = StepLog(engine)
+    try:
+        other = _submit(engine, list(range(60, 70)), params, spec=NGRAM)
+        waiter = _submit(engine, prompt, params, spec=NGRAM, prediction_ids=plain.token_ids)
+        result = waiter.wait()
+        other.wait()
+    finally:
+        engine.stop()
+    assert result.token_ids == plain.token_ids
+    assert result.prediction is not None
+    assert result.prediction.rejected_prediction_tokens == 0
+    assert result.prediction.accepted_prediction_tokens == len(plain.token_ids)
+    assert_engaged(result, "prediction")  # by the verifier, not the text count above
+    counts = result.stats.by_method["prediction"]
+    assert counts.accepted == counts.proposed
+    steps.assert_batched_drafts()
+
+
+def test_cancel_frees_the_slot_for_the_next_request(tiny_model: Model) -> None:
+    engine = Engine(tiny_model, max_batch=1)
+    try:
+        started = threading.Event()
+        long_job = Waiter()
+        job: Job = engine.submit(
+            [5, 6, 7],
+            SamplingParams(max_tokens=400, ignore_eos=True),
+            lambda piece: started.set(),
+            long_job.on_done,
+        )
+        queued = _submit(engine, [8, 9], SamplingParams(max_tokens=4, ignore_eos=True))
+        assert started.wait(30)
+        engine.cancel(job)
+        assert long_job.done.wait(30)
+        assert long_job.result is not None and long_job.result.finish_reason == "cancelled"
+        assert len(long_job.result.token_ids) < 400
+        assert len(queued.wait().token_ids) == 4  # it got the freed slot
+        assert engine.running == 0 and engine.stats.cancelled == 1
+    finally:
+        engine.stop()
+
+
+def test_queue_bound_and_context_limit_are_refused_up_front(tiny_model: Model) -> None:
+    engine = Engine(tiny_model, max_batch=1, max_queue=1, max_context=64)
+    blocker = threading.Event()
+    try:
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        first = engine.submit([5, 6], params, lambda piece: blocker.wait(5), lambda r, e: None)
+        while engine.waiting:  # wait until it is admitted, so the next one waits
+            pass
+        engine.submit([5, 6], params, lambda piece: None, lambda r, e: None)
+        with pytest.raises(QueueFullError, match="queue bound"):
+            engine.submit([5, 6], params, lambda piece: None, lambda r, e: None)
+        with pytest.raises(InvalidRequestError, match="context window"):
+            engine.submit([5] * 64, params, lambda piece: None, lambda r, e: None)
+        engine.cancel(first)
+    finally:
+        blocker.set()
+        engine.stop()
+
+
+@pytest.mark.parametrize("bad", [-1, 264, 10_000])
+def test_out_of_vocabulary_prompt_ids_are_refused(tiny_model: Model, bad: int) -> None:
+    """Ids outside [0, vocabulary) are refused before any compute, by generate and the engine."""
+    assert tiny_model.lm.config.vocab_size == 264
+    params = SamplingParams(max_tokens=4)
+    with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, 264\)"):
+        generate(tiny_model, [5, bad, 6], params)
+    engine = Engine(tiny_model, max_batch=1)
+    try:
+        with pytest.raises(InvalidRequestError, match="prompt token ids"):
+            engine.submit([5, bad], params, lambda piece: None, lambda r, e: None)
+        assert engine.waiting == 0 and engine.running == 0
+    finally:
+        engine.stop()

@@ -1,0 +1,147 @@
+"""Rollback by position, batches of different lengths, and k-token vs single-step forwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from specserve.model.builder import FORMATS
+from specserve.model.errors import ModelLoadError
+from specserve.model.kv_cache import KVCache
+from specserve.model.loader import Model, load_model
+from specserve.model.transformer import ForwardBatch
+from tests.paths import SHARED_DATA
+from tests.tiny import TinySpec, write_tiny_gguf
+
+SPEC_BENCH = SHARED_DATA / "spec_bench" / "question.jsonl"
+
+
+def _forward(model: Model, cache, tokens: list[int], start: int, slot: int = 0) -> torch.Tensor:
+    return model.lm(ForwardBatch(torch.tensor([tokens]), [slot], [start]), cache)[0]
+
+
+def test_rollback_then_reforward_gives_identical_logits(tiny_model: Model) -> None:
+    cache = tiny_model.lm.new_cache()
+    prompt = list(range(10, 30))
+    _forward(tiny_model, cache, prompt, 0)
+    first = _forward(tiny_model, cache, [40, 41, 42, 43], len(prompt))
+    _forward(tiny_model, cache, [99, 98, 97, 96, 95, 94], len(prompt))  # a rejected draft
+    again = _forward(tiny_model, cache, [40, 41, 42, 43], len(prompt))  # rollback = same start
+    assert torch.equal(first, again)
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model stored in 4-bit groups, so every execution format can load it."""
+    path = tmp_path_factory.mktemp("q4") / "tiny-q4_0.gguf"
+    return write_tiny_gguf(path, TinySpec(linear_type=Q.Q4_0))
+
+
+def _load_or_skip(path: Path, fmt: str) -> Model:
+    """The model in ``fmt``, or a skip where this machine or model cannot run that format."""
+    try:
+        return load_model(str(path), dtype=fmt, progress=False)
+    except (ModelLoadError, ValueError, RuntimeError, OSError, ImportError) as exc:
+        pytest.skip(f"format {fmt} cannot run the tiny 4-bit model here: {exc}")
+
+
+# float32 runs through CPU GEMMs that sum in an order depending on the row count above 4 rows
+# (measured: 2e-6 apart); the exactness claim is made for the formats that pass.
+_NOT_EXACT = {"float32": "CPU float32 GEMMs sum rows >= 4 in a row-count-dependent order"}
+
+
+def _formats() -> list[object]:
+    return [
+        pytest.param(f, marks=pytest.mark.xfail(reason=_NOT_EXACT[f])) if f in _NOT_EXACT else f
+        for f in FORMATS
+    ]
+
+
+def _poison(cache: KVCache, slot: int, start: int, length: int) -> None:
+    """NaN in the positions a forward must write: if it failed to, attention would read NaN."""
+    cache.keys[:, slot, :, start : start + length] = float("nan")
+    cache.values[:, slot, :, start : start + length] = float("nan")
+
+
+@pytest.mark.parametrize("fmt", _formats())
+def test_batch_of_different_lengths_equals_each_alone(q4_gguf: Path, fmt: str) -> None:
+    """Rows of one forward, from sequences of different lengths, are bit-identical to each
+    sequence run alone, in every execution format the loader offers (a new kernel too)."""
+    model = _load_or_skip(q4_gguf, fmt)
+    prompts = [list(range(5, 25)), list(range(50, 57)), list(range(100, 112))]
+    alone = []
+    for prompt in prompts:
+        cache = model.lm.new_cache()
+        _forward(model, cache, prompt, 0)
+        _poison(cache, 0, len(prompt), 3)
+        alone.append(_forward(model, cache, [7, 8, 9], len(prompt)))
+    cache = model.lm.new_cache(num_slots=4)
+    for slot, prompt in zip([2, 0, 3], prompts, strict=True):
+        _forward(model, cache, prompt, 0, slot)
+        _poison(cache, slot, len(prompt), 3)
+    batch = ForwardBatch(torch.tensor([[7, 8, 9]] * 3), [2, 0, 3], [len(p) for p in prompts])
+    together = model.lm(batch, cache)
+    for b in range(3):
+        assert torch.equal(together[b], alone[b]), (fmt, b)
+
+
+@pytest.mark.parametrize("fmt", _formats())
+def test_k_token_forward_matches_single_steps_on_tiny(q4_gguf: Path, fmt: str) -> None:
+    """A k-token forward on a cache whose k positions hold NaN (it must write them itself)
+    gives bit-identical logits to k single steps, in every execution format."""
+    model = _load_or_skip(q4_gguf, fmt)
+    prompt = list(range(20, 90))  # the verify window crosses the 64-position block
+    cache = model.lm.new_cache(max_len=128)
+    tokens = [int(_forward(model, cache, prompt, 0)[-1].argmax())]
+    single = []
+    for i in range(8):
+        single.append(_forward(model, cache, [tokens[-1]], len(prompt) + i)[-1])
+        tokens.append(int(single[-1].argmax()))
+    for k in range(1, 9):
+        _poison(cache, 0, len(prompt), k)
+        multi = _forward(model, cache, tokens[:k], len(prompt))
+        for i, (row, ref) in enumerate(zip(multi, single[:k], strict=True)):
+            assert torch.equal(row, ref), (fmt, k, i)
+
+
+def _real_prompts(model: Model, count: int) -> list[list[int]]:
+    rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines()[:: 480 // count]]
+    return [
+        model.tokenizer.encode_chat([{"role": "user", "content": row["turns"][0]}])
+        for row in rows[:count]
+    ]
+
+
+@pytest.mark.slow
+def test_k_token_forward_matches_single_steps_on_smollm2(smollm2: Model) -> None:
+    """Speculative output equals plain output only if a k-token verify forward computes what
+    k single-token steps compute. Checked for k = 1..16 in the default format on real prompts
+    of many lengths (so verify windows cross the attention's 64-position blocks): the logits
+    must be bit-identical, not merely agree on the argmax."""
+    identical = agree = total = 0
+    for prompt in _real_prompts(smollm2, 8):
+        cache = smollm2.lm.new_cache(max_len=len(prompt) + 64)
+        logits = _forward(smollm2, cache, prompt, 0)
+        tokens = [int(logits[-1].argmax())]
+        single = []  # the reference: greedy continuation one token at a time
+        for i in range(16):
+            single.append(_forward(smollm2, cache, [tokens[-1]], len(prompt) + i)[-1])
+            tokens.append(int(single[-1].argmax()))
+        for k in range(1, 17):
+            # The single steps filled these positions with the same K/V: poison them, so a
+            # forward that failed to write its own keys and values would read NaN.
+            _poison(cache, 0, len(prompt), k)
+            multi = _forward(smollm2, cache, tokens[:k], len(prompt))
+            for row, ref in zip(multi, single[:k], strict=True):
+                identical += torch.equal(row, ref)
+                agree += int(row.argmax()) == int(ref.argmax())
+                total += 1
+    print(
+        f"k-token vs single steps over {total} positions: {identical} bit-identical logits, "
+        f"{agree} equal argmax"
+    )
+    assert identical == total

@@ -1,0 +1,235 @@
+"""The native quantized matmul against its slow, obvious twin (STYLE.md 16).
+
+- Packing: every supported GGUF type decomposes into integers and scale codes whose
+  dequantization equals the ``gguf`` package's reference dequantizer bit for bit.
+- Values: the kernel equals ``quantize(x) @ dequantize(W).T`` computed in float64 within a
+  float32 summation tolerance, and a plain float matmul within the activation quantization
+  error (int8 per block of 32, as llama.cpp's Q8 activations).
+- Exactness: each output row is bit-identical whatever the number of rows, the rows it is
+  batched with, the thread count and the ISA path (AVX-512, AVX2, generic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from specserve.model import packing
+from specserve.model.errors import ModelLoadError
+from specserve.model.loader import Model, load_model
+from specserve.model.qlinear import PackedLinear, native_available, native_module
+from specserve.model.transformer import ForwardBatch
+from tests.tiny import TinySpec, write_tiny_gguf
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels not built")
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+K_QUANTS = {Q.Q4_K: (144, (0, 2)), Q.Q5_K: (176, (0, 2)), Q.Q6_K: (210, (208,))}
+# float32 accumulation over K/32 block terms, relative to sum |x_q| |w| (measured ~1e-7).
+SUM_TOLERANCE = 1e-5
+# int8 activations per block of 32: relative error of the product (measured ~5e-3).
+QUANT_TOLERANCE = 2e-2
+
+
+def random_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Raw GGUF rows of ``qtype``: quantized by gguf where it can, random blocks (with
+    small fp16 scales) for the K-quants, which gguf cannot quantize in Python."""
+    rng = np.random.default_rng(seed)
+    if qtype not in K_QUANTS:
+        return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    block_bytes, scale_offsets = K_QUANTS[qtype]
+    raw = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        scale = rng.uniform(1e-3, 1e-2, (rows, cols // 256)).astype(np.float16)
+        raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def packed_linear(qtype: Q, rows: int, cols: int, seed: int = 0) -> tuple[PackedLinear, np.ndarray]:
+    raw = random_raw(qtype, rows, cols, seed)
+    layer = PackedLinear([packing.pack(packing.decompose(raw, qtype, cols))])
+    return layer, dequantize(raw, qtype)
+
+
+def quantize_rows_reference(x: np.ndarray) -> np.ndarray:
+    """The kernels' activation quantization, dequantized: per block of 32, scale amax/127,
+    round half to even."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.round(blocks * inv)  # numpy rounds half to even
+    return (q * (amax / np.float32(127))).reshape(x.shape)
+
+
+@pytest.fixture
+def each_isa() -> Iterator[list[str]]:
+    native = native_module()
+    before = native.isa()
+    yield list(native.supported_isas())
+    native.set_isa(before)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_packing_dequantizes_exactly_as_gguf(qtype: Q) -> None:
+    raw = random_raw(qtype, 40, 512)
+    decomposed = packing.decompose(raw, qtype, 512)
+    assert np.array_equal(decomposed.dequantize(), dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_kernel_matches_dequantize_and_float_matmul(qtype: Q, each_isa: list[str]) -> None:
+    layer, weights = packed_linear(qtype, 72, 512)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(1))
+    xq = quantize_rows_reference(x.numpy()).astype(np.float64)
+    exact = xq @ weights.T.astype(np.float64)
+    bound = SUM_TOLERANCE * (np.abs(xq) @ np.abs(weights.T.astype(np.float64)))
+    plain = x.numpy().astype(np.float64) @ weights.T.astype(np.float64)
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        y = layer(x).numpy()
+        assert np.all(np.abs(y - exact) <= bound), (isa, np.abs(y - exact).max())
+        assert np.linalg.norm(y - plain) <= QUANT_TOLERANCE * np.linalg.norm(plain), isa
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_rows_are_bit_identical_whatever_the_batch(qtype: Q, each_isa: list[str]) -> None:
+    """Every row of an M-row product (M = 1..70, across the 64-row chunk) equals that row
+    computed alone, and every ISA path gives the same bits."""
+    layer, _ = packed_linear(qtype, 40, 512, seed=3)  # 40 outputs: a padded last tile
+    x = torch.randn(70, 512, generator=torch.Generator().manual_seed(2))
+    by_isa = {}
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        for m in (1, 2, 3, 8, 17, 33, 64, 70):
+            batch = layer(x[:m])
+            assert torch.equal(batch, alone[:m]), (isa, m)
+        shuffled = torch.randperm(70, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(layer(x[shuffled]), alone[shuffled]), isa
+        by_isa[isa] = alone
+    first = next(iter(by_isa.values()))
+    for isa, rows in by_isa.items():
+        assert torch.equal(rows, first), isa
+
+
+def test_thread_count_does_not_change_results() -> None:
+    native = native_module()
+    layer, _ = packed_linear(Q.Q4_K, 256, 512)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
+    threads = native.threads()
+    try:
+        native.set_threads(1)
+        one = layer(x)
+        native.set_threads(3)
+        assert torch.equal(layer(x), one)
+    finally:
+        native.set_threads(threads)
+
+
+def test_fused_parts_of_different_types_equal_each_alone() -> None:
+    """q, k and v of different GGUF types (Qwen's attn_v is Q6_K) side by side."""
+    parts = [(Q.Q4_K, 48), (Q.Q6_K, 40), (Q.Q8_0, 24)]
+    packed = [
+        packing.pack(packing.decompose(random_raw(t, rows, 256, seed=i), t, 256))
+        for i, (t, rows) in enumerate(parts)
+    ]
+    bias = torch.randn(112)
+    fused = PackedLinear(packed, bias)
+    x = torch.randn(3, 256)
+    alone = torch.cat([PackedLinear([p])(x) for p in packed], dim=1) + bias
+    assert fused(x).shape == (3, 112)
+    assert torch.equal(fused(x), alone)
+
+
+def test_bad_arguments_are_refused() -> None:
+    native = native_module()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.linear(0, 1, 48, 0, 16, ())
+    with pytest.raises(ValueError, match="unknown ISA"):
+        native.set_isa("sse2")
+    with pytest.raises(ValueError, match="invalid packed weight"):
+        native.linear(0, 1, 64, 0, 16, ((1, 8, 0, 0, 0, 1, 0),))  # K-quant needs K % 256
+    with pytest.raises(ValueError, match="share their input width"):
+        a = packing.pack(packing.decompose(random_raw(Q.Q8_0, 16, 64), Q.Q8_0, 64))
+        b = packing.pack(packing.decompose(random_raw(Q.Q8_0, 16, 32), Q.Q8_0, 32))
+        PackedLinear([a, b])
+
+
+def test_native_layers_match_the_pytorch_path(tmp_path: Path) -> None:
+    """The one-call native decoder layer computes what the PyTorch ops compute on the same
+    packed matmuls (attention, RoPE, norms and MLP summed in another order: 1e-4)."""
+    path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", TinySpec(linear_type=Q.Q4_0))
+    model = load_model(str(path), dtype="gguf", progress=False)
+    assert model.lm.native_plans() is not None, "the tiny Llama should run natively"
+    prompts = [list(range(5, 75)), list(range(80, 91))]  # crosses a 64-position block
+    batch = ForwardBatch(torch.tensor([p[:11] for p in prompts]), [1, 0], [0, 0])
+    native = model.lm(batch, model.lm.new_cache(num_slots=2))
+    model.lm._plans = None  # the PyTorch layers, same weights
+    reference = model.lm(batch, model.lm.new_cache(num_slots=2))
+    assert torch.allclose(native, reference, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(native, reference)  # the native path did run
+
+
+def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
+    """--dtype gguf on a file with a Q5_1 matrix (no kernel) names the file and the type;
+    auto picks a format that runs it."""
+    path = write_tiny_gguf(tmp_path / "tiny-q5_1.gguf", TinySpec(linear_type=Q.Q5_1))
+    with pytest.raises(ModelLoadError, match=r"tiny-q5_1\.gguf: tensor .* Q5_1, which has no"):
+        load_model(str(path), dtype="gguf", progress=False)
+    assert load_model(str(path), progress=False).fmt == "int4"
+
+
+def test_native_layers_give_the_same_bits_on_every_isa_path(
+    tmp_path: Path, each_isa: list[str]
+) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", TinySpec(linear_type=Q.Q4_K))
+    model = load_model(str(path), dtype="gguf", progress=False)
+    batch = ForwardBatch(torch.tensor([list(range(3, 40))]), [0], [0])
+    logits = {}
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        logits[isa] = model.lm(batch, model.lm.new_cache())
+    first = next(iter(logits.values()))
+    assert all(torch.equal(v, first) for v in logits.values()), list(logits)
+
+
+def test_embedding_rows_are_the_files_values(tmp_path: Path) -> None:
+    """The gguf format keeps a quantized embedding as the file's rows: lookups and the
+    table materialized on first whole-table use equal the float32 format's table exactly."""
+    spec = TinySpec(linear_type=Q.Q4_K, embedding_type=Q.Q6_K)
+    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", spec)
+    rows = load_model(str(path), dtype="gguf", progress=False).lm
+    table = load_model(str(path), dtype="float32", progress=False).lm.embedding
+    assert rows.embedding_rows is not None
+    tokens = torch.tensor([[5, 0, 260], [7, 7, 1]])
+    assert torch.equal(rows.embed(tokens), table[tokens])
+    with pytest.raises(IndexError, match="outside the embedding"):
+        rows.embed(torch.tensor([[table.shape[0]]]))
+    assert torch.equal(rows.embedding, table)  # materialized on first use (EAGLE heads)
+
+
+# int8 activations per block of 32 (as llama.cpp's Q8): relative logit error against float32
+# weights without activation quantization (measured 1.3% to 3.9% on SmolLM2 and Qwen 0.5B
+# chat prompts; a wrong kernel is off by ~100%).
+REAL_MODEL_TOLERANCE = 6e-2
+
+
+@pytest.mark.slow
+def test_real_model_logits_close_to_float32(smollm2: Model) -> None:
+    """SmolLM2 in the gguf format against its float32 format (itself within 2e-3 of
+    transformers, test_logits_vs_transformers): relative logit error and the same greedy choices."""
+    assert smollm2.fmt == "gguf"
+    reference = load_model("smollm2-135m-instruct", dtype="float32", progress=False)
+    prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": "What is a GGUF file?"}])
+    batch = ForwardBatch(torch.tensor([prompt]), [0], [0])
+    ours = smollm2.lm(batch, smollm2.lm.new_cache())
+    theirs = reference.lm(batch, reference.lm.new_cache())
+    assert (ours - theirs).norm() <= REAL_MODEL_TOLERANCE * theirs.norm()
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+    assert agree >= 0.95, agree
