@@ -217,10 +217,14 @@ class Tokenizer:
         return self._fingerprint
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """Render `messages` with the model's template, or a built-in one for its family
-        (Gemma turns when the vocabulary has `<start_of_turn>`, otherwise ChatML)."""
+        (Gemma turns when the vocabulary has `<start_of_turn>`, otherwise ChatML). `tools`
+        reaches the template as its `tools` variable (None when absent, as transformers)."""
         template = self.chat_template
         if template is None:
             family = "gemma" if self.token_to_id("<start_of_turn>") is not None else "chatml"
@@ -231,14 +235,18 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self._spelling(self.bos_id),
             eos_token=self._spelling(self.eos_id),
+            tools=tools,
         )
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the rendered chat. Like Hugging Face, no BOS is added here: templates
         that want one write `{{ bos_token }}` themselves."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.encode(text, add_special_tokens=False)
 
     def _spelling(self, token_id: int | None) -> str:
