@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from specserve.drafters.eagle import CONTEXT, NO_DRAFT_ROW, EagleHead
+from specserve.speculative.eagle_head import CONTEXT, NO_DRAFT_ROW, EagleHead
 
 # Loss weights of EAGLE-1: the feature regression drives multi-token drafting (predicted
 # features are fed back), the token loss keeps those features decodable.
@@ -405,56 +405,98 @@ def train(
         raise ValueError("no training pairs: every sequence is shorter than 2 positions")
     plan_batches = [_epoch_batches(chunks, batch_tokens, seed, e) for e in range(epochs)]
     total_steps = sum(len(b) for b in plan_batches)
-    plan: dict[str, Any] = dict(seed=seed, epochs=epochs, chunks=len(chunks), lr=lr)
-    plan["steps"] = total_steps
-    plan["batch_tokens"] = batch_tokens
-    plan["recipe"] = vars(recipe).copy()
-    params = _params(head)
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, betas=BETAS)
+    plan = _plan(seed, epochs, len(chunks), lr, total_steps, batch_tokens, recipe)
+    optimizer = torch.optim.AdamW(_params(head).values(), lr=lr, betas=BETAS)
     state: dict[str, Any] = dict(plan=plan, epoch=0, batch=0, step=0, seconds=0.0, tokens=0.0)
     state.update(epoch_loss=[], epoch_accuracy=[], sums={})
     if resume and checkpoint_dir is not None:
         state = _load_checkpoint(checkpoint_dir, head, optimizer, plan) or state
-    pairs_per_epoch = sum(end - max(begin + 1, sequences[i].loss_from) for i, begin, end in chunks)
-    bar = tqdm(
-        total=pairs_per_epoch * epochs,
-        initial=int(state["tokens"]),
-        unit="tok",
-        unit_scale=True,
-        desc="training drafter",
-        disable=not progress,
-    )
+    bar = _progress_bar(sequences, chunks, epochs, int(state["tokens"]), progress)
     head.train()
     started = time.perf_counter() - state["seconds"]
     running: dict[str, float] = {}
     for epoch in range(state["epoch"], epochs):
-        sums: dict[str, float] = state["sums"]
         for index in range(state["batch"], len(plan_batches[epoch])):
             batch = make_batch(sequences, plan_batches[epoch][index])
             lr_now = _lr_at(state["step"], total_steps, lr)
             # noise of step n is a function of (seed, n): a resumed run draws the same
             noise = torch.Generator().manual_seed(seed * 1_000_003 + state["step"])
             metrics = _step(head, optimizer, batch, lr_now, recipe, noise)
-            n = metrics["tokens"]
-            for key in ("loss", "accuracy"):
-                sums[key] = sums.get(key, 0.0) + metrics[key] * n
-                running[key] = running.get(key, metrics[key]) * 0.9 + metrics[key] * 0.1
-            sums["tokens"] = sums.get("tokens", 0.0) + n
-            state.update(step=state["step"] + 1, batch=index + 1, tokens=state["tokens"] + n)
-            state["seconds"] = time.perf_counter() - started
-            bar.update(int(n))
+            _count_step(state, running, metrics, index, started)
+            bar.update(int(metrics["tokens"]))
             bar.set_postfix(loss=f"{running['loss']:.3f}", acc=f"{running['accuracy']:.3f}")
             if checkpoint_dir is not None and state["step"] % CHECKPOINT_EVERY == 0:
                 _save_checkpoint(checkpoint_dir, head, optimizer, state)
-        count = max(sums.get("tokens", 0.0), 1.0)
-        state["epoch_loss"].append(sums.get("loss", 0.0) / count)
-        state["epoch_accuracy"].append(sums.get("accuracy", 0.0) / count)
-        state.update(epoch=epoch + 1, batch=0, sums={})
+        _close_epoch(state, epoch)
         if checkpoint_dir is not None:
             _save_checkpoint(checkpoint_dir, head, optimizer, state)
     bar.close()
     head.eval()
     return _summary(state, len(sequences))
+
+
+def _plan(
+    seed: int,
+    epochs: int,
+    chunks: int,
+    lr: float,
+    steps: int,
+    batch_tokens: int,
+    recipe: Recipe,
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (and the manifest records), in this order."""
+    plan: dict[str, Any] = dict(seed=seed, epochs=epochs, chunks=chunks, lr=lr)
+    plan["steps"] = steps
+    plan["batch_tokens"] = batch_tokens
+    plan["recipe"] = vars(recipe).copy()
+    return plan
+
+
+def _progress_bar(
+    sequences: Sequence[TrainingSequence],
+    chunks: list[Chunk],
+    epochs: int,
+    done: int,
+    progress: bool,
+) -> tqdm:
+    """A bar counting the pairs that count in the loss, ``done`` of them already trained."""
+    pairs_per_epoch = sum(end - max(begin + 1, sequences[i].loss_from) for i, begin, end in chunks)
+    return tqdm(
+        total=pairs_per_epoch * epochs,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        desc="training drafter",
+        disable=not progress,
+    )
+
+
+def _count_step(
+    state: dict[str, Any],
+    running: dict[str, float],
+    metrics: dict[str, float],
+    index: int,
+    started: float,
+) -> None:
+    """Add one step's metrics to the epoch's token-weighted sums and the running averages
+    shown on the progress bar; advance the progress in ``state`` past batch ``index``."""
+    sums: dict[str, float] = state["sums"]
+    n = metrics["tokens"]
+    for key in ("loss", "accuracy"):
+        sums[key] = sums.get(key, 0.0) + metrics[key] * n
+        running[key] = running.get(key, metrics[key]) * 0.9 + metrics[key] * 0.1
+    sums["tokens"] = sums.get("tokens", 0.0) + n
+    state.update(step=state["step"] + 1, batch=index + 1, tokens=state["tokens"] + n)
+    state["seconds"] = time.perf_counter() - started
+
+
+def _close_epoch(state: dict[str, Any], epoch: int) -> None:
+    """Record epoch ``epoch``'s mean loss and accuracy; the next starts at its first batch."""
+    sums: dict[str, float] = state["sums"]
+    count = max(sums.get("tokens", 0.0), 1.0)
+    state["epoch_loss"].append(sums.get("loss", 0.0) / count)
+    state["epoch_accuracy"].append(sums.get("accuracy", 0.0) / count)
+    state.update(epoch=epoch + 1, batch=0, sums={})
 
 
 def _summary(state: dict[str, Any], num_sequences: int) -> dict[str, Any]:
