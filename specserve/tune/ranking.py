@@ -117,6 +117,22 @@ def rank(
     Raises ValueError when the comparison would be unsound: no plain candidate, a
     candidate without measurements, or a candidate measured on other prompts than plain.
     """
+    by_name, plain_name = _by_candidate(candidates, measurements)
+    plain = _per_prompt(by_name[plain_name])
+    # One set of resampled prompt indices shared by all candidates: results do not depend
+    # on the order candidates are listed in, and their intervals are directly comparable.
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(plain.prompts), size=(resamples, len(plain.prompts)))
+    ranked = [_summarise(c, by_name[c.name], plain, draws) for c in candidates]
+    order = {c.name: i for i, c in enumerate(candidates)}
+    return sorted(ranked, key=lambda r: _sort_key(r, order))
+
+
+def _by_candidate(
+    candidates: Sequence[Candidate], measurements: Sequence[Measurement]
+) -> tuple[dict[str, list[Measurement]], str]:
+    """The measurements of each candidate, and the plain candidate's name; ValueError when
+    names repeat, plain is not there exactly once, or a candidate has no measurements."""
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique: {names}")
@@ -134,59 +150,58 @@ def rank(
     for name, ms in by_name.items():
         if not ms:
             raise ValueError(f"candidate {name!r} has no measurements")
+    return by_name, plains[0].name
 
-    plain = _per_prompt(by_name[plains[0].name])
-    # One set of resampled prompt indices shared by all candidates: results do not depend
-    # on the order candidates are listed in, and their intervals are directly comparable.
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(plain.prompts), size=(resamples, len(plain.prompts)))
 
-    ranked = []
-    for c in candidates:
-        ms = by_name[c.name]
-        mine = _per_prompt(ms)
-        if mine.prompts != plain.prompts:
-            missing = sorted(set(plain.prompts) - set(mine.prompts))
-            extra = sorted(set(mine.prompts) - set(plain.prompts))
-            raise ValueError(
-                f"candidate {c.name!r} was measured on other prompts than plain decoding "
-                f"(missing {missing}, extra {extra}); speedups need the same prompts"
-            )
-        if c.is_plain:
-            speedup = low = high = e2e = 1.0
-        else:
-            speedup = float(
-                _ratio(mine.tokens, mine.decode_seconds, plain.tokens, plain.decode_seconds)
-            )
-            e2e = float(_ratio(mine.tokens, mine.total_seconds, plain.tokens, plain.total_seconds))
-            boot = _ratio(
-                mine.tokens[draws], mine.decode_seconds[draws],
-                plain.tokens[draws], plain.decode_seconds[draws],
-            )  # fmt: skip
-            if np.isnan(boot).all():
-                low = high = math.nan
-            else:
-                low, high = (float(x) for x in np.nanpercentile(boot, [2.5, 97.5]))
-        steps = sum(m.target_steps for m in ms)
-        accepted = sum(m.accepted for m in ms)
-        latencies = np.array([m.total_seconds for m in ms], dtype=np.float64)
-        ranked.append(
-            Ranked(
-                candidate=c,
-                speedup=speedup,
-                ci_low=low,
-                ci_high=high,
-                end_to_end_speedup=e2e,
-                mean_accepted_length=(accepted + steps) / steps if steps else math.nan,
-                acceptance_per_position=_acceptance(ms),
-                latency_p50=float(np.percentile(latencies, 50)),
-                latency_p95=float(np.percentile(latencies, 95)),
-                identical=c.is_plain or all(m.identical_to_plain for m in ms),
-                prompts=len(mine.prompts),
-            )
+def _summarise(
+    c: Candidate, ms: Sequence[Measurement], plain: _PerPrompt, draws: np.ndarray
+) -> Ranked:
+    """One candidate's `Ranked` against ``plain``, its interval from the prompt ``draws``."""
+    mine = _per_prompt(ms)
+    if mine.prompts != plain.prompts:
+        missing = sorted(set(plain.prompts) - set(mine.prompts))
+        extra = sorted(set(mine.prompts) - set(plain.prompts))
+        raise ValueError(
+            f"candidate {c.name!r} was measured on other prompts than plain decoding "
+            f"(missing {missing}, extra {extra}); speedups need the same prompts"
         )
-    order = {name: i for i, name in enumerate(names)}
-    return sorted(ranked, key=lambda r: _sort_key(r, order))
+    if c.is_plain:
+        speedup = low = high = e2e = 1.0
+    else:
+        speedup, low, high, e2e = _speedups(mine, plain, draws)
+    steps = sum(m.target_steps for m in ms)
+    accepted = sum(m.accepted for m in ms)
+    latencies = np.array([m.total_seconds for m in ms], dtype=np.float64)
+    return Ranked(
+        candidate=c,
+        speedup=speedup,
+        ci_low=low,
+        ci_high=high,
+        end_to_end_speedup=e2e,
+        mean_accepted_length=(accepted + steps) / steps if steps else math.nan,
+        acceptance_per_position=_acceptance(ms),
+        latency_p50=float(np.percentile(latencies, 50)),
+        latency_p95=float(np.percentile(latencies, 95)),
+        identical=c.is_plain or all(m.identical_to_plain for m in ms),
+        prompts=len(mine.prompts),
+    )
+
+
+def _speedups(
+    mine: _PerPrompt, plain: _PerPrompt, draws: np.ndarray
+) -> tuple[float, float, float, float]:
+    """(decode speedup, its 95% interval's low and high end, end-to-end speedup); the
+    interval is NaN when no resample gives a finite ratio."""
+    speedup = float(_ratio(mine.tokens, mine.decode_seconds, plain.tokens, plain.decode_seconds))
+    e2e = float(_ratio(mine.tokens, mine.total_seconds, plain.tokens, plain.total_seconds))
+    boot = _ratio(
+        mine.tokens[draws], mine.decode_seconds[draws],
+        plain.tokens[draws], plain.decode_seconds[draws],
+    )  # fmt: skip
+    if np.isnan(boot).all():
+        return speedup, math.nan, math.nan, e2e
+    low, high = (float(x) for x in np.nanpercentile(boot, [2.5, 97.5]))
+    return speedup, low, high, e2e
 
 
 def _describe(r: Ranked) -> str:
