@@ -125,22 +125,24 @@ class Block(torch.nn.Module):
         mask: torch.Tensor,
         dtype: torch.dtype,
     ) -> torch.Tensor:
+        """The residual stream ``x`` ``[B, T, C]`` float32 through attention, then the MLP."""
+        x = x + self.attention(x, batch, cache, rope, mask, dtype)
+        return x + self.mlp(x, dtype)
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Self-attention over the cache (this forward's keys written first): what the layer
+        adds to the residual stream, ``[B, T, C]`` float32."""
         cfg = self.config
         B, T, _ = x.shape
-        h = self.norm(x, "attn_norm").to(dtype)
-        qkv = self.qkv(h).float()  # (B, T, (H + 2 KVH) * D)
-        qk, v = qkv.split(
-            [(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
-            dim=-1,
-        )
-        qk = qk.view(B, T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if self.gemma:
-            q = self.norm(qk[:, : cfg.num_heads], "attn_q_norm")
-            k = self.norm(qk[:, cfg.num_heads :], "attn_k_norm")
-            qk = torch.cat([q, k], dim=1)
-        qk = apply_rope(qk, *rope)  # (B, H + KVH, T, D)
-        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k, v = self._project_qkv(x, rope, dtype)
         keys, values = cache.update(
             self.layer,
             batch.slots,
@@ -152,7 +154,7 @@ class Block(torch.nn.Module):
         group = cfg.num_heads // cfg.num_kv_heads
         # GQA without repeating K/V: fold the query heads of one KV head into rows.
         q = q.reshape(B, cfg.num_kv_heads, group * T, cfg.head_dim) * cfg.attention_scale
-        scores = matmul_rows_exact(q, keys.float().transpose(-1, -2))  # (B, KVH, G*T, L)
+        scores = matmul_rows_exact(q, keys.float().transpose(-1, -2))  # [B, KVH, G*T, L]
         scores = scores.view(B, cfg.num_kv_heads, group, T, -1) + mask
         probs = scores.softmax(dim=-1).view(B, cfg.num_kv_heads, group * T, -1)
         attn = probs_times_values(probs, values).reshape(B, cfg.num_heads, T, cfg.head_dim)
@@ -160,13 +162,38 @@ class Block(torch.nn.Module):
         out = self.attn_output(attn.to(dtype)).float()
         if self.gemma:
             out = self.norm(out, "post_attention_norm")
-        x = x + out
+        return out
+
+    def _project_qkv(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[B, H, T, D]`` and keys ``[B, KVH, T, D]`` (qk-normed for Gemma, RoPE
+        applied), values ``[B, KVH, T, D]``; float32."""
+        cfg = self.config
+        B, T, _ = x.shape
+        h = self.norm(x, "attn_norm").to(dtype)
+        qkv = self.qkv(h).float()  # [B, T, (H + 2 KVH) * D]
+        qk, v = qkv.split(
+            [(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
+            dim=-1,
+        )
+        qk = qk.view(B, T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.gemma:
+            q = self.norm(qk[:, : cfg.num_heads], "attn_q_norm")
+            k = self.norm(qk[:, cfg.num_heads :], "attn_k_norm")
+            qk = torch.cat([q, k], dim=1)
+        qk = apply_rope(qk, *rope)  # [B, H + KVH, T, D]
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
+
+    def mlp(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The gated MLP: what it adds to the residual stream ``x``, ``[B, T, C]`` float32."""
         h = self.norm(x, "ffn_norm").to(dtype)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         out = self.ffn_down(self.act(gate) * up).float()
         if self.gemma:
             out = self.norm(out, "post_ffw_norm")
-        return x + out
+        return out
 
 
 class CausalLM(torch.nn.Module):
@@ -197,7 +224,7 @@ class CausalLM(torch.nn.Module):
         # if something asks for the whole table (``__getattr__``).
         self.embedding_rows = embedding if isinstance(embedding, EmbeddingRows) else None
         if not isinstance(embedding, EmbeddingRows):
-            self.register_buffer("embedding", embedding)  # (V, C) in dtype
+            self.register_buffer("embedding", embedding)  # [V, C] in dtype
         self.blocks = torch.nn.ModuleList(blocks)
         self.register_buffer("output_norm", output_norm)
         self.lm_head = lm_head
@@ -305,7 +332,7 @@ class CausalLM(torch.nn.Module):
         if plans is not None and cache.keys.dtype == torch.float32:
             return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
         offsets = torch.arange(T, device=tokens.device)
-        positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # (B, T)
+        positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # [B, T]
         read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
         causal, sliding = self._masks(positions, read_len)
         rope = (self.cos[positions][:, None], self.sin[positions][:, None])
