@@ -16,8 +16,10 @@ from specserve.server.run import add_serve_parser, run_serve
 from specserve.tune.cli import add_tune_parser, run_tune
 
 if TYPE_CHECKING:  # the annotation only; commands import the engine when they run
+    from specserve.engine.result import GenerationResult
     from specserve.model.loader import Model
     from specserve.speculative.config import SpeculationConfig
+    from specserve.speculative.sampling import SamplingParams
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -91,33 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
-
     from specserve.engine.generate import generate
     from specserve.model.loader import load_model
-    from specserve.speculative.sampling import SamplingParams
 
     if args.threads:
         set_compute_threads(args.threads)
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        stop=tuple(args.stop),
-    )
+    params = _sampling_params(args)
     model = load_model(args.model, dtype=args.dtype)
     spec = speculation_from_flags(args, model)
-    tok = model.tokenizer
-    prediction = None
-    if args.prediction_file:
-        with open(args.prediction_file, encoding="utf-8") as handle:
-            prediction = tok.encode(handle.read(), add_special_tokens=False)
-    if args.raw:
-        prompt_ids = tok.encode(args.prompt)
-    else:
-        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    prompt_ids, prediction = _prompt_and_prediction(args, model)
     result = generate(
         model,
         prompt_ids,
@@ -127,6 +111,42 @@ def _generate(args: argparse.Namespace) -> int:
         on_text=lambda piece: print(piece, end="", flush=True),
     )
     print()
+    _print_generation_stats(model, result)
+    return 0
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from specserve.speculative.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
+
+
+def _prompt_and_prediction(
+    args: argparse.Namespace, model: Model
+) -> tuple[list[int], list[int] | None]:
+    """The prompt's token ids (chat-templated unless --raw) and the --prediction-file's."""
+    tok = model.tokenizer
+    prediction = None
+    if args.prediction_file:
+        with open(args.prediction_file, encoding="utf-8") as handle:
+            prediction = tok.encode(handle.read(), add_special_tokens=False)
+    if args.raw:
+        prompt_ids = tok.encode(args.prompt)
+    else:
+        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    return prompt_ids, prediction
+
+
+def _print_generation_stats(model: Model, result: GenerationResult) -> None:
+    """Speed and speculation statistics of one generation, on stderr."""
     print(
         f"[{model.name} {model.fmt}] prompt {result.prompt_tokens} tokens, "
         f"generated {len(result.token_ids)} ({result.finish_reason}), "
@@ -153,7 +173,6 @@ def _generate(args: argparse.Namespace) -> int:
             f"{result.prediction.rejected_prediction_tokens} rejected",
             file=sys.stderr,
         )
-    return 0
 
 
 def _models() -> int:

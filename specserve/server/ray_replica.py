@@ -128,20 +128,7 @@ async def call_asgi(
     async def send(message: dict[str, Any]) -> None:
         await messages.put(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query,
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 0),
-        "server": ("127.0.0.1", 0),
-    }
+    scope = _http_scope(method, path, query, headers)
 
     async def run() -> None:
         try:
@@ -156,19 +143,9 @@ async def call_asgi(
                 pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
                 yield {"status": message["status"], "headers": pairs}
             elif message["type"] == "http.response.body":
-                data, more = bytearray(message.get("body", b"")), message.get("more_body", False)
-                # Send what is already queued as one item: each item Ray streams costs
-                # milliseconds (bench/serving.py --ray), and under load the engine produces
-                # events faster than they are sent. Nothing waits for more to arrive.
-                while more and not messages.empty():
-                    following = messages.get_nowait()
-                    if following is None:
-                        more = False
-                        break
-                    data += following.get("body", b"")
-                    more = following.get("more_body", False)
+                data, more = _body_so_far(message, messages)
                 if data:
-                    yield bytes(data)
+                    yield data
                 if not more:
                     break
     finally:
@@ -177,3 +154,44 @@ async def call_asgi(
             await asyncio.wait_for(task, timeout=5)
         except (TimeoutError, asyncio.CancelledError, Exception):
             task.cancel()
+
+
+def _http_scope(
+    method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+) -> dict[str, Any]:
+    """The ASGI scope of one HTTP/1.1 request from the loopback address."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+
+
+def _body_so_far(
+    message: dict[str, Any], messages: asyncio.Queue[dict[str, Any] | None]
+) -> tuple[bytes, bool]:
+    """The body chunk of ``message`` joined with the chunks already queued behind it, and
+    whether more body follows (False once the app has finished).
+
+    Sent as one item: each item Ray streams costs milliseconds (bench/serving.py --ray), and
+    under load the engine produces events faster than they are sent. Nothing waits for more
+    to arrive.
+    """
+    data, more = bytearray(message.get("body", b"")), message.get("more_body", False)
+    while more and not messages.empty():
+        following = messages.get_nowait()
+        if following is None:
+            more = False
+            break
+        data += following.get("body", b"")
+        more = following.get("more_body", False)
+    return bytes(data), more
