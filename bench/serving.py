@@ -196,7 +196,7 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -233,12 +233,63 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = RESULTS_DIR / ("serving-ray.json" if args.ray else "serving.json")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.ray:
         main_ray(args)
-        return
+    else:
+        main_single(args)
+
+
+SINGLE_HEADERS = [
+    "clients",
+    "deployment",
+    "tok/s",
+    "latency p50 s",
+    "p95 s",
+    "TTFT p50 s",
+    "tokens/step",
+    "spec/plain",
+    "same output",
+]
+
+
+def main_single(args: argparse.Namespace) -> None:
+    """Plain vs speculative deployments of one `specserve serve`, at every concurrency."""
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = sample_prompts(args.prompts)
-    texts = [p.text for p in prompts]
+    phases, metrics = serve_phases(args, [p.text for p in prompts], levels)
+    rows, summary = spec_vs_plain(phases, levels)
+    table = markdown_table(SINGLE_HEADERS, rows)
+    print(table)
+    write_json(
+        args.out,
+        {
+            "benchmark": "serving",
+            "model": MODEL,
+            "settings": vars(args) | {"out": str(args.out)},
+            "prompts": [{"question_id": p.question_id, "category": p.category} for p in prompts],
+            "machine": machine_info(args.threads),
+            "phases": phases,
+            "summary": summary,
+            "table": table,
+            "metrics_excerpt": [
+                line
+                for line in metrics.splitlines()
+                if line.startswith(("specserve_draft_tokens_total", "specserve_accepted_draft"))
+            ],
+        },
+    )
+
+
+def serve_phases(
+    args: argparse.Namespace, texts: list[str], levels: list[int]
+) -> tuple[list[dict[str, Any]], str]:
+    """Every (level, deployment) phase against one server, plain and speculative in turn at
+    each level; and the server's /metrics text at the end."""
     with tempfile.TemporaryDirectory() as home:
         server = start_server(Path(home), args.port, args.threads, max(levels))
         try:
@@ -261,6 +312,14 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    return phases, metrics
+
+
+def spec_vs_plain(
+    phases: list[dict[str, Any]], levels: list[int]
+) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Table rows (SINGLE_HEADERS) and, per level, speculative / plain throughput and
+    whether the outputs were identical (to plain's at this level and at the first)."""
     rows, summary = [], []
     plain_outputs = {p["concurrency"]: p["outputs"] for p in phases if p["deployment"] == "plain"}
     by_key = {(p["deployment"], p["concurrency"]): p for p in phases}
@@ -285,37 +344,7 @@ def main() -> None:
                     ("yes" if identical else "NO") if p is spec else "",
                 ]
             )
-    headers = [
-        "clients",
-        "deployment",
-        "tok/s",
-        "latency p50 s",
-        "p95 s",
-        "TTFT p50 s",
-        "tokens/step",
-        "spec/plain",
-        "same output",
-    ]
-    table = markdown_table(headers, rows)
-    print(table)
-    write_json(
-        args.out,
-        {
-            "benchmark": "serving",
-            "model": MODEL,
-            "settings": vars(args) | {"out": str(args.out)},
-            "prompts": [{"question_id": p.question_id, "category": p.category} for p in prompts],
-            "machine": machine_info(args.threads),
-            "phases": phases,
-            "summary": summary,
-            "table": table,
-            "metrics_excerpt": [
-                line
-                for line in metrics.splitlines()
-                if line.startswith(("specserve_draft_tokens_total", "specserve_accepted_draft"))
-            ],
-        },
-    )
+    return rows, summary
 
 
 # ----------------------------------------------------------------------------- --ray (issue 15)
@@ -623,26 +652,9 @@ def ray_summary(
 ) -> tuple[list[list[str]], dict[str, Any], list[dict[str, Any]]]:
     """Table rows, the overhead Ray adds per request, and the issue's goals."""
     single, one, many = results  # ray_setups' order
-    rows = []
-    for level in levels:
-        base = _phase(single, level)
-        for result in results:
-            p = _phase(result, level)
-            ratio = p["throughput_tokens_per_second"] / base["throughput_tokens_per_second"]
-            spread = sorted(p["requests_per_replica"].values(), reverse=True)
-            rows.append(
-                [
-                    str(level),
-                    result["setup"]["label"],
-                    fmt_number(p["throughput_tokens_per_second"]),
-                    f"{ratio:.2f}x",
-                    fmt_number(p["latency_p50"], 3),
-                    fmt_number(p["latency_p95"], 3),
-                    fmt_number(p["ttft_p50"], 3),
-                    "/".join(map(str, spread)) if result["setup"]["ray"] else "-",
-                    "yes" if p["outputs"] == base["outputs"] else "NO",
-                ]
-            )
+    rows = [
+        _ray_row(result, level, _phase(single, level)) for level in levels for result in results
+    ]
     # Overhead: Ray 1 x T against the single process with the same T threads, so that only
     # the serving path differs. (a) the 1-token round trip; (b) whole streamed requests at the
     # fewest clients, paired by prompt (same prompt, same output: the same work).
@@ -664,12 +676,39 @@ def ray_summary(
         "whole_request_p50_difference_ms": round((a["latency_p50"] - b["latency_p50"]) * 1e3, 2),
         "per_streamed_token_ms": round((whole - fixed) / max(tokens - 1, 1), 3),
     }
-    top = levels[-1]
+    return rows, overhead, ray_goals(results, levels, fixed, whole, tokens)
+
+
+def _ray_row(result: dict[str, Any], level: int, base: dict[str, Any]) -> list[str]:
+    """One server at one level, against the single process's phase ``base``."""
+    p = _phase(result, level)
+    ratio = p["throughput_tokens_per_second"] / base["throughput_tokens_per_second"]
+    spread = sorted(p["requests_per_replica"].values(), reverse=True)
+    return [
+        str(level),
+        result["setup"]["label"],
+        fmt_number(p["throughput_tokens_per_second"]),
+        f"{ratio:.2f}x",
+        fmt_number(p["latency_p50"], 3),
+        fmt_number(p["latency_p95"], 3),
+        fmt_number(p["ttft_p50"], 3),
+        "/".join(map(str, spread)) if result["setup"]["ray"] else "-",
+        "yes" if p["outputs"] == base["outputs"] else "NO",
+    ]
+
+
+def ray_goals(
+    results: list[dict[str, Any]], levels: list[int], fixed: float, whole: float, tokens: float
+) -> list[dict[str, Any]]:
+    """Issue 15's goals, met or not: ``fixed`` and ``whole`` are the overheads in ms of a
+    1-token round trip and of a whole request of ``tokens`` tokens at the fewest clients."""
+    single, one, many = results  # ray_setups' order
+    low, top = levels[0], levels[-1]
     ratio = (
         _phase(many, top)["throughput_tokens_per_second"]
         / _phase(single, top)["throughput_tokens_per_second"]
     )
-    goals = [
+    return [
         {
             "goal": f"Ray overhead per request < {OVERHEAD_GOAL_MS:g} ms (1-token round trip, "
             f"{one['setup']['name']} - single)",
@@ -689,7 +728,19 @@ def ray_summary(
             "met": ratio >= THROUGHPUT_GOAL,
         },
     ]
-    return rows, overhead, goals
+
+
+RAY_HEADERS = [
+    "clients",
+    "server",
+    "tok/s",
+    "vs single",
+    "latency p50 s",
+    "p95 s",
+    "TTFT p50 s",
+    "requests per replica",
+    "same output as single",
+]
 
 
 def main_ray(args: argparse.Namespace) -> None:
@@ -699,52 +750,15 @@ def main_ray(args: argparse.Namespace) -> None:
         sys.exit("--ray compares 1 replica x T threads with T replicas x 1 thread: --threads >= 2")
     levels = sorted(int(c) for c in args.concurrency.split(","))
     prompts = sample_prompts(args.prompts)
-    texts = [p.text for p in prompts]
-    setups = ray_setups(args.threads)
-    interrupts = Interrupts()
-    interrupts.install(args.time_limit)
     began = time.perf_counter()
-    results = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="specserve-bench-ray-") as work:
-            for i, setup in enumerate(setups):
-                result = run_setup(
-                    setup, args.port + i, texts, levels, args, Path(work), interrupts
-                )
-                results.append(result)
-    finally:
-        interrupts.uninstall()
+    results = run_ray_setups(args, [p.text for p in prompts], levels)
     rows, overhead, goals = ray_summary(results, levels)
-    headers = [
-        "clients",
-        "server",
-        "tok/s",
-        "vs single",
-        "latency p50 s",
-        "p95 s",
-        "TTFT p50 s",
-        "requests per replica",
-        "same output as single",
-    ]
-    table = markdown_table(headers, rows)
+    table = markdown_table(RAY_HEADERS, rows)
     goal_table = markdown_table(
         ["goal (issue 15)", "measured", "met"],
         [[g["goal"], g["measured"], "met" if g["met"] else "NOT met"] for g in goals],
     )
-    print()
-    print(table)
-    print()
-    print(
-        f"Ray overhead ({overhead['compared']}): 1-token round trip "
-        f"{overhead['round_trip_1_token_ms']} ms; whole request at "
-        f"{overhead['whole_request_clients']} client(s) "
-        f"{overhead['whole_request_paired_median_ms']} ms (paired median), "
-        f"{overhead['per_streamed_token_ms']} ms per streamed token"
-    )
-    print()
-    print(goal_table)
-    left = sum(r["stop"]["processes_left"] for r in results)
-    print(f"\nevery server and Ray process stopped: {'yes' if left == 0 else f'NO ({left} left)'}")
+    print_ray_report(table, overhead, goal_table, results)
     write_json(
         args.out,
         {
@@ -764,6 +778,44 @@ def main_ray(args: argparse.Namespace) -> None:
             "goal_table": goal_table,
         },
     )
+
+
+def run_ray_setups(
+    args: argparse.Namespace, texts: list[str], levels: list[int]
+) -> list[dict[str, Any]]:
+    """Each of ray_setups' servers in turn, on its own port, under the --time-limit."""
+    interrupts = Interrupts()
+    interrupts.install(args.time_limit)
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="specserve-bench-ray-") as work:
+            for i, setup in enumerate(ray_setups(args.threads)):
+                result = run_setup(
+                    setup, args.port + i, texts, levels, args, Path(work), interrupts
+                )
+                results.append(result)
+    finally:
+        interrupts.uninstall()
+    return results
+
+
+def print_ray_report(
+    table: str, overhead: dict[str, Any], goal_table: str, results: list[dict[str, Any]]
+) -> None:
+    print()
+    print(table)
+    print()
+    print(
+        f"Ray overhead ({overhead['compared']}): 1-token round trip "
+        f"{overhead['round_trip_1_token_ms']} ms; whole request at "
+        f"{overhead['whole_request_clients']} client(s) "
+        f"{overhead['whole_request_paired_median_ms']} ms (paired median), "
+        f"{overhead['per_streamed_token_ms']} ms per streamed token"
+    )
+    print()
+    print(goal_table)
+    left = sum(r["stop"]["processes_left"] for r in results)
+    print(f"\nevery server and Ray process stopped: {'yes' if left == 0 else f'NO ({left} left)'}")
 
 
 if __name__ == "__main__":

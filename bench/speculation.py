@@ -187,22 +187,15 @@ def _methods(args: argparse.Namespace, model: Model) -> dict[str, SpeculationCon
     return {**METHODS, **_eagle_methods(args.eagle, model)}
 
 
+Case = tuple[str, list[int], list[int] | None]  # (category, prompt ids, prediction ids)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     model = load_model(args.model, progress=False)
-    tok = model.tokenizer
     params = SamplingParams(max_tokens=args.max_tokens)
     costs = StepCosts()
-    cases: list[tuple[str, list[int], list[int] | None]] = []
-    for prompt in sample_prompts(args.per_category * len(SPEC_BENCH_GROUPS)):
-        ids = tok.encode_chat([{"role": "user", "content": prompt.text}])
-        cases.append((prompt.category, ids, None))
-    for row in _humanevalfix(args.humanevalfix):
-        code = row["declaration"] + row["buggy_solution"]
-        ids = tok.encode_chat(
-            [{"role": "user", "content": f"Fix the bug in this Python function:\n\n{code}"}]
-        )
-        cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
+    cases = _cases(args, model)
     all_methods = _methods(args, model)
     for spec in (PLAIN, *all_methods.values()):  # warm-up, the draft model's too
         generate(model, cases[0][1], SamplingParams(max_tokens=8), spec=spec)
@@ -211,47 +204,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bf16 = load_model(args.model, dtype="bfloat16", progress=False) if args.draft_rows else None
     rows = []
     for i, (category, ids, prediction) in enumerate(cases):
-        plain = generate(model, ids, params, spec=PLAIN)
-        runs = {"plain": (plain, True)}
-        methods = dict(all_methods)
-        if prediction is not None:
-            methods = {
-                "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
-                **methods,
-            }
-        for name, spec in methods.items():
-            pred = prediction if name.startswith("prediction") else None
-            result = generate(model, ids, params, spec=spec, prediction_ids=pred, costs=costs)
-            runs[name] = (result, result.token_ids == plain.token_ids)
-        for name, (result, same) in runs.items():
-            rows.append(_result_row(category, i, name, result, same))
+        # Interleaved: plain and every method on this prompt before the next prompt.
+        plain, target_rows = _target_rows(
+            model, category, i, ids, prediction, params, all_methods, costs
+        )
+        rows += target_rows
         if bf16 is not None:
-            base = generate(bf16, ids, params)
-            spec = SpeculationConfig("draft_model", 4, draft_model=model)
-            drafted = generate(bf16, ids, params, spec=spec)
-            for name, result in (
-                ("plain (bf16 target)", base),
-                ("draft: int4 copy -> bf16 target", drafted),
-            ):
-                rows.append(
-                    _result_row(category, i, name, result, result.token_ids == base.token_ids)
-                )
+            rows += _self_draft_rows(bf16, model, category, i, ids, params)
         if peer is not None:
-            hf_plain = peer.run(ids, args.max_tokens, lookup=False)
-            hf_pld = peer.run(ids, args.max_tokens, lookup=True)
-            for name, hf in (("HF plain (fp32)", hf_plain), ("HF prompt lookup (fp32)", hf_pld)):
-                rows.append(
-                    _row(
-                        category,
-                        i,
-                        name,
-                        hf["tokens"],
-                        hf["decode_seconds"],
-                        hf["total_seconds"],
-                        hf["tokens"] == hf_plain["tokens"],
-                        None,
-                    )
-                )
+            rows += _peer_rows(peer, category, i, ids, args.max_tokens)
         print(
             f"[{i + 1}/{len(cases)}] {category}: plain {plain.decode_tokens_per_second:.1f} tok/s",
             file=sys.stderr,
@@ -262,6 +223,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _cases(args: argparse.Namespace, model: Model) -> list[Case]:
+    """Spec-Bench prompts (no prediction), then HumanEvalFix (the buggy code predicted)."""
+    tok = model.tokenizer
+    cases: list[Case] = []
+    for prompt in sample_prompts(args.per_category * len(SPEC_BENCH_GROUPS)):
+        ids = tok.encode_chat([{"role": "user", "content": prompt.text}])
+        cases.append((prompt.category, ids, None))
+    for row in _humanevalfix(args.humanevalfix):
+        code = row["declaration"] + row["buggy_solution"]
+        ids = tok.encode_chat(
+            [{"role": "user", "content": f"Fix the bug in this Python function:\n\n{code}"}]
+        )
+        cases.append(("humanevalfix", ids, tok.encode(code, add_special_tokens=False)))
+    return cases
+
+
+def _target_rows(
+    model: Model,
+    category: str,
+    i: int,
+    ids: list[int],
+    prediction: list[int] | None,
+    params: SamplingParams,
+    all_methods: dict[str, SpeculationConfig],
+    costs: StepCosts,
+) -> tuple[GenerationResult, list[dict[str, Any]]]:
+    """Plain decoding and every method on one prompt (with a prediction: also the
+    prediction, first); plain's result and the rows."""
+    plain = generate(model, ids, params, spec=PLAIN)
+    runs = {"plain": (plain, True)}
+    methods = dict(all_methods)
+    if prediction is not None:
+        methods = {
+            "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
+            **methods,
+        }
+    for name, spec in methods.items():
+        pred = prediction if name.startswith("prediction") else None
+        result = generate(model, ids, params, spec=spec, prediction_ids=pred, costs=costs)
+        runs[name] = (result, result.token_ids == plain.token_ids)
+    return plain, [_result_row(category, i, name, r, same) for name, (r, same) in runs.items()]
+
+
+def _self_draft_rows(
+    bf16: Model, model: Model, category: str, i: int, ids: list[int], params: SamplingParams
+) -> list[dict[str, Any]]:
+    """The bf16 target plain, and drafted by ``model`` (its quantized copy)."""
+    base = generate(bf16, ids, params)
+    spec = SpeculationConfig("draft_model", 4, draft_model=model)
+    drafted = generate(bf16, ids, params, spec=spec)
+    return [
+        _result_row(category, i, name, result, result.token_ids == base.token_ids)
+        for name, result in (
+            ("plain (bf16 target)", base),
+            ("draft: int4 copy -> bf16 target", drafted),
+        )
+    ]
+
+
+def _peer_rows(
+    peer: HFPeer, category: str, i: int, ids: list[int], max_tokens: int
+) -> list[dict[str, Any]]:
+    """transformers' plain greedy decoding and its prompt lookup on one prompt."""
+    hf_plain = peer.run(ids, max_tokens, lookup=False)
+    hf_pld = peer.run(ids, max_tokens, lookup=True)
+    return [
+        _row(
+            category,
+            i,
+            name,
+            hf["tokens"],
+            hf["decode_seconds"],
+            hf["total_seconds"],
+            hf["tokens"] == hf_plain["tokens"],
+            None,
+        )
+        for name, hf in (("HF plain (fp32)", hf_plain), ("HF prompt lookup (fp32)", hf_pld))
+    ]
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
