@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.speculative.proposers.prediction import PredictionStats
+from specserve.speculative.sampling import TokenLogprob
 from specserve.speculative.stats import SpecStats
 
 
@@ -22,6 +23,8 @@ class GenerationResult:
     prediction: PredictionStats | None = None
     # target features of positions 0..len(prompt + output) - 2, when the request recorded them
     features: torch.Tensor | None = None
+    # one per token of token_ids, when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def decode_tokens_per_second(self) -> float:

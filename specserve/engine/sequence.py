@@ -19,17 +19,21 @@ from specserve.engine.result import GenerationResult
 from specserve.model.loader import Model
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.draft_length import StepCosts
+from specserve.speculative.limits import MAX_LOOKUP_DRAFT
 from specserve.speculative.proposers.base import Proposal, SequenceContext
 from specserve.speculative.sampling import (
     ACCEPT_STREAM,
     SAMPLE_STREAM,
     InvalidRequestError,
     SamplingParams,
+    TokenLogprob,
     sample,
     target_probs,
+    token_logprobs,
 )
 from specserve.speculative.source import ProposalSource
-from specserve.speculative.stats import SpecStats
+from specserve.speculative.stats import FORCED, SpecStats
+from specserve.speculative.token_rules import TokenRules
 from specserve.speculative.verify import verify_greedy, verify_sampled
 
 
@@ -104,12 +108,15 @@ class Sequence:
         self.assembler = TextAssembler(model.tokenizer, self.prompt_ids, params.stop)
         self.eos = frozenset() if params.ignore_eos else frozenset(model.tokenizer.eos_ids)
         self.stats = SpecStats()
+        self.rules = TokenRules(params, model.lm.config.vocab_size)
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.out: list[int] = []
         self.all_ids = list(self.prompt_ids)
         self.finish_reason: str | None = None  # "stop" or "length" once done
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._proposal: Proposal | None = None
+        self._from_drafter = 0  # drafts of the pending proposal that the drafter made
         # (start, features [T, C] bf16) of every position whose features the target computed,
         # kept when asked (training data for EAGLE heads: no second forward needed)
         self._features: list[tuple[int, torch.Tensor]] | None = [] if record_features else None
@@ -130,17 +137,36 @@ class Sequence:
 
     def start(self, last_prompt_logits: torch.Tensor) -> str:
         """After the prefill: pick the first token from the last prompt position's logits."""
-        token = pick_token(last_prompt_logits, self.params, self.sample_gen)
+        logits = self.rules.shape(last_prompt_logits[None], [])
+        token = pick_token(logits[0], self.params, self.sample_gen)
         self.source.prefill(self.prompt_ids)
         self.first_token_at = time.perf_counter()
-        return self._emit([token])
+        return self._emit([token], logits)
 
     def next_feed(self) -> list[int]:
         """The tokens of this sequence's next forward: the last token and up to k drafts."""
         limit = self.budget - len(self.out) - 1
-        context = SequenceContext(self.prompt_ids, self.out, self.all_ids)
-        self._proposal = self.source.propose(context, limit)
-        return [self.all_ids[-1], *self._proposal.token_ids]
+        allowed = self.rules.allowed_after if self.rules.matcher is not None else None
+        context = SequenceContext(self.prompt_ids, self.out, self.all_ids, allowed)
+        proposal = self.source.propose(context, limit)
+        self._from_drafter = len(proposal)
+        if self.rules.matcher is not None:
+            proposal = self._admit(proposal, min(limit, MAX_LOOKUP_DRAFT))
+        self._proposal = proposal
+        return [self.all_ids[-1], *proposal.token_ids]
+
+    def _admit(self, proposal: Proposal, limit: int) -> Proposal:
+        """The grammar's cut of the drafts, extended by the tokens it forces (one-hot draft
+        rows for them if the drafter sampled: a forced token has all the target's mass)."""
+        drafts, valid = self.rules.admit(proposal.token_ids, limit)
+        self._from_drafter = valid
+        probs = proposal.draft_probs
+        if probs is not None:
+            forced = torch.zeros(len(drafts) - valid, probs.shape[-1], dtype=probs.dtype)
+            forced[torch.arange(len(drafts) - valid), drafts[valid:]] = 1.0
+            probs = torch.cat([probs[:valid], forced])
+        method = proposal.method if valid else FORCED
+        return Proposal(drafts, probs, method)
 
     @property
     def drafts(self) -> int:
@@ -159,6 +185,7 @@ class Sequence:
             probs = None if proposal.draft_probs is None else proposal.draft_probs[:drafts]
             proposal = Proposal(proposal.token_ids[:drafts], probs, proposal.method)
             self._proposal = proposal
+            self._from_drafter = min(self._from_drafter, drafts)
         return [self.all_ids[-1], *proposal.token_ids]
 
     def accept(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> str:
@@ -172,20 +199,26 @@ class Sequence:
         assert proposal is not None, "accept() without next_feed()"
         self._proposal = None
         proposed = len(proposal.token_ids)
+        logits = self.rules.shape(logits[: proposed + 1], proposal.token_ids)
         if proposed:
             emitted, accepted = _verify(
-                logits[: proposed + 1], proposal, self.params, self.accept_gen, self.sample_gen
+                logits, proposal, self.params, self.accept_gen, self.sample_gen
             )
         else:
             emitted, accepted = [pick_token(logits[0], self.params, self.sample_gen)], 0
-        self.source.observe(proposed, accepted)
         if features is not None:
             self.source.add_features(start, features[: accepted + 1])
             self._keep_features(start, features[: accepted + 1])
-        self.stats.record_step(
-            proposal.method if proposed else None, proposed, accepted, len(emitted)
-        )
-        return self._emit(emitted)
+        self._record(proposal, accepted, len(emitted))
+        return self._emit(emitted, logits)
+
+    def _record(self, proposal: Proposal, accepted: int, emitted: int) -> None:
+        """Statistics and the tuner's feedback; forced tokens count apart (method "grammar")."""
+        drafted = 0 if proposal.method == FORCED else self._from_drafter
+        kept = min(accepted, drafted)
+        self.source.observe(drafted, kept)
+        self.stats.record_step(proposal.method if drafted else None, drafted, kept, emitted)
+        self.stats.record_forced(len(proposal) - drafted, accepted - kept)
 
     def _keep_features(self, start: int, features: torch.Tensor) -> None:
         if self._features is not None:
@@ -203,7 +236,9 @@ class Sequence:
             features[start:end] = chunk[: end - start]
         return features
 
-    def _emit(self, emitted: list[int]) -> str:
+    def _emit(self, emitted: list[int], logits: torch.Tensor) -> str:
+        """Append the step's tokens (row i of ``logits`` scored ``emitted[i]``) up to an end
+        of sequence or the budget; returns the text that became safe to stream."""
         fresh = []
         for token in emitted:
             if token in self.eos:
@@ -213,6 +248,11 @@ class Sequence:
                 self.out.append(token)
                 self.all_ids.append(token)
                 fresh.append(token)
+        self.rules.advance(emitted[: len(fresh) + (self.finish_reason == "stop")])
+        if self.logprobs is not None and fresh:
+            self.logprobs += token_logprobs(logits, fresh, self.params.logprobs or 0)
+        if self.rules.grammar_done and self.finish_reason is None:
+            self.finish_reason = "stop"  # the grammar allows nothing but the end
         piece = self.assembler.add(fresh)
         if self.assembler.finished:
             self.finish_reason = "stop"
@@ -236,4 +276,5 @@ class Sequence:
             stats=self.stats,
             prediction=self.source.prediction_stats(self.out),
             features=None if self._features is None else self.recorded_features(),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )

@@ -7,13 +7,21 @@ speculative sampling to reproduce plain sampling's output distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from specserve.speculative.grammar import TokenGrammar
+
 MAX_TOP_K = 1_000_000
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+MAX_PENALTY = 2.0  # presence / frequency penalties in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # logit_bias values in [-100, 100]
 
 # A request's random streams, one per purpose. Rejection sampling is lossless only if the
 # draft token and the acceptance uniform are independent; one generator per purpose makes
@@ -57,6 +65,12 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # Rules on the logits, applied before the above at every position (token_rules.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: TokenGrammar | None = None  # structured output / forced tool calls
+    logprobs: int | None = None  # None: off; else report the chosen token and this many top
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,6 +88,13 @@ class SamplingParams:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             problems.append("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):
+            problems.append("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            problems.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if problems:
             raise InvalidRequestError("; ".join(problems))
 
@@ -126,3 +147,27 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token id per row of ``probs`` ``[N, V]`` -> ``[N]``."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One emitted token's log-probability, and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Row i of ``logits`` ``[N, V]`` (rule-shaped, before temperature: the model's own
+    distribution, as OpenAI reports it) scored ``tokens[i]``."""
+    logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(tokens)
+    if top > 0:
+        values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [
+            tuple((i, v) for i, v in zip(row_ids, row_values, strict=True) if v > -math.inf)
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+        ]  # tokens a rule forbids (logprob -inf) are no alternatives
+    return [TokenLogprob(t, c, tp) for t, c, tp in zip(tokens, chosen, tops, strict=True)]

@@ -52,6 +52,9 @@ class MethodStats:
         }
 
 
+FORCED = "grammar"  # the method name of the tokens a grammar forces
+
+
 @dataclass
 class SpecStats:
     """Per request: every target step, and the drafts of each proposer method."""
@@ -65,6 +68,17 @@ class SpecStats:
         self.generated += emitted
         if method is not None and proposed > 0:
             self.by_method.setdefault(method, MethodStats()).record(proposed, accepted)
+
+    def record_forced(self, forced: int, accepted: int) -> None:
+        """Tokens the grammar forced (free drafts, method "grammar") in the last step."""
+        if forced > 0:
+            self.by_method.setdefault(FORCED, MethodStats()).record(forced, accepted)
+
+    @property
+    def forced_tokens(self) -> int:
+        """Emitted tokens that were free: forced by the grammar, no forward spent guessing."""
+        forced = self.by_method.get(FORCED)
+        return forced.accepted if forced else 0
 
     @property
     def proposed(self) -> int:
@@ -86,5 +100,6 @@ class SpecStats:
             "proposed": self.proposed,
             "accepted": self.accepted,
             "tokens_per_step": round(self.tokens_per_step, 4),
+            "forced_tokens": self.forced_tokens,
             "by_method": {name: m.as_dict() for name, m in self.by_method.items()},
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -20,6 +20,9 @@ class SequenceContext:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]  # generated so far
     all_ids: list[int]  # prompt_ids + output_ids
+    # Under a grammar: drafts so far -> the bool mask [V] of tokens allowed next. Model
+    # drafters draft inside it; drafts outside it would be cut before the forward anyway.
+    allowed: Callable[[Sequence[int]], torch.Tensor] | None = None
 
     @classmethod
     def of(cls, prompt_ids: Sequence[int], output_ids: Sequence[int] = ()) -> SequenceContext:

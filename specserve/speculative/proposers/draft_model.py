@@ -69,6 +69,11 @@ class DraftModelProposer:
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(k):
+            if context.allowed is not None:  # draft only what the request's grammar allows
+                mask = context.allowed(drafted)
+                logits = logits.float().clone()
+                logits[: mask.shape[0]].masked_fill_(~mask, float("-inf"))
+                logits[mask.shape[0] :] = float("-inf")
             if self.params.greedy:
                 token = int(logits.argmax())
             else:

@@ -1,0 +1,154 @@
+"""A request's rules on the target's logits: grammar, presence/frequency penalties, logit bias.
+
+They apply to the logits before `target_probs`, at every position the target scores, and each
+position sees exactly the state plain decoding would have there: the penalties count the
+output *and the drafts before that position*, the grammar's mask is the matcher's state after
+those drafts. So greedy speculative output equals plain greedy output, and the sampled
+distribution is the rule-shaped target distribution, with or without drafts.
+
+Per step of a sequence::
+
+    drafts, valid = rules.admit(proposed, limit)  # cut at the first draft the grammar
+                                            # forbids, then append the tokens it forces
+    logits = rules.shape(logits, drafts)    # [k + 1, V]: row i as plain decoding sees it
+    rules.advance(emitted)                  # the tokens the verifier kept
+
+Row i of the shaped logits is ``logits[i] - presence * (count > 0) - frequency * count + bias``
+with the grammar's forbidden ids at -inf (OpenAI's definition of the penalties; the counts are
+of generated tokens, as vLLM counts them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from specserve.speculative.grammar import GrammarMatcher, TokenGrammar
+from specserve.speculative.sampling import InvalidRequestError, SamplingParams
+
+
+class TokenRules:
+    """One sequence's rules and their state (the counts so far, the grammar matcher)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.presence = params.presence_penalty
+        self.frequency = params.frequency_penalty
+        self.counts: Counter[int] = Counter()
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for token, value in params.logit_bias:
+                if not 0 <= token < vocab_size:
+                    raise InvalidRequestError(
+                        f"logit_bias token id {token} is not in this model's vocabulary "
+                        f"[0, {vocab_size})"
+                    )
+                self.bias[token] = value
+        grammar: TokenGrammar | None = params.grammar
+        self.matcher: GrammarMatcher | None = grammar.matcher() if grammar is not None else None
+        self._masks: list[torch.Tensor] = []  # of the pending step's positions (admit)
+
+    @property
+    def active(self) -> bool:
+        penalized = self.presence != 0.0 or self.frequency != 0.0
+        return penalized or self.bias is not None or self.matcher is not None
+
+    @property
+    def grammar_done(self) -> bool:
+        """The grammar has ended: nothing but the end of the sequence may follow."""
+        return self.matcher is not None and self.matcher.is_done()
+
+    def admit(self, drafts: Sequence[int], limit: int) -> tuple[list[int], int]:
+        """(the drafts this step may verify, how many of them came from ``drafts``): those
+        before the first one the grammar forbids, then the tokens the grammar forces from
+        there (free drafts, no drafter needed), at most ``limit`` in all. Records each
+        position's mask for `shape`."""
+        if self.matcher is None:
+            return list(drafts[:limit]), min(len(drafts), limit)
+        m = self.matcher
+        kept: list[int] = []
+        self._masks = [m.allowed()]
+        for token in drafts[:limit]:
+            if not m.accept(token):
+                break
+            kept.append(token)
+            self._masks.append(m.allowed())
+        valid = len(kept)
+        forced = m.forced(limit - len(kept)) if len(kept) < limit else []
+        for token in forced:
+            if not m.accept(token):  # forced tokens are allowed by definition; stay safe
+                break
+            kept.append(token)
+            self._masks.append(m.allowed())
+        m.rollback(len(kept))
+        return kept, valid
+
+    def allowed_after(self, drafts: Sequence[int]) -> torch.Tensor:
+        """The grammar's mask [W] after ``drafts`` (all allowed: a model drafter's own)."""
+        assert self.matcher is not None
+        m, walked = self.matcher, 0
+        for token in drafts:
+            if not m.accept(token):
+                break
+            walked += 1
+        mask = m.allowed()
+        m.rollback(walked)
+        return mask
+
+    def shape(self, logits: torch.Tensor, drafts: Sequence[int]) -> torch.Tensor:
+        """Logits ``[N, V]`` of positions last token, drafts[0], ... -> the rule-shaped
+        logits (float32), row i as plain decoding would see it after ``drafts[:i]``."""
+        if not self.active:
+            return logits
+        rows = logits.shape[0]
+        shaped = logits.float().clone()
+        if self.presence != 0.0 or self.frequency != 0.0:
+            self._penalize(shaped, drafts[: rows - 1])
+        if self.bias is not None:
+            shaped[:, : self.bias.shape[0]] += self.bias
+        if self.matcher is not None:
+            masks = self._masks[:rows] if len(self._masks) >= rows else None
+            if masks is None:  # no admit() for this step (the first token): the current state
+                masks = [self.matcher.allowed()]
+            mask = torch.stack(masks)  # [N, W]
+            shaped[:, : mask.shape[1]].masked_fill_(~mask, float("-inf"))
+            shaped[:, mask.shape[1] :] = float("-inf")
+        return shaped
+
+    def _penalize(self, shaped: torch.Tensor, drafts: Sequence[int]) -> None:
+        """Subtract each row's penalties: the output's counts, plus the drafts before it."""
+        rows, cols, values = [], [], []
+        for token, count in self.counts.items():  # the same for every row
+            rows.append(-1)
+            cols.append(token)
+            values.append(self._penalty(count))
+        running: Counter[int] = Counter()
+        for i, token in enumerate(drafts, start=1):
+            running[token] += 1
+            for t, extra in running.items():  # row i: drafts[:i] counted too
+                rows.append(i)
+                cols.append(t)
+                base = self.counts.get(t, 0)
+                values.append(self._penalty(base + extra) - self._penalty(base))
+        if not values:
+            return
+        value = torch.tensor(values, dtype=shaped.dtype)
+        col = torch.tensor(cols)
+        every = torch.tensor(rows) < 0
+        shaped[:, col[every]] -= value[every]
+        if not bool(every.all()):
+            shaped.index_put_((torch.tensor(rows)[~every], col[~every]), -value[~every], True)
+
+    def _penalty(self, count: int) -> float:
+        return (self.presence if count > 0 else 0.0) + self.frequency * count
+
+    def advance(self, emitted: Sequence[int]) -> None:
+        """The verifier kept ``emitted``: count them and move the grammar past them."""
+        self._masks = []
+        for token in emitted:
+            self.counts[token] += 1
+            if self.matcher is not None and not self.matcher.is_done():
+                accepted = self.matcher.accept(token)
+                assert accepted, f"token {token} was emitted against the grammar"
