@@ -76,6 +76,11 @@ class Job:
     record_features: bool = False  # the result carries the target's features (training data)
     started: bool = False  # the first token was picked
     submitted_at: float = field(default_factory=time.perf_counter)
+    # Choices of one prompt (n > 1): a follower copies its leader's prompt KV, last prompt
+    # logits and features instead of prefilling; the leader keeps them until it is done.
+    leader: Job | None = None
+    prompt_logits: torch.Tensor | None = None  # [V] of the last prompt position
+    prompt_features: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -176,11 +181,15 @@ class Engine:
         spec: SpeculationConfig = PLAIN,
         prediction_ids: Ids[int] | None = None,
         record_features: bool = False,
+        share_prefill_with: Job | None = None,
     ) -> Job:
         """Queue a request; invalid prompts and a full queue raise here, before any compute.
 
         ``on_text`` and ``on_done`` are called from the engine thread. ``record_features``:
         the result also carries the target's features (``GenerationResult.features``).
+        ``share_prefill_with``: a job of the same prompt (another choice of an ``n > 1``
+        request) whose prompt KV this one copies instead of computing it again; it prefills
+        on its own if that job is gone before its prefill is done.
         """
         check_prompt(self.model, prompt_ids, self.context_limit)
         job = Job(
@@ -192,6 +201,8 @@ class Engine:
             on_done,
             record_features=record_features,
         )
+        if share_prefill_with is not None and share_prefill_with.prompt_ids == job.prompt_ids:
+            job.leader = share_prefill_with
         with self._cond:
             if self._stopping:
                 raise EngineStoppedError("the server is shutting down")
@@ -301,7 +312,10 @@ class Engine:
                         self._release(job)
                     job.on_done(None, exc)
         active = [j for j in active if j.seq is not None]
-        prefilling = [j for j in active if not j.started]
+        for job in active:
+            if not job.started and self._can_share_prefill(job):
+                self._share_prefill(job)
+        prefilling = [j for j in active if not j.started and not self._waits_for_leader(j)]
         if prefilling:
             self._prefill_chunk(prefilling[0])
         decoding = [j for j in active if j.started and j.seq is not None and not j.seq.done]
@@ -329,6 +343,29 @@ class Engine:
         seq.submitted_at = job.submitted_at  # time to first token includes the queueing
         return seq
 
+    def _can_share_prefill(self, job: Job) -> bool:
+        leader = job.leader
+        return leader is not None and leader.started and leader.slot is not None
+
+    def _waits_for_leader(self, job: Job) -> bool:
+        """A follower waits while its leader is queued or prefilling, not once it is gone."""
+        leader = job.leader
+        if leader is None or leader.started or leader.cancelled:
+            return False
+        with self._cond:
+            return leader in self._waiting or leader in self._active
+
+    def _share_prefill(self, job: Job) -> None:
+        """Start a follower from its leader's prefill: the KV of the prompt is copied."""
+        leader, seq = job.leader, job.seq
+        assert leader is not None and leader.prompt_logits is not None and seq is not None
+        assert leader.slot is not None and job.slot is not None
+        self.cache.copy_prefix(leader.slot, job.slot, len(seq.prompt_ids))
+        for start, features in leader.prompt_features:
+            seq.add_prompt_features(start, features)
+        job.prefilled, job.started = len(seq.prompt_ids), True
+        self._deliver(job, seq.start(leader.prompt_logits))
+
     def costs_for(self, batch_size: int) -> StepCosts:
         return self.costs.setdefault(batch_size, StepCosts(rows=batch_size))
 
@@ -348,9 +385,12 @@ class Engine:
         logits, features = self.model.lm.forward_with_features(batch, self.cache, False)
         self._record("prefill", 1, tokens.shape[1], time.perf_counter() - began)
         seq.add_prompt_features(job.prefilled, features[0])
+        if seq.source.feature_readers:  # followers' EAGLE drafters read them too
+            job.prompt_features.append((job.prefilled, features[0]))
         job.prefilled = end
         if end == len(seq.prompt_ids):
             job.started = True
+            job.prompt_logits = logits[0, -1]
             self._deliver(job, seq.start(logits[0, -1]))
 
     def _decode_step(self, jobs: list[Job]) -> None:

@@ -41,6 +41,12 @@ class KVCache:
         self.num_slots = num_slots
         self.max_len = max_len
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy positions ``0 .. length`` of slot ``source`` into slot ``target`` (choices of
+        one prompt share its prefill)."""
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
     def update(
         self,
         layer: int,

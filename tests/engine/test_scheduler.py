@@ -167,3 +167,44 @@ def test_out_of_vocabulary_prompt_ids_are_refused(tiny_model: Model, bad: int) -
         assert engine.waiting == 0 and engine.running == 0
     finally:
         engine.stop()
+
+
+def test_choices_of_one_prompt_share_its_prefill(tiny_model: Model) -> None:
+    """n > 1: followers copy the leader's prompt KV (one prefill forward for the group) and
+    still produce exactly what each produces alone, seeded sampling and greedy alike."""
+    prompt = list(range(30, 70))
+    choices = [
+        SamplingParams(max_tokens=20, temperature=0.8, seed=seed, ignore_eos=True)
+        for seed in (1, 2, 3)
+    ] + [SamplingParams(max_tokens=20, ignore_eos=True)]
+    alone = [generate(tiny_model, prompt, params, spec=NGRAM).token_ids for params in choices]
+    engine = Engine(tiny_model, max_batch=4, start=False)
+    kinds: list[str] = []
+    engine.stats.step_listeners.append(lambda record: kinds.append(record.kind))
+    leader = Waiter()
+    first = engine.submit(prompt, choices[0], leader.on_text, leader.on_done, spec=NGRAM)
+    waiters = [leader]
+    for params in choices[1:]:
+        waiter = Waiter()
+        engine.submit(
+            prompt, params, waiter.on_text, waiter.on_done, spec=NGRAM, share_prefill_with=first
+        )
+        waiters.append(waiter)
+    while not all(w.done.is_set() for w in waiters):
+        engine.step()
+    assert [w.wait().token_ids for w in waiters] == alone
+    assert kinds.count("prefill") == 1  # the followers computed no prompt forward
+    assert len({tuple(ids) for ids in alone[:3]}) == 3  # the seeds gave different choices
+
+
+def test_a_follower_prefills_itself_when_its_leader_is_cancelled(tiny_model: Model) -> None:
+    prompt = list(range(30, 50))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine = Engine(tiny_model, max_batch=2, start=False)
+    leader, follower = Waiter(), Waiter()
+    first = engine.submit(prompt, params, leader.on_text, leader.on_done)
+    engine.submit(prompt, params, follower.on_text, follower.on_done, share_prefill_with=first)
+    engine.cancel(first)
+    while not follower.done.is_set():
+        engine.step()
+    assert follower.wait().token_ids == generate(tiny_model, prompt, params).token_ids
