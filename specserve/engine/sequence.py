@@ -105,6 +105,7 @@ class Sequence:
         self.accept_gen = params.generator(ACCEPT_STREAM)
         self.costs = costs or StepCosts()
         self.source = ProposalSource(model, spec, params, prediction_ids, self.max_len, self.costs)
+        self.forced_drafts = spec.forced_drafts
         self.assembler = TextAssembler(model.tokenizer, self.prompt_ids, params.stop)
         self.eos = frozenset() if params.ignore_eos else frozenset(model.tokenizer.eos_ids)
         self.stats = SpecStats()
@@ -158,7 +159,7 @@ class Sequence:
     def _admit(self, proposal: Proposal, limit: int) -> Proposal:
         """The grammar's cut of the drafts, extended by the tokens it forces (one-hot draft
         rows for them if the drafter sampled: a forced token has all the target's mass)."""
-        drafts, valid = self.rules.admit(proposal.token_ids, limit)
+        drafts, valid = self.rules.admit(proposal.token_ids, limit, self.forced_drafts)
         self._from_drafter = valid
         probs = proposal.draft_probs
         if probs is not None:

@@ -36,6 +36,9 @@ class SpeculationConfig:
     with_ngram: bool = False
     # An EAGLE chain stops where the product of the head's confidences falls below this.
     min_draft_survival: float = MIN_SURVIVAL
+    # Under a grammar, propose the tokens it forces as drafts (free: no drafter runs, and the
+    # target accepts them with certainty). Off only for plain decoding (--no-speculation).
+    forced_drafts: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "draft_model", "eagle"):
@@ -58,7 +61,7 @@ class SpeculationConfig:
             raise ValueError(f"min_draft_survival must be in [0, 1], got {self.min_draft_survival}")
 
 
-PLAIN = SpeculationConfig()
+PLAIN = SpeculationConfig(forced_drafts=False)  # plain decoding: no drafts of any kind
 
 
 def speculation_for_drafter(

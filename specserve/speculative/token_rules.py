@@ -60,11 +60,11 @@ class TokenRules:
         """The grammar has ended: nothing but the end of the sequence may follow."""
         return self.matcher is not None and self.matcher.is_done()
 
-    def admit(self, drafts: Sequence[int], limit: int) -> tuple[list[int], int]:
+    def admit(self, drafts: Sequence[int], limit: int, force: bool = True) -> tuple[list[int], int]:
         """(the drafts this step may verify, how many of them came from ``drafts``): those
         before the first one the grammar forbids, then the tokens the grammar forces from
-        there (free drafts, no drafter needed), at most ``limit`` in all. Records each
-        position's mask for `shape`."""
+        there (free drafts, no drafter needed; not if ``force`` is False), at most ``limit``
+        in all. Records each position's mask for `shape`."""
         if self.matcher is None:
             return list(drafts[:limit]), min(len(drafts), limit)
         m = self.matcher
@@ -76,7 +76,7 @@ class TokenRules:
             kept.append(token)
             self._masks.append(m.allowed())
         valid = len(kept)
-        forced = m.forced(limit - len(kept)) if len(kept) < limit else []
+        forced = m.forced(limit - len(kept)) if force and len(kept) < limit else []
         for token in forced:
             if not m.accept(token):  # forced tokens are allowed by definition; stay safe
                 break

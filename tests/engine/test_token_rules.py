@@ -62,12 +62,13 @@ def _grammar(model: Model, schema: dict = SCHEMA) -> TokenGrammar:
 def _speculations(draft: Model) -> dict[str, tuple[SpeculationConfig, bool]]:
     """Name -> (speculation, with a prediction)."""
     return {
+        "forced tokens only": (SpeculationConfig(), False),
         "ngram": (NGRAM, False),
         "draft_model": (
             SpeculationConfig("draft_model", 3, draft_model=draft, adaptive=False),
             False,
         ),
-        "prediction": (PLAIN, True),
+        "prediction": (SpeculationConfig(), True),
     }
 
 
@@ -87,13 +88,15 @@ def test_greedy_under_a_grammar_equals_plain_with_every_drafter(model: Model, dr
     plain = _run(model, params)
     value = json.loads(plain.text)  # schema-valid JSON, ended by the grammar
     assert set(value) == {"flag", "color", "tags"} and plain.finish_reason == "stop"
-    assert plain.stats.forced_tokens > len(plain.token_ids) / 3  # keys and punctuation: free
+    assert plain.stats.forced_tokens == 0 and plain.stats.target_steps == len(plain.token_ids) - 1
     for name, (spec, predict) in _speculations(draft).items():
         result = _run(model, params, spec, predict)
         assert result.token_ids == plain.token_ids, name
         assert result.logprobs == plain.logprobs, name  # the same rows, bit for bit
-        method = "prediction" if predict else spec.method
-        assert method is not None
+        # keys and punctuation are free: forced drafts where no drafter covered them
+        free = len(plain.token_ids) / 3 if name == "forced tokens only" else 0
+        assert result.stats.forced_tokens > free, name
+        method = "prediction" if predict else spec.method or FORCED
         stats = result.stats.by_method.get(method)
         assert stats is not None and stats.proposed > 0, f"{name} never drafted"
 
@@ -103,7 +106,8 @@ def test_forced_tokens_are_free_drafts_and_forbidden_drafts_never_reach_the_forw
 ) -> None:
     params = SamplingParams(max_tokens=80, grammar=_grammar(model))
     tok = model.tokenizer
-    seq = Sequence(model, tok.encode("the"), params, prediction_ids=tok.encode("xyz", False))
+    xyz = tok.encode("xyz", False)
+    seq = Sequence(model, tok.encode("the"), params, SpeculationConfig(), prediction_ids=xyz)
     logits = torch.zeros(model.lm.config.vocab_size)
     seq.start(logits)  # the grammar forces '{"' ... : the first token is '{' whatever the logits
     feed = seq.next_feed()
