@@ -202,7 +202,8 @@ def llama_server(binary: Path, args: list[str], threads: int) -> subprocess.Pope
     raise RuntimeError("llama-server did not start")
 
 
-def llama_complete(ids: list[int], max_tokens: int) -> dict[str, Any]:
+def llama_complete(ids: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """llama-server's /completion, greedy, on token ids; ``extra``: more body fields."""
     body = {
         "prompt": ids,
         "n_predict": max_tokens,
@@ -210,6 +211,7 @@ def llama_complete(ids: list[int], max_tokens: int) -> dict[str, Any]:
         "top_k": 1,
         "cache_prompt": False,
         "samplers": ["top_k"],
+        **extra,
     }
     request = urllib.request.Request(
         f"http://127.0.0.1:{LLAMA_PORT}/completion",

@@ -34,7 +34,7 @@ from typing import Any
 import jsonschema
 
 from bench.common import RESULTS_DIR, machine_info, markdown_table, set_threads, write_json
-from bench.fast_apply import llama_server
+from bench.fast_apply import llama_complete, llama_server
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
 from specserve.model.loader import Model, load_model
@@ -48,7 +48,6 @@ SYSTEM = (
     "Extract the information in the user's text as one JSON object that follows this JSON "
     "schema. Answer with the JSON object only.\n\nSchema:\n{schema}"
 )
-LLAMA_PORT = 8089
 
 
 def load_tasks(limit: int) -> list[dict[str, Any]]:
@@ -119,37 +118,16 @@ def run_specserve(
     return rows
 
 
-def llama_json(task: dict[str, Any], prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
-    import urllib.request
-
-    body = {
-        "prompt": prompt_ids,
-        "n_predict": max_tokens,
-        "temperature": 0.0,
-        "top_k": 1,
-        "cache_prompt": False,
-        "samplers": ["top_k"],
-        "json_schema": task["schema"],
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{LLAMA_PORT}/completion",
-        json.dumps(body).encode(),
-        {"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
-
-
 def run_llama(
     binary: Path, target: Model, tasks: list[dict[str, Any]], max_tokens: int, threads: int
 ) -> list[dict[str, Any]]:
     rows = []
     server = llama_server(binary, [], threads)
     try:
-        llama_json(tasks[0], target.tokenizer.encode("warm up"), 8)
+        llama_complete(target.tokenizer.encode("warm up"), 8)
         for task in tasks:
             prompt = target.tokenizer.encode_chat(task["messages"])
-            answer = llama_json(task, prompt, max_tokens)
+            answer = llama_complete(prompt, max_tokens, json_schema=task["schema"])
             t = answer["timings"]
             rows.append(
                 {

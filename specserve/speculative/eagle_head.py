@@ -248,7 +248,7 @@ class EagleHead(torch.nn.Module):
 
     def _input(self, features: Tensor, tokens: Tensor) -> Tensor:
         """fc(concat(feature_t, embed(token_{t+1}))): ``[B, T, C]``."""
-        emb = self.embedding[tokens].float()  # (B, T, C)
+        emb = self.embedding[tokens].float()  # [B, T, C]
         if self.config.embedding_scale != 1.0:
             emb = emb * self.config.embedding_scale
         return self._linear(self.fc, torch.cat([features.float(), emb], dim=-1))
@@ -257,7 +257,7 @@ class EagleHead(torch.nn.Module):
         """q ``[B, H, T, D]``, k and v ``[B, KVH, T, D]``, RoPE applied to q and k together."""
         cfg = self.config
         B, T, _ = x.shape
-        qkv = self._linear(self.qkv, self._norm(x, self.attn_norm))  # (B, T, (H + 2 KVH) * D)
+        qkv = self._linear(self.qkv, self._norm(x, self.attn_norm))  # [B, T, (H + 2 KVH) * D]
         qkv = qkv.view(B, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, : cfg.num_heads + cfg.num_kv_heads], cos, sin)
         return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], qkv[:, -cfg.num_kv_heads :]
@@ -267,7 +267,7 @@ class EagleHead(torch.nn.Module):
     ) -> Tensor:
         """Attention, then the SwiGLU MLP, with residuals: the predicted feature ``[B, T, C]``."""
         B, _, T, _ = q.shape
-        attn = attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        attn = attend(q, keys, values, mask).transpose(1, 2).reshape(B, T, -1)  # [B, T, H * D]
         x = x + self._linear(self.o_proj, attn)
         gate, up = self._linear(self.gate_up, self._norm(x, self.ffn_norm)).chunk(2, dim=-1)
         return x + self._linear(self.down_proj, F.silu(gate) * up)
@@ -291,7 +291,7 @@ class EagleHead(torch.nn.Module):
         assert features.ndim == 3 and tokens.ndim == 2, "features [B, T, C], tokens [B, T]"
         T = tokens.shape[1]
         cos, sin = rope_tables(self.config.rope_base, self.config.head_dim, start + T)
-        x = self._input(features, tokens)  # (B, T, C)
+        x = self._input(features, tokens)  # [B, T, C]
         q, k, v = self._qkv(x, cos[start:].to(x.device), sin[start:].to(x.device))
         pred = self._output(x, q, k, v)
         return pred, self.logits(pred)
