@@ -1,7 +1,8 @@
 """The generation loop for one request: prefill, then speculative (or plain) decode steps.
 
 This is the batch-of-one driver (CLI, benchmarks, tests); the server's ``Engine`` runs the
-same ``Sequence`` steps for many requests in one forward.
+same ``Sequence`` steps for many requests in one forward. Each step is the one of
+``specserve/speculative/reference.py``, the readable oracle the tests hold the engine to.
 """
 
 from __future__ import annotations
