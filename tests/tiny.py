@@ -41,6 +41,7 @@ class TinySpec:
     # An LM head (untied) that only ever picks printable ASCII byte tokens: with merges=False
     # the generated text re-encodes to exactly the generated ids.
     printable_output: bool = False
+    chat_template: str = CHATML
 
 
 def vocabulary(extra_tokens: int = 0, merges: bool = True) -> tuple[list[str], list[int]]:
@@ -94,7 +95,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
+    writer.add_chat_template(spec.chat_template)
 
     def add(name: str, shape: tuple[int, ...], scale: float, qtype: Q = Q.F32) -> None:
         array = (rng.standard_normal(shape) * scale).astype(np.float32)

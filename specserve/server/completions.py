@@ -1,35 +1,34 @@
-"""POST /v1/chat/completions and /v1/completions: request -> engine job -> answer or stream.
+"""POST /v1/chat/completions and /v1/completions: request -> engine jobs -> answer or stream.
 
-Model compute runs in the engines' threads; the handler only tokenizes (in a worker thread),
-queues, and relays text as the engine produces it, so the event loop never blocks on a
-forward. A client that disconnects — streaming or not — has its sequence cancelled at once.
+Model compute runs in the engines' threads; the handler only tokenizes and compiles grammars
+(in a worker thread), queues one job per choice, and relays text as the engine produces it,
+so the event loop never blocks on a forward. A client that disconnects — streaming or not —
+has its sequences cancelled at once.
+
+With n > 1 the first choice is submitted as usual and the others with
+``share_prefill_with`` the first: they copy its prompt KV instead of computing it again.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from specserve.engine.result import GenerationResult
 from specserve.engine.scheduler import EngineStoppedError, Job, QueueFullError
+from specserve.server.call import Call, engine_error
+from specserve.server.choices import merge_results
 from specserve.server.errors import APIError, invalid
-from specserve.server.metrics import Metrics
+from specserve.server.prepare import Plan, prepare
 from specserve.server.relay import Relay
-from specserve.server.responses import completion_response, sse, stream_chunk
-from specserve.server.schemas import (
-    ChatCompletionRequest,
-    CommonRequest,
-    CompletionRequest,
-    join_text,
-)
+from specserve.server.responses import completion_response
+from specserve.server.schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
 from specserve.server.served import ServedDeployment
-from specserve.speculative.sampling import MAX_TOKENS_LIMIT, InvalidRequestError, SamplingParams
+from specserve.server.streaming import stream_events
+from specserve.speculative.sampling import InvalidRequestError
 
 router = APIRouter()
 
@@ -44,142 +43,73 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _complete(request, body, "text")
 
 
-@dataclass(frozen=True)
-class Call:
-    """One accepted request: where it runs and how its answer is named and counted."""
-
-    kind: str  # "chat" or "text"
-    served: ServedDeployment
-    metrics: Metrics
-    request_id: str
-
-    @property
-    def endpoint(self) -> str:
-        return "chat.completions" if self.kind == "chat" else "completions"
-
-    def record(self, outcome: str, result: Any = None) -> None:
-        self.metrics.record_request(self.served.id, self.endpoint, outcome, result)
-
-
 async def _complete(request: Request, body: CommonRequest, kind: str) -> Response:
     body.check()
     state = request.app.state
     served: ServedDeployment = state.deployments.lookup(body.model)
     if state.traffic is not None:
         await run_in_threadpool(state.traffic.record, served.id, body)
-    params = _sampling_params(body)
-    prompt_ids = await _prompt_ids(body, served)
-    _check_room(body, len(prompt_ids), served.engine.context_limit)
-    prediction_ids = None
-    if body.prediction is not None:
-        text = join_text(body.prediction.content)
-        tokenizer = served.engine.model.tokenizer
-        prediction_ids = await run_in_threadpool(tokenizer.encode, text, add_special_tokens=False)
+    plan = await run_in_threadpool(prepare, body, served.engine.model)
+    _check_room(body, len(plan.prompt_ids), served.engine.context_limit)
     relay = Relay()
-    job = _submit(served, kind, prompt_ids, params, prediction_ids, relay)
+    jobs = _submit(served, kind, plan, relay)
     call = Call(
         kind, served, state.metrics, ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     )
     if body.stream:
-        events = _stream(call, body.include_usage, job, relay)
+        events = stream_events(call, plan, body.include_usage, jobs, relay)
         return StreamingResponse(events, media_type="text/event-stream")
-    done = await relay.wait(request, served.engine, job)
+    done = await relay.wait(request, served.engine, jobs)
     if done is None:  # the client went away; nobody reads an answer
         call.record("cancelled")
         return Response(status_code=499)
-    if done.error is not None or done.result is None:
-        call.record("error")
-        raise engine_error(done.error or RuntimeError("no result"))
-    call.record("ok", done.result)
-    return JSONResponse(completion_response(kind, call.request_id, served, done.result))
+    results: list[GenerationResult] = []
+    for choice in done:
+        if choice.error is not None or choice.result is None:
+            call.record("error")
+            raise engine_error(choice.error or RuntimeError("no result"))
+        results.append(choice.result)
+    call.record("ok", merge_results(results))
+    return JSONResponse(completion_response(kind, call.request_id, served, results, plan))
 
 
-async def _prompt_ids(body: CommonRequest, served: ServedDeployment) -> list[int]:
-    tokenizer = served.engine.model.tokenizer
-    if isinstance(body, ChatCompletionRequest):
-        return await run_in_threadpool(tokenizer.encode_chat, body.chat_messages())
-    assert isinstance(body, CompletionRequest)
-    prompt = body.prompt_input()
-    if isinstance(prompt, str):
-        return await run_in_threadpool(tokenizer.encode, prompt)
-    return list(prompt)
-
-
-def _submit(
-    served: ServedDeployment,
-    kind: str,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    prediction_ids: list[int] | None,
-    relay: Relay,
-) -> Job:
-    """Queue the sequence; the engine's refusals become OpenAI errors."""
+def _submit(served: ServedDeployment, kind: str, plan: Plan, relay: Relay) -> list[Job]:
+    """Queue one sequence per choice (all or none); the engine's refusals become OpenAI
+    errors."""
+    jobs: list[Job] = []
     try:
-        return served.engine.submit(
-            prompt_ids,
-            params,
-            relay.on_text,
-            relay.on_done,
-            spec=served.spec,
-            prediction_ids=prediction_ids,
-        )
-    except InvalidRequestError as exc:
+        for index in range(plan.n):
+            sink = relay.sink(index)
+            job = served.engine.submit(
+                plan.prompt_ids,
+                plan.choice_params(index),
+                sink.on_text,
+                sink.on_done,
+                spec=served.spec,
+                prediction_ids=plan.prediction_ids,
+                share_prefill_with=jobs[0] if jobs else None,
+            )
+            jobs.append(job)
+    except (InvalidRequestError, QueueFullError, EngineStoppedError) as exc:
+        for job in jobs:
+            served.engine.cancel(job)
+        raise _refusal(exc, kind) from None
+    return jobs
+
+
+def _refusal(exc: Exception, kind: str) -> APIError:
+    if isinstance(exc, InvalidRequestError):
         code = "context_length_exceeded" if "context window" in str(exc) else None
-        param = "messages" if kind == "chat" else "prompt"
-        raise invalid(str(exc), param, code) from None
-    except QueueFullError as exc:
-        raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from None
-    except EngineStoppedError as exc:
-        raise engine_error(exc) from None
-
-
-async def _stream(call: Call, include_usage: bool, job: Job, relay: Relay) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(*args: Any) -> dict[str, Any]:
-        return stream_chunk(call.kind, call.request_id, created, call.served.id, *args)
-
-    finished = False
-    try:
-        if call.kind == "chat":
-            yield sse(chunk({"role": "assistant"}))
-        while True:
-            item = await relay.queue.get()
-            if isinstance(item, str):
-                yield sse(chunk(item))
-                continue
-            finished = True
-            if item.error is not None or item.result is None:
-                call.record("error")
-                yield sse(engine_error(item.error or RuntimeError("no result")).body())
-                break
-            call.record("ok", item.result)
-            yield sse(chunk(None, item.result.finish_reason))
-            if include_usage:
-                yield sse(chunk(None, None, item.result, call.served))
-            break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:  # the client disconnected mid-stream: free the sequence now
-            call.served.engine.cancel(job)
-            call.record("cancelled")
-
-
-def engine_error(error: BaseException) -> APIError:
-    """An engine failure as an OpenAI error (details of the unexpected ones stay in the log)."""
-    if isinstance(error, EngineStoppedError):
-        return APIError(503, str(error), "server_error", code="shutting_down")
-    if isinstance(error, (InvalidRequestError, ValueError)):
-        return invalid(str(error))
-    return APIError(500, "internal server error (details are in the server log)", "server_error")
+        return invalid(str(exc), "messages" if kind == "chat" else "prompt", code)
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), "rate_limit_error", code="queue_full")
+    return engine_error(exc)
 
 
 def _check_room(body: CommonRequest, prompt_tokens: int, context: int) -> None:
     """A ``max_tokens`` the context cannot hold after the prompt is a 400 with the numbers,
     as OpenAI answers (it is not silently cut to the room that is left)."""
-    asked = (
-        body.token_limit() if isinstance(body, (ChatCompletionRequest, CompletionRequest)) else None
-    )
+    asked = body.token_limit()
     if asked is not None and prompt_tokens + asked > context:
         raise invalid(
             f"This model's maximum context length is {context} tokens. However, you requested "
@@ -188,19 +118,3 @@ def _check_room(body: CommonRequest, prompt_tokens: int, context: int) -> None:
             "max_tokens",
             "context_length_exceeded",
         )
-
-
-def _sampling_params(body: CommonRequest) -> SamplingParams:
-    limit = (
-        body.token_limit() if isinstance(body, (ChatCompletionRequest, CompletionRequest)) else None
-    )
-    try:
-        return SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            max_tokens=min(limit or MAX_TOKENS_LIMIT, MAX_TOKENS_LIMIT),
-            stop=body.stop_strings(),
-        )
-    except InvalidRequestError as exc:
-        raise invalid(str(exc)) from None

@@ -1,10 +1,15 @@
-"""From the engine's thread to the request's handler: text pieces, then the result, through an
-asyncio queue; and the waits on it that notice a client that went away."""
+"""From the engine's thread to the request's handler: each choice's text pieces, then its
+result, through one asyncio queue; and the waits on it that notice a client that went away.
+
+A request with n choices has n engine jobs; every item on the queue carries its choice's
+index, so a stream can interleave the choices as they are generated.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -21,32 +26,54 @@ class Done:
     error: BaseException | None
 
 
+@dataclass(frozen=True)
+class Item:
+    index: int  # the choice
+    payload: str | Done  # a text piece, or the choice's end
+
+
+class ChoiceSink:
+    """The engine callbacks of one choice."""
+
+    def __init__(self, relay: Relay, index: int) -> None:
+        self._relay, self._index = relay, index
+
+    def on_text(self, piece: str) -> None:
+        self._relay.put(Item(self._index, piece))
+
+    def on_done(self, result: GenerationResult | None, error: BaseException | None) -> None:
+        self._relay.put(Item(self._index, Done(result, error)))
+
+
 class Relay:
     """Engine callbacks (engine thread) -> an asyncio queue read by the request's handler."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[str | Done] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
 
-    def _put(self, item: str | Done) -> None:
+    def put(self, item: Item) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: the server is shutting down
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def on_text(self, piece: str) -> None:
-        self._put(piece)
+    def sink(self, index: int) -> ChoiceSink:
+        return ChoiceSink(self, index)
 
-    def on_done(self, result: GenerationResult | None, error: BaseException | None) -> None:
-        self._put(Done(result, error))
-
-    async def wait(self, request: Request, engine: Engine, job: Job) -> Done | None:
-        """The job's end; None (and the job cancelled) if the client disconnects first."""
-        while True:
+    async def wait(
+        self, request: Request, engine: Engine, jobs: Sequence[Job]
+    ) -> list[Done] | None:
+        """Every choice's end, by index; None (and the jobs cancelled) if the client
+        disconnects first."""
+        done: dict[int, Done] = {}
+        while len(done) < len(jobs):
             try:
                 item = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_SECONDS)
             except TimeoutError:
                 if await request.is_disconnected():
-                    engine.cancel(job)
+                    for job in jobs:
+                        engine.cancel(job)
                     return None
                 continue
-            if isinstance(item, Done):
-                return item
+            if isinstance(item.payload, Done):
+                done[item.index] = item.payload
+        return [done[i] for i in range(len(jobs))]

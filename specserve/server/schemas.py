@@ -2,6 +2,8 @@
 
 Unknown fields are ignored, as clients send many optional ones; fields we know but do not
 support are refused with a 400 naming them, rather than silently doing something else.
+Bounds that pydantic checks (``n``, ``top_logprobs``, penalties, ``logit_bias`` values) are
+in the app's OpenAPI document too, and their errors are OpenAI-shaped 400s (`errors.py`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from specserve.server.errors import invalid
+from specserve.speculative.sampling import MAX_LOGIT_BIAS, MAX_PENALTY, MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+# Choices per request (n): each is a sequence of its own in the engine's batch, so this is
+# also the most batch rows one request can take. One place, documented in docs/serving.md.
+MAX_N = 8
+MAX_LOGIT_BIAS_ENTRIES = 300  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
 
 
 def _encodable(text: str) -> str:
@@ -26,6 +35,12 @@ def _encodable(text: str) -> str:
 
 # Every string that reaches the tokenizer or the detokenizer's stop matching.
 Text = Annotated[str, AfterValidator(_encodable)]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule
+PromptText = Annotated[Text, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # JSON keys are strings
+Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
 
 
 class TextPart(BaseModel):
@@ -41,10 +56,67 @@ def join_text(content: Text | list[TextPart] | None) -> str:
     return "".join(part.text for part in content)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant message made (sent back with the tool's answer)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute: aliased (requests still say "schema").
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def as_openai(self) -> dict[str, Any]:
+        """The object as the client wrote it (``schema``, not the field's Python name)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class Prediction(BaseModel):
@@ -66,15 +138,17 @@ class CommonRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     prediction: Prediction | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logprobs: Any = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # Token ids (as strings, JSON keys) -> added to their logits.
+    logit_bias: dict[TokenIdKey, Bias] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -85,39 +159,45 @@ class CommonRequest(BaseModel):
             raise invalid("'stop' strings must not be empty", "stop")
         return tuple(stops)
 
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs (at most 300, as OpenAI)."""
+        entries = self.logit_bias or {}
+        if len(entries) > MAX_LOGIT_BIAS_ENTRIES:
+            raise invalid(
+                f"'logit_bias' takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(entries)}",
+                "logit_bias",
+            )
+        return tuple((int(key), value) for key, value in entries.items())  # keys: TokenIdKey
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, what) for each feature asked for that this server does not provide."""
-        found = []
-        if self.logprobs not in (None, False, 0):
-            found.append(("logprobs", "log probabilities"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                found.append((name, "repetition penalties"))
-        return found
+        return []
 
     def check(self) -> None:
-        """OpenAI's refusals with a prediction first (same message shape), then ours."""
+        """Checks that need no model: OpenAI's refusal with a prediction, then ours."""
+        if self.prediction is not None and self.choices > 1:
+            raise invalid(
+                "Invalid parameter: 'n' (n > 1) is not supported with predicted outputs.",
+                "n",
+                "invalid_parameter",
+            )
         found = self.unsupported()
-        if self.prediction is not None:
-            refused = [(p, w) for p, w in found]
-            if (self.n or 1) > 1:
-                refused.insert(0, ("n", "n > 1"))
-            if refused:
-                param, what = refused[0]
-                raise invalid(
-                    f"Invalid parameter: '{param}' ({what}) is not supported with predicted "
-                    "outputs.",
-                    param,
-                    "invalid_parameter",
-                )
-        if (self.n or 1) > 1:
-            raise invalid("'n' must be 1: this server returns one choice per request", "n")
         if found:
             param, what = found[0]
             raise invalid(f"'{param}': {what} are not supported by this server", param)
+        self.stop_strings()
+        self.bias_pairs()
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        """None: no logprobs; else how many alternatives to report per token."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -127,32 +207,63 @@ class CommonRequest(BaseModel):
 class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    tool_choice: Any = None
-    top_logprobs: int | None = None
+    tools: Annotated[list[FunctionTool], Field(min_length=1)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Deprecated by OpenAI, refused here; left out of the OpenAPI document (SkipJsonSchema),
+    # as are the completions fields below that are refused.
+    functions: SkipJsonSchema[list[dict[str, Any]] | None] = None
+    function_call: SkipJsonSchema[str | dict[str, Any] | None] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
-        if self.tools or self.functions:
-            found.append(("tools" if self.tools else "functions", "tools (function calling)"))
-        if self.top_logprobs:
-            found.append(("top_logprobs", "log probabilities"))
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                found.append((name, "the deprecated function-calling fields (send 'tools')"))
         return found
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.tools and self.tool_choice != "none":
+            raise invalid(
+                "'response_format' cannot be combined with 'tools' (unless tool_choice is "
+                "'none'): this server enforces one grammar per request",
+                "response_format",
+            )
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": join_text(m.content)} for m in self.messages]
 
+    def raw_messages(self) -> list[dict[str, Any]]:
+        """The messages as OpenAI's JSON (for `tools.template_messages`)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def raw_tools(self) -> list[dict[str, Any]] | None:
+        return None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def raw_tool_choice(self) -> Any:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
 
 class CompletionRequest(CommonRequest):
-    prompt: Text | list[Text] | list[int] = Field()
+    prompt: PromptText | list[PromptText] | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: SkipJsonSchema[bool] = False
+    suffix: SkipJsonSchema[str | None] = None
+    best_of: SkipJsonSchema[int | None] = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     def unsupported(self) -> list[tuple[str, str]]:
         found = super().unsupported()
@@ -166,6 +277,9 @@ class CompletionRequest(CommonRequest):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt: a string or token ids (a batch of prompts is refused)."""
