@@ -35,10 +35,6 @@ from specserve.server.tools import (
 from specserve.speculative.grammar import TokenGrammar
 from specserve.speculative.sampling import MAX_TOKENS_LIMIT, InvalidRequestError, SamplingParams
 
-# top_p is compared in float32: a positive value below float32's range (5e-324) would round
-# to 0 and drop every token. Any top_p this small keeps only the most likely token anyway.
-MIN_TOP_P = 1e-6
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -139,7 +135,7 @@ def sampling_params(
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else max(body.top_p, MIN_TOP_P),
+            top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             max_tokens=min(limit or MAX_TOKENS_LIMIT, MAX_TOKENS_LIMIT),
             stop=body.stop_strings(),

@@ -136,6 +136,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[:, 0] = False  # even a top_p that rounds to 0 in float32 keeps one token
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0.0:

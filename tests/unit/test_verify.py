@@ -7,6 +7,7 @@ from functools import cache
 import pytest
 import torch
 
+from specserve.speculative.sampling import SamplingParams, target_probs
 from specserve.speculative.verify import PLACEHOLDER_TOKEN_ID, verify_greedy, verify_sampled
 
 P = PLACEHOLDER_TOKEN_ID
@@ -299,3 +300,10 @@ def test_zero_draft_rows_are_read_as_one_hot() -> None:
     got = verify_sampled(draft_ids, num_drafts, mixed, target_probs, *_streams(seeds))
     want = verify_sampled(draft_ids, num_drafts, explicit, target_probs, *_streams(seeds))
     assert torch.equal(got.output_ids, want.output_ids)
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token() -> None:
+    """5e-324 is positive for Python but 0 in float32: nucleus sampling keeps the top token."""
+    logits = torch.tensor([[0.1, 2.0, -1.0]])
+    probs = target_probs(logits, SamplingParams(temperature=1.0, top_p=5e-324))
+    assert probs.tolist() == [[0.0, 1.0, 0.0]]
