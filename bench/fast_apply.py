@@ -120,7 +120,7 @@ def run_specserve(
         ids = model.tokenizer.encode_chat([{"role": "user", "content": task["text"]}])
         task["prompt_ids"] = ids
         plain_ids = None
-        for name, (spec, with_prediction) in specserve_configs(model, draft).items():
+        for name, (speculation, with_prediction) in specserve_configs(model, draft).items():
             prediction = task["prediction"] if with_prediction else None
             if with_prediction and prediction is None and name == "prediction":
                 continue
@@ -128,7 +128,7 @@ def run_specserve(
                 model.tokenizer.encode(prediction, add_special_tokens=False) if prediction else None
             )
             began = time.perf_counter()
-            result = generate(model, ids, params, spec=spec, prediction_ids=pred_ids)
+            result = generate(model, ids, params, speculation=speculation, prediction_ids=pred_ids)
             total = time.perf_counter() - began
             plain_ids = result.token_ids if name == "plain" else plain_ids
             stats = result.stats.as_dict()

@@ -197,8 +197,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     costs = StepCosts()
     cases = _cases(args, model)
     all_methods = _methods(args, model)
-    for spec in (PLAIN, *all_methods.values()):  # warm-up, the draft model's too
-        generate(model, cases[0][1], SamplingParams(max_tokens=8), spec=spec)
+    for speculation in (PLAIN, *all_methods.values()):  # warm-up, the draft model's too
+        generate(model, cases[0][1], SamplingParams(max_tokens=8), speculation=speculation)
     peer = HFPeer() if "hf" in args.peers else None
     # Draft-model rows: the bf16 target drafted by its quantized copy (a low-bit self-drafter).
     bf16 = load_model(args.model, dtype="bfloat16", progress=False) if args.draft_rows else None
@@ -253,7 +253,7 @@ def _target_rows(
 ) -> tuple[GenerationResult, list[dict[str, Any]]]:
     """Plain decoding and every method on one prompt (with a prediction: also the
     prediction, first); plain's result and the rows."""
-    plain = generate(model, ids, params, spec=PLAIN)
+    plain = generate(model, ids, params, speculation=PLAIN)
     runs = {"plain": (plain, True)}
     methods = dict(all_methods)
     if prediction is not None:
@@ -261,9 +261,11 @@ def _target_rows(
             "prediction + ngram": SpeculationConfig("ngram", 4, ngram_length=3),
             **methods,
         }
-    for name, spec in methods.items():
+    for name, speculation in methods.items():
         pred = prediction if name.startswith("prediction") else None
-        result = generate(model, ids, params, spec=spec, prediction_ids=pred, costs=costs)
+        result = generate(
+            model, ids, params, speculation=speculation, prediction_ids=pred, costs=costs
+        )
         runs[name] = (result, result.token_ids == plain.token_ids)
     return plain, [_result_row(category, i, name, r, same) for name, (r, same) in runs.items()]
 
@@ -273,8 +275,8 @@ def _self_draft_rows(
 ) -> list[dict[str, Any]]:
     """The bf16 target plain, and drafted by ``model`` (its quantized copy)."""
     base = generate(bf16, ids, params)
-    spec = SpeculationConfig("draft_model", 4, draft_model=model)
-    drafted = generate(bf16, ids, params, spec=spec)
+    speculation = SpeculationConfig("draft_model", 4, draft_model=model)
+    drafted = generate(bf16, ids, params, speculation=speculation)
     return [
         _result_row(category, i, name, result, result.token_ids == base.token_ids)
         for name, result in (

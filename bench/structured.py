@@ -95,7 +95,7 @@ def run_specserve(
         outputs: dict[str, list[int]] = {}
         for name in names[index % len(names) :] + names[: index % len(names)]:
             began = time.perf_counter()
-            result = generate(target, prompt, params, spec=specs[name])
+            result = generate(target, prompt, params, speculation=specs[name])
             seconds = time.perf_counter() - began
             outputs[name] = result.token_ids
             rows.append(

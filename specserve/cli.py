@@ -100,13 +100,13 @@ def _generate(args: argparse.Namespace) -> int:
         set_compute_threads(args.threads)
     params = _sampling_params(args)
     model = load_model(args.model, dtype=args.dtype)
-    spec = speculation_from_flags(args, model)
+    speculation = speculation_from_flags(args, model)
     prompt_ids, prediction = _prompt_and_prediction(args, model)
     result = generate(
         model,
         prompt_ids,
         params,
-        spec=spec,
+        speculation=speculation,
         prediction_ids=prediction,
         on_text=lambda piece: print(piece, end="", flush=True),
     )

@@ -29,17 +29,18 @@ def generate(
     prompt_ids: Ids[int],
     params: SamplingParams,
     on_text: Callable[[str], None] | None = None,
-    spec: SpeculationConfig = PLAIN,
+    speculation: SpeculationConfig = PLAIN,
     prediction_ids: Ids[int] | None = None,
     costs: StepCosts | None = None,
 ) -> GenerationResult:
-    """Generate a completion of ``prompt_ids``; speculative when ``spec`` or a prediction says so.
+    """Generate a completion of ``prompt_ids``: speculative when ``speculation`` has a
+    drafter or a prediction is given.
 
     Greedy output is identical to plain decoding token for token; sampled output has the
     target's distribution (the verifier is lossless). ``costs`` lets requests of one model
     share their measured step costs.
     """
-    seq = Sequence(model, prompt_ids, params, spec, prediction_ids, costs)
+    seq = Sequence(model, prompt_ids, params, speculation, prediction_ids, costs)
     cache = model.lm.new_cache(1, seq.max_len)
     prompt = torch.tensor([seq.prompt_ids])
     lm = model.lm

@@ -64,7 +64,7 @@ class Job:
 
     prompt_ids: list[int]
     params: SamplingParams
-    spec: SpeculationConfig
+    speculation: SpeculationConfig
     prediction_ids: list[int] | None
     on_text: TextSink
     on_done: DoneSink
@@ -178,7 +178,7 @@ class Engine:
         params: SamplingParams,
         on_text: TextSink,
         on_done: DoneSink,
-        spec: SpeculationConfig = PLAIN,
+        speculation: SpeculationConfig = PLAIN,
         prediction_ids: Ids[int] | None = None,
         record_features: bool = False,
         share_prefill_with: Job | None = None,
@@ -195,7 +195,7 @@ class Engine:
         job = Job(
             list(prompt_ids),
             params,
-            spec,
+            speculation,
             None if prediction_ids is None else list(prediction_ids),
             on_text,
             on_done,
@@ -334,7 +334,7 @@ class Engine:
             self.model,
             job.prompt_ids,
             job.params,
-            job.spec,
+            job.speculation,
             job.prediction_ids,
             self.costs_for(1),
             self.context_limit,

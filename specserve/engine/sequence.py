@@ -90,7 +90,7 @@ class Sequence:
         model: Model,
         prompt_ids: Ids[int],
         params: SamplingParams,
-        spec: SpeculationConfig = PLAIN,
+        speculation: SpeculationConfig = PLAIN,
         prediction_ids: Ids[int] | None = None,
         costs: StepCosts | None = None,
         context_limit: int | None = None,
@@ -108,8 +108,10 @@ class Sequence:
         self.sample_gen = params.generator(SAMPLE_STREAM)
         self.accept_gen = params.generator(ACCEPT_STREAM)
         self.costs = costs or StepCosts()
-        self.source = ProposalSource(model, spec, params, prediction_ids, self.max_len, self.costs)
-        self.forced_drafts = spec.forced_drafts
+        self.source = ProposalSource(
+            model, speculation, params, prediction_ids, self.max_len, self.costs
+        )
+        self.forced_drafts = speculation.forced_drafts
         self.assembler = TextAssembler(model.tokenizer, self.prompt_ids, params.stop)
         self.eos = frozenset() if params.ignore_eos else frozenset(model.tokenizer.eos_ids)
         self.stats = SpecStats()

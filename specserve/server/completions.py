@@ -85,7 +85,7 @@ def _submit(served: ServedDeployment, kind: str, plan: Plan, relay: Relay) -> li
                 plan.choice_params(index),
                 sink.on_text,
                 sink.on_done,
-                spec=served.spec,
+                speculation=served.speculation,
                 prediction_ids=plan.prediction_ids,
                 share_prefill_with=jobs[0] if jobs else None,
             )

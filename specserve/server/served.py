@@ -35,7 +35,7 @@ class ServedDeployment:
     id: str
     model: str  # as the deployment names it: a catalog name or a local path
     engine: Engine
-    spec: SpeculationConfig
+    speculation: SpeculationConfig
     drafter: EffectiveDrafter
     created: int
 
@@ -102,7 +102,7 @@ def load_deployments(
     for deployment in deployments:
         target = model(deployment.model)
         drafter = deployment.effective_drafter()
-        spec = speculation_for_drafter(**drafter.fields(), target=target, load=model)
+        speculation = speculation_for_drafter(**drafter.fields(), target=target, load=model)
         if deployment.model not in engines:
             engines[deployment.model] = Engine(
                 target,
@@ -116,7 +116,12 @@ def load_deployments(
         created = int(deployment.created_at or time.time())
         served.append(
             ServedDeployment(
-                deployment.id, deployment.model, engines[deployment.model], spec, drafter, created
+                deployment.id,
+                deployment.model,
+                engines[deployment.model],
+                speculation,
+                drafter,
+                created,
             )
         )
     return ServedDeployments(served)

@@ -33,7 +33,7 @@ class ProposalSource:
     def __init__(
         self,
         target: Model,
-        spec: SpeculationConfig,
+        speculation: SpeculationConfig,
         params: SamplingParams,
         prediction_ids: Sequence[int] | None,
         max_len: int,
@@ -41,31 +41,37 @@ class ProposalSource:
     ) -> None:
         self.entries: list[tuple[Proposer, LengthTuner]] = []
         self.prediction: PredictionProposer | None = None
-        self.adaptive = spec.adaptive
+        self.adaptive = speculation.adaptive
         self._last: tuple[Proposer, LengthTuner] | None = None  # who proposed this step
         if prediction_ids:
             self.prediction = PredictionProposer(prediction_ids, max_run=MAX_LOOKUP_DRAFT)
             self.entries.append((self.prediction, LengthTuner(MAX_LOOKUP_DRAFT, costs)))
         self.feature_readers: list[EagleProposer] = []
-        if spec.with_ngram and spec.method != "ngram":
-            ngram = NgramProposer(spec.ngram_length)
+        if speculation.with_ngram and speculation.method != "ngram":
+            ngram = NgramProposer(speculation.ngram_length)
             self.entries.append((ngram, LengthTuner(MAX_LOOKUP_DRAFT, costs)))
         drafter: Proposer | None = None
-        if spec.method == "ngram":
-            drafter = NgramProposer(spec.ngram_length)
-        elif spec.eagle is not None:
+        if speculation.method == "ngram":
+            drafter = NgramProposer(speculation.ngram_length)
+        elif speculation.eagle is not None:
             vocab = target.lm.config.vocab_size
-            max_drafted = max_len + spec.draft_token_count + 1
+            max_drafted = max_len + speculation.draft_token_count + 1
             eagle = EagleProposer(
-                spec.eagle, params, max_drafted, vocab, min_survival=spec.min_draft_survival
+                speculation.eagle,
+                params,
+                max_drafted,
+                vocab,
+                min_survival=speculation.min_draft_survival,
             )
             self.feature_readers.append(eagle)
             drafter = eagle
-        elif spec.draft_model is not None:
-            check_models_share_vocabulary(target, spec.draft_model)
-            drafter = DraftModelProposer(spec.draft_model, params, max_len + spec.draft_token_count)
+        elif speculation.draft_model is not None:
+            check_models_share_vocabulary(target, speculation.draft_model)
+            drafter = DraftModelProposer(
+                speculation.draft_model, params, max_len + speculation.draft_token_count
+            )
         if drafter is not None:
-            self.entries.append((drafter, LengthTuner(spec.draft_token_count, costs)))
+            self.entries.append((drafter, LengthTuner(speculation.draft_token_count, costs)))
 
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         """Let proposers with state (a draft model's KV cache) process the prompt."""

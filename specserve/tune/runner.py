@@ -100,7 +100,7 @@ def measure(
                 model,
                 ids,
                 params,
-                spec=specs[candidate.name],
+                speculation=specs[candidate.name],
                 prediction_ids=_prediction_for(candidate, prediction),
                 costs=costs[candidate.name],
             )
@@ -143,7 +143,7 @@ def measure_throughput(
     )
     for level in levels:
         for candidate in candidates:
-            spec = speculation_of(candidate, model, load)
+            speculation = speculation_of(candidate, model, load)
             engine = Engine(model, max_batch=level, max_queue=len(prompts), start=False)
             results: list[GenerationResult] = []
             errors: list[BaseException] = []
@@ -165,7 +165,7 @@ def measure_throughput(
                     params,
                     lambda piece: None,
                     done,
-                    spec=spec,
+                    speculation=speculation,
                     prediction_ids=_prediction_for(candidate, prediction),
                 )
             while len(results) + len(errors) < len(prompts):

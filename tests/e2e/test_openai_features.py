@@ -68,12 +68,12 @@ DEPLOYMENTS = ("tiny", "tiny-plain")
 
 
 def _model(folder: Path, name: str, template: str | None = None) -> Model:
-    spec = TinySpec(merges=False, printable_output=True, seed=3, context=1024)
+    model_spec = TinySpec(merges=False, printable_output=True, seed=3, context=1024)
     if template is not None:
-        spec = TinySpec(
+        model_spec = TinySpec(
             merges=False, printable_output=True, seed=3, context=1024, chat_template=template
         )
-    path = write_tiny_gguf(folder / f"{name}.gguf", spec)
+    path = write_tiny_gguf(folder / f"{name}.gguf", model_spec)
     # bfloat16: its k-token forward is bit-identical to k single steps (float32's CPU GEMMs
     # are not, tests/engine/test_token_rules.py), so logprobs compare exactly.
     return load_model(str(path), dtype="bfloat16", progress=False)
@@ -93,8 +93,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         create_deployment(store, path, DrafterFlags(no_speculation=True), id=f"{prefix}-plain")
     served = load_deployments(store.list(), lambda name: models[Path(name).name], OPTIONS)
     for name in ("tiny", "tools"):  # fixed lengths: drafting (forced tokens included) is not
-        spec = served.by_id[name].spec  # left to the timing guard, which a loaded CI may veto
-        served.by_id[name].spec = dataclasses.replace(spec, adaptive=False)
+        speculation = served.by_id[
+            name
+        ].speculation  # left to the timing guard, which a loaded CI may veto
+        served.by_id[name].speculation = dataclasses.replace(speculation, adaptive=False)
     running = start_server(served, ServerSettings())
     yield running
     running.stop()

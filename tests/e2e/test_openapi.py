@@ -38,10 +38,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     folder = tmp_path_factory.mktemp("openapi")
     models = {}
     for name, template in (("chatml", None), ("hermes", HERMES_TEMPLATE)):
-        spec = TinySpec(merges=False, printable_output=True, seed=3, context=512)
+        model_spec = TinySpec(merges=False, printable_output=True, seed=3, context=512)
         if template is not None:
-            spec = TinySpec(merges=False, printable_output=True, seed=3, chat_template=template)
-        path = write_tiny_gguf(folder / f"{name}.gguf", spec)
+            model_spec = TinySpec(
+                merges=False, printable_output=True, seed=3, chat_template=template
+            )
+        path = write_tiny_gguf(folder / f"{name}.gguf", model_spec)
         models[path.name] = load_model(str(path), dtype="float32", progress=False)
     store = DeploymentStore(folder / "deployments.db")
     create_deployment(store, str(folder / "chatml.gguf"), DrafterFlags(), id="tiny")

@@ -49,8 +49,8 @@ WAIT_S = 90.0  # the longest any condition below may take to come true
 
 @pytest.fixture(scope="module")
 def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    spec = TinySpec(merges=False, printable_output=True, seed=3)
-    path = write_tiny_gguf(tmp_path_factory.mktemp("ray-model") / "printable.gguf", spec)
+    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("ray-model") / "printable.gguf", model_spec)
     return load_model(str(path), dtype="float32", progress=False)
 
 

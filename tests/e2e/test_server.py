@@ -38,8 +38,8 @@ PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the 
 
 @pytest.fixture(scope="module")
 def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    spec = TinySpec(merges=False, printable_output=True, seed=3)
-    path = write_tiny_gguf(tmp_path_factory.mktemp("printable") / "printable.gguf", spec)
+    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("printable") / "printable.gguf", model_spec)
     return load_model(str(path), dtype="float32", progress=False)
 
 

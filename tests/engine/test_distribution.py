@@ -214,7 +214,7 @@ def _prompt(rng: random.Random) -> list[int]:
 
 
 def _requests(
-    run: Run, model: Model, spec: SpeculationConfig
+    run: Run, model: Model, speculation: SpeculationConfig
 ) -> list[tuple[list[int], SamplingParams, list[int] | None]]:
     rng = random.Random(run.id)
     requests = []
@@ -247,12 +247,16 @@ def _spec(run: Run, model: Model, draft: Model, drafter_dir: Path) -> Speculatio
 
 
 def _run(
-    run: Run, model: Model, spec: SpeculationConfig
+    run: Run, model: Model, speculation: SpeculationConfig
 ) -> list[tuple[list[int], SamplingParams, GenerationResult]]:
-    requests = _requests(run, model, spec)
+    requests = _requests(run, model, speculation)
     if run.driver == "generate":
         return [
-            (prompt, params, generate(model, prompt, params, spec=spec, prediction_ids=pred))
+            (
+                prompt,
+                params,
+                generate(model, prompt, params, speculation=speculation, prediction_ids=pred),
+            )
             for prompt, params, pred in requests
         ]
     engine = Engine(model, max_batch=16, max_queue=len(requests), prefill_chunk=64)
@@ -272,7 +276,7 @@ def _run(
                 params,
                 lambda piece: None,
                 lambda r, e, i=i: finish(i, r, e),
-                spec=spec,
+                speculation=speculation,
                 prediction_ids=prediction,
             )
         assert finished.wait(300), "the engine did not finish the requests"
@@ -303,8 +307,8 @@ def _greedy_acceptance(
 def _check_run(
     run: Run, model: Model, draft: Model, drafter_dir: Path, trace: Trace
 ) -> dict[str, Bins]:
-    spec = _spec(run, model, draft, drafter_dir)
-    bins = _bin_results(model, _run(run, model, spec), trace)
+    speculation = _spec(run, model, draft, drafter_dir)
+    bins = _bin_results(model, _run(run, model, speculation), trace)
     for group, entry in sorted(bins.items()):
         print(f"{run.id} {group}: n={entry.count} (TVD, p-value)={entry.check()}")
     return bins

@@ -239,9 +239,9 @@ def other_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Model]:
     specs = {"vocab": TinySpec(extra_tokens=3), "weights": TinySpec(seed=1)}
     return {
         kind: load_model(
-            str(write_tiny_gguf(root / f"{kind}.gguf", spec)), "float32", progress=False
+            str(write_tiny_gguf(root / f"{kind}.gguf", speculation)), "float32", progress=False
         )
-        for kind, spec in specs.items()
+        for kind, speculation in specs.items()
     }
 
 

@@ -35,13 +35,17 @@ GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
 
 
 def _eagle(model: Model, path: Path, with_ngram: bool = False) -> SpeculationConfig:
-    spec = speculation_for_drafter("draft_model", 4, model, lambda n: model, draft_model=str(path))
-    assert spec.method == "eagle" and spec.with_ngram  # a trained head comes with n-gram
+    speculation = speculation_for_drafter(
+        "draft_model", 4, model, lambda n: model, draft_model=str(path)
+    )
+    assert (
+        speculation.method == "eagle" and speculation.with_ngram
+    )  # a trained head comes with n-gram
     if not with_ngram:
-        spec = SpeculationConfig("eagle", 4, eagle=spec.eagle)
+        speculation = SpeculationConfig("eagle", 4, eagle=speculation.eagle)
     # The tiny random head is never confident: without this it would hardly ever draft. Fixed
     # length, so the timing-driven tuner cannot switch drafting off.
-    return dataclasses.replace(spec, min_draft_survival=0.0, adaptive=False)
+    return dataclasses.replace(speculation, min_draft_survival=0.0, adaptive=False)
 
 
 def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model) -> None:
@@ -62,11 +66,11 @@ def test_training_command_writes_a_drafter(drafter_dir: Path, tiny_model: Model)
 def test_eagle_greedy_output_equals_plain(
     drafter_dir: Path, tiny_model: Model, with_ngram: bool
 ) -> None:
-    spec = _eagle(tiny_model, drafter_dir, with_ngram)
+    speculation = _eagle(tiny_model, drafter_dir, with_ngram)
     results = []
     for prompt in PROMPTS:
         plain = generate(tiny_model, prompt, GREEDY)
-        result = generate(tiny_model, prompt, GREEDY, spec=spec)
+        result = generate(tiny_model, prompt, GREEDY, speculation=speculation)
         assert result.token_ids == plain.token_ids
         results.append(result)
     # The head drafted. (The tiny head's greedy drafts are never accepted, so
@@ -76,14 +80,14 @@ def test_eagle_greedy_output_equals_plain(
 
 def test_eagle_sampling_runs_with_draft_distributions(drafter_dir: Path, tiny_model: Model) -> None:
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
-    result = generate(tiny_model, PROMPTS[0], params, spec=_eagle(tiny_model, drafter_dir))
+    result = generate(tiny_model, PROMPTS[0], params, speculation=_eagle(tiny_model, drafter_dir))
     assert len(result.token_ids) == 24
     assert all(0 <= t < tiny_model.lm.config.vocab_size for t in result.token_ids)
 
 
 def test_eagle_in_a_batch_equals_alone(drafter_dir: Path, tiny_model: Model) -> None:
-    spec = _eagle(tiny_model, drafter_dir)
-    alone = [generate(tiny_model, p, GREEDY, spec=spec).token_ids for p in PROMPTS]
+    speculation = _eagle(tiny_model, drafter_dir)
+    alone = [generate(tiny_model, p, GREEDY, speculation=speculation).token_ids for p in PROMPTS]
     engine = Engine(tiny_model, max_batch=3, prefill_chunk=8)  # features arrive in chunks
     steps = StepLog(engine)
     results: dict[int, GenerationResult] = {}
@@ -98,7 +102,11 @@ def test_eagle_in_a_batch_equals_alone(drafter_dir: Path, tiny_model: Model) -> 
     try:
         for i, prompt in enumerate(PROMPTS):
             engine.submit(
-                prompt, GREEDY, lambda piece: None, lambda r, e, i=i: finish(i, r), spec=spec
+                prompt,
+                GREEDY,
+                lambda piece: None,
+                lambda r, e, i=i: finish(i, r),
+                speculation=speculation,
             )
         assert done.wait(60)
     finally:
@@ -164,17 +172,19 @@ def test_the_window_skips_positions_the_head_never_reads(
 def test_shipped_eagle_head_is_accepted_and_lossless_on_smollm2(smollm2: Model) -> None:
     """The shipped head on the real SmolLM2: greedy output equals plain and the verifier
     accepts some of its drafts (the tiny random head above never has any accepted)."""
-    spec = speculation_for_drafter(
+    speculation = speculation_for_drafter(
         "draft_model", 4, smollm2, lambda n: smollm2, draft_model="smollm2-135m-instruct-eagle"
     )
-    spec = SpeculationConfig("eagle", 4, eagle=spec.eagle, adaptive=False)  # no n-gram help
+    speculation = SpeculationConfig(
+        "eagle", 4, eagle=speculation.eagle, adaptive=False
+    )  # no n-gram help
     params = SamplingParams(max_tokens=48)
     prompts = ["Explain what a hash map is.", "Write a haiku about autumn rain."]
     results = []
     for text in prompts:
         prompt = smollm2.tokenizer.encode_chat([{"role": "user", "content": text}])
         plain = generate(smollm2, prompt, params)
-        result = generate(smollm2, prompt, params, spec=spec)
+        result = generate(smollm2, prompt, params, speculation=speculation)
         assert result.token_ids == plain.token_ids, text
         results.append(result)
     assert_engaged_overall(results, "eagle")

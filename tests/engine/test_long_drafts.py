@@ -41,12 +41,18 @@ def _longest_verified(result: GenerationResult) -> int:
 
 def test_exact_long_prediction_verifies_over_16_drafts_a_step(tiny_model: Model) -> None:
     plain = generate(tiny_model, PROMPT, LONG)
-    for name, spec, costs in [
+    for name, speculation, costs in [
         ("fixed", SpeculationConfig(adaptive=False), None),
         ("tuned", SpeculationConfig(), _flat_costs()),
     ]:
-        result = generate(tiny_model, PROMPT, LONG, spec=spec, prediction_ids=plain.token_ids,
-                          costs=costs)  # fmt: skip
+        result = generate(
+            tiny_model,
+            PROMPT,
+            LONG,
+            speculation=speculation,
+            prediction_ids=plain.token_ids,
+            costs=costs,
+        )
         assert result.token_ids == plain.token_ids, name
         stats = result.stats.by_method["prediction"]
         assert _longest_verified(result) > 16, (name, stats.proposed_per_position)
@@ -97,11 +103,11 @@ def test_engine_pads_a_64_token_draft_at_the_end_of_the_context(tiny_model: Mode
         prompts = [p[: room - 70] for p in prompts]
         params = SamplingParams(max_tokens=1000, ignore_eos=True)
         plains = [generate(tiny_model, p, params).token_ids[: room - len(p)] for p in prompts]
-        spec = SpeculationConfig(adaptive=False)
+        speculation = SpeculationConfig(adaptive=False)
         waiters = [Waiter(), Waiter()]
         # The plain row first: it is decoding when the other's 64-draft feed joins it.
-        engine.submit(prompts[1], params, waiters[1].on_text, waiters[1].on_done, spec)
-        engine.submit(prompts[0], params, waiters[0].on_text, waiters[0].on_done, spec,
+        engine.submit(prompts[1], params, waiters[1].on_text, waiters[1].on_done, speculation)
+        engine.submit(prompts[0], params, waiters[0].on_text, waiters[0].on_done, speculation,
                       prediction_ids=plains[0])  # fmt: skip
         results = [w.wait() for w in waiters]
     finally:

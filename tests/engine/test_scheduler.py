@@ -59,7 +59,7 @@ def _submit(engine: Engine, prompt: list[int], params: SamplingParams, **kw: obj
 
 
 @pytest.mark.parametrize(
-    ("params", "spec"),
+    ("params", "speculation"),
     [
         (SamplingParams(max_tokens=24, ignore_eos=True), NGRAM),
         (SamplingParams(max_tokens=24, ignore_eos=True), PLAIN),
@@ -68,13 +68,13 @@ def _submit(engine: Engine, prompt: list[int], params: SamplingParams, **kw: obj
     ],
 )
 def test_batched_requests_equal_each_alone(
-    tiny_model: Model, params: SamplingParams, spec: SpeculationConfig
+    tiny_model: Model, params: SamplingParams, speculation: SpeculationConfig
 ) -> None:
-    alone = [generate(tiny_model, p, params, spec=spec) for p in _prompts()]
+    alone = [generate(tiny_model, p, params, speculation=speculation) for p in _prompts()]
     engine = Engine(tiny_model, max_batch=3, prefill_chunk=16)
     steps = StepLog(engine)
     try:
-        waiters = [_submit(engine, p, params, spec=spec) for p in _prompts()]
+        waiters = [_submit(engine, p, params, speculation=speculation) for p in _prompts()]
         results = [w.wait() for w in waiters]
     finally:
         engine.stop()
@@ -83,9 +83,9 @@ def test_batched_requests_equal_each_alone(
         assert batched.text == one.text == "".join(waiter.pieces)
         assert batched.finish_reason == "length"
     assert engine.stats.finished == len(alone)
-    if spec.method is not None:
+    if speculation.method is not None:
         steps.assert_batched_drafts()
-        assert_engaged_overall(results, spec.method)
+        assert_engaged_overall(results, speculation.method)
 
 
 def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
@@ -95,8 +95,8 @@ def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
     engine = Engine(tiny_model, max_batch=2)
     steps = StepLog(engine)
     try:
-        other = _submit(engine, list(range(60, 70)), params, spec=NGRAM)
-        waiter = _submit(engine, prompt, params, spec=NGRAM, prediction_ids=plain.token_ids)
+        other = _submit(engine, list(range(60, 70)), params, speculation=NGRAM)
+        waiter = _submit(engine, prompt, params, speculation=NGRAM, prediction_ids=plain.token_ids)
         result = waiter.wait()
         other.wait()
     finally:
@@ -177,17 +177,24 @@ def test_choices_of_one_prompt_share_its_prefill(tiny_model: Model) -> None:
         SamplingParams(max_tokens=20, temperature=0.8, seed=seed, ignore_eos=True)
         for seed in (1, 2, 3)
     ] + [SamplingParams(max_tokens=20, ignore_eos=True)]
-    alone = [generate(tiny_model, prompt, params, spec=NGRAM).token_ids for params in choices]
+    alone = [
+        generate(tiny_model, prompt, params, speculation=NGRAM).token_ids for params in choices
+    ]
     engine = Engine(tiny_model, max_batch=4, start=False)
     kinds: list[str] = []
     engine.stats.step_listeners.append(lambda record: kinds.append(record.kind))
     leader = Waiter()
-    first = engine.submit(prompt, choices[0], leader.on_text, leader.on_done, spec=NGRAM)
+    first = engine.submit(prompt, choices[0], leader.on_text, leader.on_done, speculation=NGRAM)
     waiters = [leader]
     for params in choices[1:]:
         waiter = Waiter()
         engine.submit(
-            prompt, params, waiter.on_text, waiter.on_done, spec=NGRAM, share_prefill_with=first
+            prompt,
+            params,
+            waiter.on_text,
+            waiter.on_done,
+            speculation=NGRAM,
+            share_prefill_with=first,
         )
         waiters.append(waiter)
     while not all(w.done.is_set() for w in waiters):

@@ -53,8 +53,8 @@ def _configs(model: Model, draft: Model) -> dict[str, SpeculationConfig]:
 def other_tiny(tmp_path_factory: pytest.TempPathFactory) -> Model:
     """Same vocabulary, the weights rounded to 4 bits: a drafter whose argmax often but not
     always agrees with the target's (drafts are both accepted and rejected)."""
-    spec = TinySpec(linear_type=Q.Q4_0)
-    path = write_tiny_gguf(tmp_path_factory.mktemp("d") / "draft.gguf", spec)
+    model_spec = TinySpec(linear_type=Q.Q4_0)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("d") / "draft.gguf", model_spec)
     return load_model(str(path), dtype="float32", progress=False)
 
 
@@ -63,23 +63,23 @@ def test_every_proposer_gives_plain_greedy_output_on_tiny(
 ) -> None:
     plain = generate(tiny_model, REPEATING, GREEDY)
     assert plain.stats.proposed == 0 and len(plain.token_ids) == GREEDY.max_tokens
-    for name, spec in _configs(tiny_model, other_tiny).items():
-        result = generate(tiny_model, REPEATING, GREEDY, spec=spec)
+    for name, speculation in _configs(tiny_model, other_tiny).items():
+        result = generate(tiny_model, REPEATING, GREEDY, speculation=speculation)
         assert result.token_ids == plain.token_ids, name
-        assert spec.method is not None
-        assert_engaged(result, spec.method)
+        assert speculation.method is not None
+        assert_engaged(result, speculation.method)
         if name == "draft-other":  # rejections were exercised too
             assert result.stats.accepted < result.stats.proposed
     edited = [*plain.token_ids[:10], 99, 98, *plain.token_ids[14:]]
     fixed = SpeculationConfig("ngram", 4, adaptive=False)
-    result = generate(tiny_model, REPEATING, GREEDY, prediction_ids=edited, spec=fixed)
+    result = generate(tiny_model, REPEATING, GREEDY, prediction_ids=edited, speculation=fixed)
     assert result.token_ids == plain.token_ids
     assert_engaged(result, "prediction")
 
 
 def test_draft_equal_to_target_accepts_everything(tiny_model: Model) -> None:
-    spec = SpeculationConfig("draft_model", 4, draft_model=tiny_model, adaptive=False)
-    result = generate(tiny_model, REPEATING, GREEDY, spec=spec)
+    speculation = SpeculationConfig("draft_model", 4, draft_model=tiny_model, adaptive=False)
+    result = generate(tiny_model, REPEATING, GREEDY, speculation=speculation)
     stats = result.stats.by_method["draft_model"]
     assert stats.proposed > 0 and stats.accepted == stats.proposed
 
@@ -88,7 +88,9 @@ def test_prediction_equal_to_output_is_fully_accepted(tiny_model: Model) -> None
     plain = generate(tiny_model, REPEATING, GREEDY)
     # Fixed length (no timing-driven tuner): every step proposes up to MAX_LOOKUP_DRAFT.
     fixed = SpeculationConfig(adaptive=False)
-    result = generate(tiny_model, REPEATING, GREEDY, spec=fixed, prediction_ids=plain.token_ids)
+    result = generate(
+        tiny_model, REPEATING, GREEDY, speculation=fixed, prediction_ids=plain.token_ids
+    )
     assert result.token_ids == plain.token_ids
     assert result.prediction is not None
     assert result.prediction.rejected_prediction_tokens == 0
@@ -109,7 +111,7 @@ def test_vocabulary_mismatch_is_refused(tiny_model: Model, tmp_path: Path) -> No
             tiny_model,
             REPEATING,
             GREEDY,
-            spec=SpeculationConfig("draft_model", 4, draft_model=draft),
+            speculation=SpeculationConfig("draft_model", 4, draft_model=draft),
         )
 
 
@@ -147,12 +149,12 @@ def test_engine_equals_reference_step(
     )
     k = 3
     if drafter == "ngram":
-        spec = SpeculationConfig("ngram", k, ngram_length=2, adaptive=False)
+        speculation = SpeculationConfig("ngram", k, ngram_length=2, adaptive=False)
         proposer: NgramProposer | DraftModelProposer = NgramProposer(2)
     else:
-        spec = SpeculationConfig("draft_model", k, draft_model=tiny_model, adaptive=False)
+        speculation = SpeculationConfig("draft_model", k, draft_model=tiny_model, adaptive=False)
         proposer = DraftModelProposer(tiny_model, params, len(REPEATING) + 64)
-    engine = generate(tiny_model, REPEATING, params, spec=spec)
+    engine = generate(tiny_model, REPEATING, params, speculation=speculation)
     assert_engaged(engine, drafter)
     assert _reference_run(tiny_model, params, proposer, k) == engine.token_ids
 
@@ -192,8 +194,8 @@ def test_streams_of_one_seed_are_independent() -> None:
 def test_proposers_draw_from_the_draft_stream(tiny_model: Model) -> None:
     """The wiring: a sampled drafter's generator is the draft stream, not the sequence's."""
     params = SamplingParams(temperature=1.0, seed=9, max_tokens=8)
-    spec = SpeculationConfig("draft_model", 2, draft_model=tiny_model)
-    seq = Sequence(tiny_model, REPEATING, params, spec)
+    speculation = SpeculationConfig("draft_model", 2, draft_model=tiny_model)
+    seq = Sequence(tiny_model, REPEATING, params, speculation)
     drafter = seq.source.entries[-1][0]
     assert isinstance(drafter, DraftModelProposer)
     first = [
@@ -210,14 +212,14 @@ def test_sampled_speculation_is_seeded_and_deterministic(tiny_model: Model) -> N
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=123, max_tokens=32, ignore_eos=True)
     # A fixed length: with self-tuning, draft lengths follow measured step times, and which
     # random numbers a position consumes depends on them (the distribution does not).
-    spec = SpeculationConfig("ngram", 4, ngram_length=1, adaptive=False)
-    first = generate(tiny_model, REPEATING, params, spec=spec)
-    again = generate(tiny_model, REPEATING, params, spec=spec)
+    speculation = SpeculationConfig("ngram", 4, ngram_length=1, adaptive=False)
+    first = generate(tiny_model, REPEATING, params, speculation=speculation)
+    again = generate(tiny_model, REPEATING, params, speculation=speculation)
     other = generate(
         tiny_model,
         REPEATING,
         SamplingParams(temperature=1.0, top_p=0.95, seed=124, max_tokens=32, ignore_eos=True),
-        spec=spec,
+        speculation=speculation,
     )
     assert first.token_ids == again.token_ids
     assert first.token_ids != other.token_ids
@@ -281,12 +283,14 @@ def test_speculative_equals_plain_on_smollm2_real_prompts(smollm2: Model) -> Non
     totals: list[GenerationResult] = []
     for prompt, prediction in cases:
         plain = generate(smollm2, prompt, params)
-        for spec in (
+        for speculation in (
             SpeculationConfig("ngram", 4, ngram_length=3),
             SpeculationConfig("draft_model", 4, draft_model=smollm2),
         ):
-            result = generate(smollm2, prompt, params, spec=spec, prediction_ids=prediction)
-            assert result.token_ids == plain.token_ids, (spec.method, prediction is not None)
+            result = generate(
+                smollm2, prompt, params, speculation=speculation, prediction_ids=prediction
+            )
+            assert result.token_ids == plain.token_ids, (speculation.method, prediction is not None)
             totals.append(result)
     # Self-tuned lengths (the deployed default) may skip drafting on a prompt, but over
     # all of them each method must have drafted and had drafts accepted.

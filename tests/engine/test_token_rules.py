@@ -73,13 +73,20 @@ def _speculations(draft: Model) -> dict[str, tuple[SpeculationConfig, bool]]:
 
 
 def _run(
-    model: Model, params: SamplingParams, spec: SpeculationConfig = PLAIN, predict: bool = False
+    model: Model,
+    params: SamplingParams,
+    speculation: SpeculationConfig = PLAIN,
+    predict: bool = False,
 ) -> GenerationResult:
     tok = model.tokenizer
     prediction = tok.encode('{"flag": true, "color": "red", "tags": ["in", "the"]}', False)
     prompt = tok.encode(PROMPT_TEXT)
     return generate(
-        model, prompt, params, spec=spec, prediction_ids=prediction if predict else None
+        model,
+        prompt,
+        params,
+        speculation=speculation,
+        prediction_ids=prediction if predict else None,
     )
 
 
@@ -89,14 +96,14 @@ def test_greedy_under_a_grammar_equals_plain_with_every_drafter(model: Model, dr
     value = json.loads(plain.text)  # schema-valid JSON, ended by the grammar
     assert set(value) == {"flag", "color", "tags"} and plain.finish_reason == "stop"
     assert plain.stats.forced_tokens == 0 and plain.stats.target_steps == len(plain.token_ids) - 1
-    for name, (spec, predict) in _speculations(draft).items():
-        result = _run(model, params, spec, predict)
+    for name, (speculation, predict) in _speculations(draft).items():
+        result = _run(model, params, speculation, predict)
         assert result.token_ids == plain.token_ids, name
         assert result.logprobs == plain.logprobs, name  # the same rows, bit for bit
         # keys and punctuation are free: forced drafts where no drafter covered them
         free = len(plain.token_ids) / 3 if name == "forced tokens only" else 0
         assert result.stats.forced_tokens > free, name
-        method = "prediction" if predict else spec.method or FORCED
+        method = "prediction" if predict else speculation.method or FORCED
         stats = result.stats.by_method.get(method)
         assert stats is not None and stats.proposed > 0, f"{name} never drafted"
 
@@ -126,13 +133,13 @@ def test_grammar_requests_in_a_batch_equal_each_alone(model: Model) -> None:
             SamplingParams(max_tokens=60, grammar=grammar, presence_penalty=1.0),
         ),
     ]
-    alone = [generate(model, p, params, spec=NGRAM).token_ids for p, params in requests]
+    alone = [generate(model, p, params, speculation=NGRAM).token_ids for p, params in requests]
     engine = Engine(model, max_batch=4)
     try:
         waiters = []
         for prompt, params in requests:
             waiter = Waiter()
-            engine.submit(prompt, params, waiter.on_text, waiter.on_done, spec=NGRAM)
+            engine.submit(prompt, params, waiter.on_text, waiter.on_done, speculation=NGRAM)
             waiters.append(waiter)
         assert [w.wait().token_ids for w in waiters] == alone
     finally:
@@ -176,14 +183,14 @@ def test_penalties_and_logit_bias_as_openai_defines_them(model: Model, draft: Mo
     expected = _by_hand(model, prompt, 24, 0.6, 0.9, bias)
     unpenalized = generate(model, prompt, SamplingParams(max_tokens=24, ignore_eos=True))
     assert unpenalized.token_ids != expected  # the rules change this output
-    for spec in (
+    for speculation in (
         PLAIN,
         NGRAM,
         SpeculationConfig("draft_model", 3, draft_model=draft, adaptive=False),
     ):
-        result = generate(model, prompt, params, spec=spec)
-        assert result.token_ids == expected, spec.method
-        if spec.method is not None:
+        result = generate(model, prompt, params, speculation=speculation)
+        assert result.token_ids == expected, speculation.method
+        if speculation.method is not None:
             assert result.stats.proposed > 0
 
 
@@ -235,7 +242,9 @@ def _rank_bins(probs: torch.Tensor, out: list[int]) -> tuple[torch.Tensor, torch
     return observed, expected
 
 
-def _tvd_and_chi2(model: Model, spec: SpeculationConfig, seeds: range) -> tuple[float, float, int]:
+def _tvd_and_chi2(
+    model: Model, speculation: SpeculationConfig, seeds: range
+) -> tuple[float, float, int]:
     grammar = TokenGrammar.lark(LARK, model.tokenizer, vocab_size=model.lm.config.vocab_size)
     prompt = model.tokenizer.encode("a bad cab")
     observed, expected, drafted = torch.zeros(BINS), torch.zeros(BINS), 0
@@ -243,7 +252,7 @@ def _tvd_and_chi2(model: Model, spec: SpeculationConfig, seeds: range) -> tuple[
         params = SamplingParams(
             temperature=0.5, seed=seed, max_tokens=48, grammar=grammar, ignore_eos=True
         )
-        result = generate(model, prompt, params, spec=spec)
+        result = generate(model, prompt, params, speculation=speculation)
         drafted += result.stats.accepted
         o, e = _rank_bins(
             _masked_probs(model, grammar, prompt, result.token_ids, params), result.token_ids
