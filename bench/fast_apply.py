@@ -93,10 +93,22 @@ def load_tasks(fixes: int, open_tasks: int, spec_bench: int) -> list[dict[str, A
     return tasks
 
 
-def specserve_configs(target: Model, draft: Model) -> dict[str, tuple[SpeculationConfig, bool]]:
-    """name -> (speculation, whether the task's prediction is passed)."""
+def specserve_configs(
+    target: Model, draft: Model, eagle: Path | None = None
+) -> dict[str, tuple[SpeculationConfig, bool]]:
+    """name -> (speculation, whether the task's prediction is passed); with ``eagle`` (a
+    trained head's directory) also the head alone and as a deployment runs it (n-gram first)."""
     default = effective_drafter(TARGET, DrafterFlags())
-    return {
+    heads = {}
+    if eagle is not None:
+        mix = speculation_for_drafter(
+            "draft_model", 4, target, lambda name: target, draft_model=str(eagle)
+        )
+        heads = {
+            "EAGLE head": (SpeculationConfig("eagle", 4, eagle=mix.eagle), False),
+            "EAGLE head + n-gram": (mix, False),
+        }
+    return heads | {
         "plain": (PLAIN, False),
         "prediction": (PLAIN, True),
         "ngram": (SpeculationConfig("ngram", 4, ngram_length=3), False),
@@ -110,9 +122,20 @@ def specserve_configs(target: Model, draft: Model) -> dict[str, tuple[Speculatio
 
 
 def run_specserve(
-    model: Model, tasks: list[dict[str, Any]], draft: Model, max_tokens: int
+    model: Model,
+    tasks: list[dict[str, Any]],
+    draft: Model,
+    max_tokens: int,
+    eagle: Path | None = None,
+    only: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
+    """Each configuration (``only``: those whose names start so, and plain) on each task."""
     rows = []
+    configs = {
+        name: config
+        for name, config in specserve_configs(model, draft, eagle).items()
+        if name == "plain" or not only or any(name.startswith(o) for o in only)
+    }
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     warm = model.tokenizer.encode_chat([{"role": "user", "content": tasks[0]["text"]}])
     generate(model, warm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
@@ -120,7 +143,7 @@ def run_specserve(
         ids = model.tokenizer.encode_chat([{"role": "user", "content": task["text"]}])
         task["prompt_ids"] = ids
         plain_ids = None
-        for name, (speculation, with_prediction) in specserve_configs(model, draft).items():
+        for name, (speculation, with_prediction) in configs.items():
             prediction = task["prediction"] if with_prediction else None
             if with_prediction and prediction is None and name == "prediction":
                 continue
@@ -323,13 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"))
     parser.add_argument("--quick", action="store_true", help="2 fixes, 1 open, 0 spec-bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fast_apply.json")
+    parser.add_argument("--eagle", type=Path, help="a trained head's directory to compare too")
+    parser.add_argument("--only", default="", help="comma-separated config name prefixes")
     args = parser.parse_args(argv)
     if args.quick:
         args.fixes, args.open, args.spec_bench, args.max_tokens = 2, 1, 0, 64
     set_threads(args.threads)
     tasks = load_tasks(args.fixes, args.open, args.spec_bench)
     target, draft = load_model(TARGET, progress=False), load_model(DRAFT, progress=False)
-    rows = run_specserve(target, tasks, draft, args.max_tokens)
+    only = [o for o in args.only.split(",") if o]
+    rows = run_specserve(target, tasks, draft, args.max_tokens, args.eagle, only)
     notes = []
     if args.llama_cpp_bin:
         rows += run_llama(Path(args.llama_cpp_bin), tasks, args.max_tokens, args.threads)
