@@ -108,7 +108,7 @@ def specserve_configs(
             "EAGLE head": (SpeculationConfig("eagle", 4, eagle=mix.eagle), False),
             "EAGLE head + n-gram": (mix, False),
         }
-    return heads | {
+    return {
         "plain": (PLAIN, False),
         "prediction": (PLAIN, True),
         "ngram": (SpeculationConfig("ngram", 4, ngram_length=3), False),
@@ -118,7 +118,7 @@ def specserve_configs(
             speculation_for_drafter(**default.fields(), target=target, load=lambda name: draft),
             True,
         ),
-    }
+    } | heads  # after plain: each row is compared with plain's output
 
 
 def run_specserve(
