@@ -67,13 +67,11 @@ def prepare(body: CommonRequest, model: Model) -> Plan:
     if body.prediction is not None:
         text = join_text(body.prediction.content)
         prediction_ids = model.tokenizer.encode(text, add_special_tokens=False)
-    grammar = (
-        tool_choice_grammar(model, tools)
-        if tools is not None
-        else response_format_grammar(
-            model, body.response_format.as_openai() if body.response_format else None
-        )
-    )
+    # One grammar a request: a forced tool call's, else the response format's (the schema
+    # refuses both together unless tool_choice is "none", which forces no call).
+    grammar = tool_choice_grammar(model, tools) if tools is not None else None
+    if grammar is None and body.response_format is not None:
+        grammar = response_format_grammar(model, body.response_format.as_openai())
     params = sampling_params(body, grammar, model.lm.config.vocab_size)
     speller = TokenSpeller(model) if params.logprobs is not None else None
     return Plan(prompt_ids, prediction_ids, params, body.choices, tools, speller)

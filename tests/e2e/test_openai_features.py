@@ -252,6 +252,12 @@ def test_auto_tool_choice_and_tool_results_round_trip(client: openai.OpenAI) -> 
     # tool_choice "none" shows no tools, so ChatML serves it.
     reply = _chat(client, "tiny", max_tokens=4, tools=[WEATHER], tool_choice="none")
     assert reply.choices[0].message.content and reply.choices[0].message.tool_calls is None
+    # ... and its response_format still holds (one grammar a request: no call is forced).
+    reply = _chat(
+        client, "tiny", max_tokens=80, tools=[WEATHER], tool_choice="none",
+        response_format=JSON_SCHEMA,
+    )  # fmt: skip
+    jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
 
 
 # -- logprobs ------------------------------------------------------------------------------------
