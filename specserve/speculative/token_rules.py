@@ -35,7 +35,8 @@ class TokenRules:
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self.presence = params.presence_penalty
         self.frequency = params.frequency_penalty
-        self.counts: Counter[int] = Counter()
+        self.penalized = self.presence != 0.0 or self.frequency != 0.0
+        self.counts: Counter[int] = Counter()  # of the output, kept only when penalized
         self.bias: torch.Tensor | None = None
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size)
@@ -52,8 +53,7 @@ class TokenRules:
 
     @property
     def active(self) -> bool:
-        penalized = self.presence != 0.0 or self.frequency != 0.0
-        return penalized or self.bias is not None or self.matcher is not None
+        return self.penalized or self.bias is not None or self.matcher is not None
 
     @property
     def grammar_done(self) -> bool:
@@ -64,10 +64,9 @@ class TokenRules:
         """(the drafts this step may verify, how many of them came from ``drafts``): those
         before the first one the grammar forbids, then the tokens the grammar forces from
         there (free drafts, no drafter needed; not if ``force`` is False), at most ``limit``
-        in all. Records each position's mask for `shape`."""
-        if self.matcher is None:
-            return list(drafts[:limit]), min(len(drafts), limit)
+        in all. Records each position's mask for `shape`. Only under a grammar."""
         m = self.matcher
+        assert m is not None, "admit() checks drafts against a grammar"
         kept: list[int] = []
         self._masks = [m.allowed()]
         for token in drafts[:limit]:
@@ -104,7 +103,7 @@ class TokenRules:
             return logits
         rows = logits.shape[0]
         shaped = logits.float().clone()
-        if self.presence != 0.0 or self.frequency != 0.0:
+        if self.penalized:
             self._penalize(shaped, drafts[: rows - 1])
         if self.bias is not None:
             shaped[:, : self.bias.shape[0]] += self.bias
@@ -118,37 +117,37 @@ class TokenRules:
         return shaped
 
     def _penalize(self, shaped: torch.Tensor, drafts: Sequence[int]) -> None:
-        """Subtract each row's penalties: the output's counts, plus the drafts before it."""
-        rows, cols, values = [], [], []
-        for token, count in self.counts.items():  # the same for every row
-            rows.append(-1)
-            cols.append(token)
-            values.append(self._penalty(count))
+        """Subtract each row's penalties: the output's counts (every row), then what the
+        drafts before row i add to them (row i only)."""
+        if self.counts:
+            tokens = torch.tensor(list(self.counts))
+            penalties = [self._penalty(count) for count in self.counts.values()]
+            shaped[:, tokens] -= torch.tensor(penalties, dtype=shaped.dtype)
+        rows, cols, extras = [], [], []
         running: Counter[int] = Counter()
         for i, token in enumerate(drafts, start=1):
             running[token] += 1
-            for t, extra in running.items():  # row i: drafts[:i] counted too
+            for t, extra in running.items():
+                base = self.counts.get(t, 0)
                 rows.append(i)
                 cols.append(t)
-                base = self.counts.get(t, 0)
-                values.append(self._penalty(base + extra) - self._penalty(base))
-        if not values:
-            return
-        value = torch.tensor(values, dtype=shaped.dtype)
-        col = torch.tensor(cols)
-        every = torch.tensor(rows) < 0
-        shaped[:, col[every]] -= value[every]
-        if not bool(every.all()):
-            shaped.index_put_((torch.tensor(rows)[~every], col[~every]), -value[~every], True)
+                extras.append(self._penalty(base + extra) - self._penalty(base))
+        if extras:
+            index = (torch.tensor(rows), torch.tensor(cols))
+            shaped.index_put_(index, -torch.tensor(extras, dtype=shaped.dtype), accumulate=True)
 
     def _penalty(self, count: int) -> float:
         return (self.presence if count > 0 else 0.0) + self.frequency * count
 
     def advance(self, emitted: Sequence[int]) -> None:
-        """The verifier kept ``emitted``: count them and move the grammar past them."""
+        """The verifier kept ``emitted``: count them (for the penalties) and move the grammar
+        past them."""
         self._masks = []
+        if self.penalized:
+            self.counts.update(emitted)
+        if self.matcher is None:
+            return
         for token in emitted:
-            self.counts[token] += 1
-            if self.matcher is not None and not self.matcher.is_done():
+            if not self.matcher.is_done():
                 accepted = self.matcher.accept(token)
                 assert accepted, f"token {token} was emitted against the grammar"
