@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from specserve.engine.result import GenerationResult
+from specserve.speculative.sampling import derived_seed
 from specserve.speculative.stats import MethodStats, SpecStats
 
 # SeedSequence spawn key of choices; the request's per-purpose streams use 0..2
@@ -28,8 +27,7 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     """The seed of choice ``index`` of a request seeded ``seed`` (None: fresh entropy)."""
     if seed is None or index == 0:
         return seed
-    child = np.random.SeedSequence(seed, spawn_key=(CHOICE_SPAWN_KEY, index))
-    return int(child.generate_state(1, np.uint64)[0]) % _SEED_BOUND
+    return derived_seed(seed, CHOICE_SPAWN_KEY, index) % _SEED_BOUND
 
 
 def merge_stats(parts: Sequence[SpecStats]) -> SpecStats:

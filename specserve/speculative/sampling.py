@@ -32,17 +32,21 @@ SAMPLE_STREAM = "sample"  # plain, recovered and bonus tokens
 STREAMS = (SAMPLE_STREAM, ACCEPT_STREAM, DRAFT_STREAM)
 
 
+def derived_seed(seed: int, *key: int) -> int:
+    """A 64-bit seed derived from ``seed`` and a spawn ``key``: numpy's ``SeedSequence``
+    hashes (seed, key) into well-mixed, independent child states — the documented way to
+    derive parallel streams from one seed."""
+    child = np.random.SeedSequence(seed, spawn_key=key)
+    return int(child.generate_state(1, np.uint64)[0])
+
+
 def stream_seed(seed: int, purpose: str) -> int:
     """The seed of one purpose's stream of a seeded request (a 64-bit integer).
-
-    numpy's ``SeedSequence`` hashes (seed, spawn key) into well-mixed, independent child
-    states — the documented way to derive parallel streams from one seed.
 
     >>> stream_seed(7, DRAFT_STREAM) != stream_seed(7, ACCEPT_STREAM)
     True
     """
-    child = np.random.SeedSequence(seed, spawn_key=(STREAMS.index(purpose),))
-    return int(child.generate_state(1, np.uint64)[0])
+    return derived_seed(seed, STREAMS.index(purpose))
 
 
 class InvalidRequestError(ValueError):
