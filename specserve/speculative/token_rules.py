@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from specserve.speculative.grammar import GrammarMatcher, TokenGrammar
+from specserve.speculative.grammar import GrammarMatcher, TokenGrammar, apply_mask
 from specserve.speculative.sampling import InvalidRequestError, SamplingParams
 
 
@@ -108,12 +108,9 @@ class TokenRules:
         if self.bias is not None:
             shaped[:, : self.bias.shape[0]] += self.bias
         if self.matcher is not None:
-            masks = self._masks[:rows] if len(self._masks) >= rows else None
-            if masks is None:  # no admit() for this step (the first token): the current state
-                masks = [self.matcher.allowed()]
-            mask = torch.stack(masks)  # [N, W]
-            shaped[:, : mask.shape[1]].masked_fill_(~mask, float("-inf"))
-            shaped[:, mask.shape[1] :] = float("-inf")
+            # Without admit() for this step (the first token), the current state's mask.
+            masks = self._masks[:rows] if len(self._masks) >= rows else [self.matcher.allowed()]
+            shaped = apply_mask(shaped, torch.stack(masks))  # masks [N, W]
         return shaped
 
     def _penalize(self, shaped: torch.Tensor, drafts: Sequence[int]) -> None:

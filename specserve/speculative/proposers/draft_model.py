@@ -9,6 +9,7 @@ import torch
 from specserve.model import vocab
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
+from specserve.speculative.grammar import apply_mask
 from specserve.speculative.proposers.base import Proposal, SequenceContext, register
 from specserve.speculative.sampling import DRAFT_STREAM, SamplingParams, sample, target_probs
 
@@ -70,10 +71,7 @@ class DraftModelProposer:
         probs: list[torch.Tensor] = []
         for i in range(k):
             if context.allowed is not None:  # draft only what the request's grammar allows
-                mask = context.allowed(drafted)
-                logits = logits.float().clone()
-                logits[: mask.shape[0]].masked_fill_(~mask, float("-inf"))
-                logits[mask.shape[0] :] = float("-inf")
+                logits = apply_mask(logits.float(), context.allowed(drafted))
             if self.params.greedy:
                 token = int(logits.argmax())
             else:
