@@ -29,7 +29,7 @@ from specserve.deployments.store import Deployment
 from specserve.server.errors import APIError, install_error_handlers, model_not_found
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
-from specserve.server.ray_replica import app_name
+from specserve.server.ray_replica import APP, engine_name
 from specserve.server.responses import sse
 
 log = logging.getLogger("specserve.ray")
@@ -44,7 +44,12 @@ class Ingress:
     a deployment id, or a model name served by its default deployment."""
 
     def __init__(
-        self, deployments: list[Deployment], api_key: str | None, max_body: int, hub: Any
+        self,
+        deployments: list[Deployment],
+        api_key: str | None,
+        max_body: int,
+        hub: Any,
+        engines: dict[str, DeploymentHandle],
     ) -> None:
         self.deployments = {d.id: d for d in deployments}
         self.default_for_model: dict[str, str] = {}
@@ -52,7 +57,7 @@ class Ingress:
             if d.id == d.model or d.model not in self.default_for_model:
                 self.default_for_model[d.model] = d.id
         self.api_key, self.max_body, self.hub = api_key, max_body, hub
-        self.handles: dict[str, DeploymentHandle] = {}
+        self.handles = {d: handle.options(stream=True) for d, handle in engines.items()}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)
@@ -64,18 +69,12 @@ class Ingress:
                 return found
         raise model_not_found(name, self.deployments)
 
-    def handle(self, deployment_id: str) -> DeploymentHandle:
-        if deployment_id not in self.handles:
-            found = serve.get_deployment_handle("EngineReplica", app_name(deployment_id))
-            self.handles[deployment_id] = found.options(stream=True)
-        return self.handles[deployment_id]
-
     async def forward(self, deployment_id: str, request: Request, body: bytes) -> Response:
         """Send the request to a replica; retry once if it fails before answering."""
         headers = [(k, v) for k, v in request.scope["headers"] if k in FORWARDED_HEADERS]
         call = (request.method, request.url.path, request.scope["query_string"], headers, body)
         for attempt in range(RETRIES + 1):
-            stream: Any = self.handle(deployment_id).handle.remote(*call)
+            stream: Any = self.handles[deployment_id].handle.remote(*call)
             try:
                 start = await stream.__anext__()
                 first = await _next_or_none(stream)
@@ -109,11 +108,13 @@ def _response(start: dict[str, Any], first: bytes | None, stream: Any) -> Respon
     is_sse = headers.get("content-type", "").startswith("text/event-stream")
 
     async def body() -> AsyncIterator[bytes]:
+        finished = first is None
         try:
             if first is not None:
                 yield first
             async for chunk in stream:
                 yield chunk
+            finished = True
         except (RayActorError, RayError) as exc:
             log.warning("replica lost mid-response: %s", exc)
             if is_sse:  # the 200 is sent: the error goes in-band, as OpenAI's streams do
@@ -126,7 +127,8 @@ def _response(start: dict[str, Any], first: bytes | None, stream: Any) -> Respon
                 yield sse(error.body()).encode()
                 yield b"data: [DONE]\n\n"
         finally:
-            stream.cancel()  # our client went away (or we are done): free the sequence
+            if not finished:  # our client went away: free the sequence (costs a Ray call)
+                stream.cancel()
 
     return StreamingResponse(body(), start["status"], headers)
 
@@ -154,11 +156,10 @@ def merge_metrics(reports: dict[str, dict[str, Any]]) -> bytes:
 
 def replica_states(deployment_ids: list[str]) -> dict[str, dict[str, int]]:
     """``{deployment: {"RUNNING": 2, ...}}`` from Serve's status (a blocking call)."""
-    applications = serve.status().applications
+    application = serve.status().applications.get(APP)
     states: dict[str, dict[str, int]] = {}
     for deployment_id in deployment_ids:
-        application = applications.get(app_name(deployment_id))
-        overview = application.deployments.get("EngineReplica") if application else None
+        overview = application.deployments.get(engine_name(deployment_id)) if application else None
         counts = overview.replica_states if overview else {}
         states[deployment_id] = {str(getattr(k, "value", k)): int(n) for k, n in counts.items()}
     return states

@@ -12,10 +12,8 @@ Imported only by ``serve --ray`` (it imports ray at the top).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,15 +28,15 @@ from specserve.server.served import EngineOptions
 
 log = logging.getLogger("specserve.ray")
 
-INGRESS_APP = "specserve"  # the Serve application of the ingress and the metrics hub
+APP = "specserve"  # the one Serve application: ingress, metrics hub, every deployment's engines
 REPLICA_HEADER = "x-specserve-replica"  # which replica answered (debugging, tests)
 METRICS_PUSH_SECONDS = 1.0  # how often a replica sends its metrics to the hub
 METRICS_STALE_SECONDS = 15.0  # a replica silent this long is gone (dead or scaled down)
 
 
-def app_name(deployment_id: str) -> str:
-    """The Serve application that runs one stored deployment's replicas."""
-    return f"specserve-{deployment_id}"
+def engine_name(deployment_id: str) -> str:
+    """The Serve deployment (in `APP`) whose replicas run one stored deployment's engine."""
+    return f"engine-{deployment_id}"
 
 
 class EngineReplica:
@@ -55,8 +53,9 @@ class EngineReplica:
         # No API key and a generous body limit here: the ingress checks both first.
         self.app = create_app(self.served, ServerSettings(max_body_bytes=1 << 30), self.metrics)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._stop = threading.Event()
-        threading.Thread(target=self._push_metrics, name="specserve-metrics", daemon=True).start()
+        # On the replica's event loop: Serve's handles in throughput-optimized mode
+        # (`ray_run.fast_path_env`) work only there, not from threads of their own.
+        self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
     async def handle(
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -68,17 +67,20 @@ class EngineReplica:
                 item["headers"].append((REPLICA_HEADER, self.replica))
             yield item
 
-    def _push_metrics(self) -> None:
-        hub: DeploymentHandle = serve.get_deployment_handle("MetricsHub", app_name=INGRESS_APP)
-        while not self._stop.wait(METRICS_PUSH_SECONDS):
+    async def _push_metrics(self) -> None:
+        hub: DeploymentHandle = serve.get_deployment_handle("MetricsHub", app_name=APP)
+        while True:
+            await asyncio.sleep(METRICS_PUSH_SECONDS)
             text = self.metrics.render().decode()
-            with contextlib.suppress(Exception):  # the hub restarts or shuts down: next time
-                hub.report.remote(self.deployment_id, self.replica, os.getpid(), text).result(
-                    timeout_s=10
+            try:
+                await asyncio.wait_for(
+                    hub.report.remote(self.deployment_id, self.replica, os.getpid(), text), 10
                 )
+            except Exception as exc:  # the hub restarts or shuts down: next time
+                log.debug("metrics push failed: %r", exc)
 
     def __del__(self) -> None:  # Serve calls this when it stops the replica
-        self._stop.set()
+        self._pusher.cancel()
         self.served.stop()
 
 

@@ -38,8 +38,8 @@ ray = pytest.importorskip(
 # Ray Serve's own pydantic models warn on import; they are not ours to fix.
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-from specserve.server.ray_replica import INGRESS_APP, REPLICA_HEADER  # noqa: E402
-from specserve.server.ray_run import Scaling, deploy, undeploy  # noqa: E402
+from specserve.server.ray_replica import APP, REPLICA_HEADER  # noqa: E402
+from specserve.server.ray_run import Scaling, deploy, fast_path_env, undeploy  # noqa: E402
 
 OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
 FAST_SCALING = Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0)
@@ -63,6 +63,8 @@ def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
     create_deployment(store, model, DrafterFlags(no_speculation=True), id="auto", replicas=auto)
     deployments = store.list()
     port = free_port()
+    saved = dict(os.environ)
+    os.environ.update(fast_path_env(port))  # as `serve --ray` starts its own Ray
     ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
     try:
         deploy(
@@ -78,6 +80,8 @@ def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield f"http://127.0.0.1:{port}"
     finally:
         undeploy(deployments, started_cluster=True)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
@@ -157,7 +161,7 @@ def test_metrics_from_every_replica(base_url: str) -> None:
 def _replica_pids(deployment: str) -> dict[str, int]:
     from ray import serve
 
-    hub = serve.get_deployment_handle("MetricsHub", app_name=INGRESS_APP)
+    hub = serve.get_deployment_handle("MetricsHub", app_name=APP)
     live = hub.live.remote().result(timeout_s=10)
     return {r: v["pid"] for r, v in live.items() if v["deployment"] == deployment}
 
