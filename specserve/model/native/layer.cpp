@@ -5,9 +5,10 @@
 // operations in the same order whatever the batch: attention reads keys 0..position one by
 // one, so a k-token verify equals k single steps bit for bit, and batched rows equal each
 // alone.
+#include <algorithm>
 #include <cmath>
-#include <memory>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "api.h"
