@@ -26,3 +26,4 @@ bool parse_parts(PyObject* tuple, int64_t k, std::vector<PackedWeights>* parts);
 }  // namespace specserve
 
 PyObject* py_layer_forward(PyObject* self, PyObject* args);
+PyObject* py_exp_fixed(PyObject* self, PyObject* args);

@@ -113,3 +113,23 @@ PyObject* py_layer_forward(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS;
   Py_RETURN_NONE;
 }
+
+// exp_fixed(x_ptr, n, out_ptr): the layer's exp on n floats, by the current ISA path (tests).
+PyObject* py_exp_fixed(PyObject*, PyObject* args) {
+  long long x, n, out;
+  if (!PyArg_ParseTuple(args, "LLL", &x, &n, &out)) return nullptr;
+  const float* in = reinterpret_cast<const float*>(x);
+  float* res = reinterpret_cast<float*>(out);
+#if defined(__x86_64__)
+  if (specserve::current_isa() == 2) {
+    specserve::avx512::exp_all(in, n, res);
+    Py_RETURN_NONE;
+  }
+  if (specserve::current_isa() == 1) {
+    specserve::avx2::exp_all(in, n, res);
+    Py_RETURN_NONE;
+  }
+#endif
+  specserve::generic::exp_all(in, n, res);
+  Py_RETURN_NONE;
+}

@@ -330,6 +330,8 @@ static PyMethodDef kMethods[] = {
      "linear(x_ptr, M, K, out_ptr, ldo, parts): out[:, part columns] = x @ W.T"},
     {"layer_forward", py_layer_forward, METH_VARARGS,
      "one Llama-family decoder layer on the residual stream, in place (layer.cpp)"},
+    {"exp_fixed", py_exp_fixed, METH_VARARGS,
+     "exp_fixed(x_ptr, n, out_ptr): the layer's exp (SiLU, softmax) on n floats (tests)"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per matmul"},
     {"threads", py_threads, METH_NOARGS, "threads per matmul"},
     {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2 or avx512"},
