@@ -1,14 +1,15 @@
 """``specserve serve --ray [--address ADDRESS]``: every stored deployment on Ray Serve.
 
-Each stored deployment becomes a Serve application (``specserve-<id>``) of `EngineReplica`
-replicas, between its ``min_replicas`` and ``max_replicas``, autoscaled on ongoing requests;
-one more application (``specserve``) holds the OpenAI ingress, bound to ``--host:--port``,
-and the metrics hub. Each replica asks Ray for ``--threads`` CPUs (default 1), which is
-what Ray's scheduler packs onto nodes.
+One Serve application (``specserve``) holds the OpenAI ingress, bound to ``--host:--port``,
+the metrics hub, and per stored deployment a Serve deployment (``engine-<id>``) of
+`EngineReplica` replicas, between its ``min_replicas`` and ``max_replicas``, autoscaled on
+ongoing requests. Each replica asks Ray for ``--threads`` CPUs (default 1), which is what
+Ray's scheduler packs onto nodes.
 
 Without ``--address`` a one-machine Ray instance is started (on 127.0.0.1 when serving on
-loopback) and stopped on exit; with it, the command joins that cluster and removes only its
-own applications on exit. Nothing here is imported unless ``--ray`` is given.
+loopback, in Serve's throughput-optimized mode: `fast_path_env`) and stopped on exit; with
+it, the command joins that cluster and removes only its own application on exit. Nothing
+here is imported unless ``--ray`` is given.
 """
 
 from __future__ import annotations
@@ -129,12 +130,11 @@ def connect(address: str | None, loopback: bool) -> bool:
 def replica_options(
     deployment: Deployment, options: EngineOptions, threads: int, scaling: Scaling
 ) -> dict[str, Any]:
-    """The Serve deployment options of one stored deployment's replicas."""
+    """The Serve deployment options of one stored deployment's replicas (but their name)."""
     r = deployment.replicas
     # A replica takes what its engine can hold (running + queued); more waits at the router.
     most = max(options.max_batch + options.max_queue, math.ceil(r.target))
     found: dict[str, Any] = {
-        "name": f"engine-{deployment.id}",  # ray_replica.engine_name
         "ray_actor_options": {"num_cpus": threads},
         "max_ongoing_requests": most,
         "health_check_period_s": 2.0,
@@ -196,8 +196,8 @@ def deploy(
     hub = serve.deployment(name="MetricsHub", ray_actor_options=relay_only)(MetricsHub)
     engines = {}
     for d in deployments:
-        engine = serve.deployment(**replica_options(d, options, threads, scaling))(EngineReplica)
-        assert engine.name == engine_name(d.id)
+        found = replica_options(d, options, threads, scaling)
+        engine = serve.deployment(name=engine_name(d.id), **found)(EngineReplica)
         engines[d.id] = engine.bind(d, dtype, options, threads)
     ingress_class = serve.ingress()(Ingress)
     ingress = serve.deployment(name="Ingress", ray_actor_options=relay_only)(ingress_class)
@@ -205,7 +205,7 @@ def deploy(
     serve.run(app, name=APP, route_prefix="/")
 
 
-def undeploy(deployments: list[Deployment], started_cluster: bool) -> None:
+def undeploy(started_cluster: bool) -> None:
     """Remove what `deploy` ran; stop the local cluster if we started it."""
     import ray
     from ray import serve
@@ -263,5 +263,5 @@ def run_serve_ray(
         print("specserve: stopping the Ray Serve applications", file=sys.stderr)
         return 0
     finally:
-        undeploy(deployments, started)
+        undeploy(started)
         signal.signal(signal.SIGTERM, previous)

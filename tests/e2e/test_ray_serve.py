@@ -79,7 +79,7 @@ def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
         )
         yield f"http://127.0.0.1:{port}"
     finally:
-        undeploy(deployments, started_cluster=True)
+        undeploy(started_cluster=True)
         os.environ.clear()
         os.environ.update(saved)
 
