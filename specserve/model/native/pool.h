@@ -43,6 +43,28 @@ class Pool {
     for (int i = 1; i < threads; i++) workers_.emplace_back([this, start] { loop(start); });
   }
 
+  // f(r0, r1) over pieces of `per` rows of [0, m) on every thread (a single piece runs on
+  // the caller). A row's result must not depend on the piece that holds it.
+  template <class F>
+  void for_rows(int64_t m, int64_t per, const F& f) {
+    const int64_t pieces = (m + per - 1) / per;
+    if (pieces <= 1) {
+      if (m > 0) f(int64_t{0}, m);
+      return;
+    }
+    struct Ctx {
+      const F* f;
+      int64_t m, per;
+    } ctx{&f, m, per};
+    run(
+        [](void* p, int64_t i) {
+          const Ctx& c = *static_cast<const Ctx*>(p);
+          const int64_t r0 = i * c.per, r1 = r0 + c.per < c.m ? r0 + c.per : c.m;
+          (*c.f)(r0, r1);
+        },
+        &ctx, pieces);
+  }
+
   // Run item(ctx, i) for i in 0..items-1 over all threads; returns when all are done.
   void run(Item item, void* ctx, int64_t items) {
     const uint64_t gen = (claim_.load() >> 32) + 1;

@@ -177,30 +177,16 @@ static void run_item(void* ctx, int64_t item) {
   }
 }
 
-// Activations are quantized row by row on every thread (rows are independent: no bit
-// depends on how they are shared out).
+// Activations are quantized row by row on every thread (no bit depends on how they are
+// shared out).
 constexpr int64_t kQuantizeRows = 4;
 
-struct Quantize {
-  const float* x;
-  int64_t m, k;
-  int8_t* q;
-  float *dx, *dxs;
-  int32_t* s16;
-};
-
-static void quantize_item(void* ctx, int64_t item) {
-  const Quantize& a = *static_cast<const Quantize*>(ctx);
-  const int64_t r0 = item * kQuantizeRows, n = std::min(a.m, r0 + kQuantizeRows) - r0;
-  const int64_t nb = a.k / BLK;
-  const float* x = a.x + r0 * a.k;
-  int8_t* q = a.q + r0 * a.k;
-  float *dx = a.dx + r0 * nb, *dxs = a.dxs + r0 * nb;
-  int32_t* s16 = a.s16 + r0 * 2 * nb;
+static void quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, float* dxs,
+                     int32_t* s16) {
 #if defined(__x86_64__)
-  if (g_isa != GENERIC) return avx2::quantize_rows(x, n, a.k, q, dx, dxs, s16);
+  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, s16);
 #endif
-  generic::quantize_rows(x, n, a.k, q, dx, dxs, s16);
+  generic::quantize_rows(x, m, k, q, dx, dxs, s16);
 }
 
 struct Scratch {
@@ -217,15 +203,15 @@ void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
   scratch.dx.resize(m * nb);
   scratch.dxs.resize(m * nb);
   scratch.s16.resize(m * 2 * nb);
-  Quantize work{x, m, k, scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
-                scratch.s16.data()};
-  const int64_t pieces = (m + kQuantizeRows - 1) / kQuantizeRows;
-  if (pieces > 1)
-    g_pool.run(quantize_item, &work, pieces);
-  else if (pieces == 1)
-    quantize_item(&work, 0);
+  // The calling thread's buffers (`scratch` is thread-local: not named in the lambda).
   QuantizedRows rows{scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
                      scratch.s16.data(), m, k};
+  int8_t* q = scratch.q.data();
+  float *dx = scratch.dx.data(), *dxs = scratch.dxs.data();
+  int32_t* s16 = scratch.s16.data();
+  g_pool.for_rows(m, kQuantizeRows, [=](int64_t r0, int64_t r1) {
+    quantize(x + r0 * k, r1 - r0, k, q + r0 * k, dx + r0 * nb, dxs + r0 * nb, s16 + r0 * 2 * nb);
+  });
   int64_t total = 0;
   for (const PackedWeights& pw : parts) total += pw.tiles;
   const int64_t chunks = (total + kTilesPerChunk - 1) / kTilesPerChunk;
