@@ -22,6 +22,7 @@ setup(
                     "kernel_generic.inc",
                     "kernel_avx512.inc",
                     "layer_body.inc",
+                    "attention_avx512.inc",
                 )
             ],
             # No -march: each ISA path is compiled by target pragmas and chosen at run time.

@@ -161,10 +161,20 @@ def test_bad_arguments_are_refused() -> None:
         PackedLinear([a, b])
 
 
-def test_native_layers_match_the_pytorch_path(tmp_path: Path) -> None:
+# Attention shapes whose native loops differ: head width 64 (two heads per pass over the
+# values) and 128 with groups of 4 query heads (passes of 3 and 1).
+HEAD_SHAPES = [
+    {"heads": 4, "kv_heads": 2, "head_dim": 64},
+    {"heads": 8, "kv_heads": 2, "head_dim": 128},
+]
+
+
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=["d64", "d128-group4"])
+def test_native_layers_match_the_pytorch_path(tmp_path: Path, shape: dict[str, int]) -> None:
     """The one-call native decoder layer computes what the PyTorch ops compute on the same
     packed matmuls (attention, RoPE, norms and MLP summed in another order: 1e-4)."""
-    path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", TinySpec(linear_type=Q.Q4_0))
+    spec = TinySpec(linear_type=Q.Q4_0, **shape)
+    path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", spec)
     model = load_model(str(path), dtype="gguf", progress=False)
     assert model.lm.native_plans() is not None, "the tiny Llama should run natively"
     prompts = [list(range(5, 75)), list(range(80, 91))]  # crosses a 64-position block
@@ -185,10 +195,12 @@ def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
     assert load_model(str(path), progress=False).fmt == "int4"
 
 
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=["d64", "d128-group4"])
 def test_native_layers_give_the_same_bits_on_every_isa_path(
-    tmp_path: Path, each_isa: list[str]
+    tmp_path: Path, each_isa: list[str], shape: dict[str, int]
 ) -> None:
-    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", TinySpec(linear_type=Q.Q4_K))
+    spec = TinySpec(linear_type=Q.Q4_K, **shape)
+    path = write_tiny_gguf(tmp_path / "tiny-q4_k.gguf", spec)
     model = load_model(str(path), dtype="gguf", progress=False)
     batch = ForwardBatch(torch.tensor([list(range(3, 40))]), [0], [0])
     logits = {}

@@ -12,6 +12,10 @@
 
 #include "api.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace specserve {
 
 constexpr int kLanes = 16;  // fixed partial sums: the reduction order never depends on M
@@ -51,7 +55,9 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
+#define SPECSERVE_ATTENTION_AVX512 1
 #include "layer_body.inc"
+#undef SPECSERVE_ATTENTION_AVX512
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
