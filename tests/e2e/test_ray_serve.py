@@ -146,6 +146,26 @@ def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> Non
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_bad_requests_and_a_client_that_leaves(base_url: str) -> None:
+    """The ingress's completion route: errors in OpenAI's shape, and a client that leaves
+    mid-stream cancels its sequence on the replica (counted there as cancelled)."""
+    url = f"{base_url}/v1/completions"
+    not_json = httpx.post(url, content=b"{nope", timeout=WAIT_S)
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
+    wrong_method = httpx.get(url, timeout=WAIT_S)
+    assert wrong_method.status_code == 405 and "GET" in wrong_method.json()["error"]["message"]
+    body = {"model": "auto", "prompt": "go on", "max_tokens": 240, "temperature": 0}
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=WAIT_S) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")
+
+    def cancelled() -> bool:
+        text = httpx.get(f"{base_url}/metrics", timeout=10).text
+        return 'deployment="auto",endpoint="completions",outcome="cancelled"' in text
+
+    _until(cancelled, "the replica to count the cancelled stream")
+
+
 def test_metrics_from_every_replica(base_url: str) -> None:
     for prompt in PROMPTS * 2:
         assert _complete(base_url, prompt).status_code == 200
