@@ -24,18 +24,18 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp
 
 from specserve.deployments.store import Deployment
-from specserve.server.errors import install_error_handlers, model_not_found
+from specserve.server.errors import APIError, install_error_handlers, model_not_found
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
-from specserve.server.ray_completions import FORWARDED_HEADERS, CompletionRoutes, replica_lost
 from specserve.server.ray_replica import APP, engine_name
 from specserve.server.responses import sse
 
 log = logging.getLogger("specserve.ray")
 
+FORWARDED_HEADERS = {b"content-type", b"accept"}
+REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
 RETRIES = 1  # attempts after the first, only while nothing has reached the client
 
 
@@ -59,11 +59,8 @@ class Ingress:
         self.api_key, self.max_body, self.hub = api_key, max_body, hub
         self.handles = {d: handle.options(stream=True) for d, handle in engines.items()}
 
-    def __serve_build_asgi_app__(self) -> ASGIApp:
-        """The completion routes (plain ASGI) in front of the FastAPI app, and the API-key
-        and body-size layers in front of both."""
-        app: ASGIApp = BodyLimit(CompletionRoutes(self, build_app(self)), self.max_body)
-        return APIKeyAuth(app, self.api_key) if self.api_key else app
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self)
 
     def lookup(self, name: Any) -> str:
         if isinstance(name, str):
@@ -73,15 +70,9 @@ class Ingress:
         raise model_not_found(name, self.deployments)
 
     async def forward(self, deployment_id: str, request: Request, body: bytes) -> Response:
-        """A route's request sent to a replica of the deployment, its answer as a Response."""
+        """Send the request to a replica; retry once if it fails before answering."""
         headers = [(k, v) for k, v in request.scope["headers"] if k in FORWARDED_HEADERS]
         call = (request.method, request.url.path, request.scope["query_string"], headers, body)
-        return _response(*await self.open(deployment_id, call))
-
-    async def open(self, deployment_id: str, call: tuple[Any, ...]) -> tuple[Any, Any, Any]:
-        """Send ``call`` (method, path, query, headers, body) to a replica: the answer's
-        start, its first chunk (None if there is none) and the stream of the rest. Retried
-        once on another replica if the first fails before answering."""
         for attempt in range(RETRIES + 1):
             stream: Any = self.handles[deployment_id].handle.remote(*call)
             try:
@@ -93,9 +84,14 @@ class Ingress:
                     "deployment %s: replica lost (%s), attempt %d", deployment_id, exc, attempt
                 )
                 if attempt == RETRIES:
-                    raise replica_lost(exc) from None
+                    raise APIError(
+                        503,
+                        REPLICA_LOST.format(error=type(exc).__name__),
+                        "server_error",
+                        code="replica_unavailable",
+                    ) from None
                 continue
-            return start, first, stream
+            return _response(start, first, stream)
         raise AssertionError("unreachable")
 
 
@@ -122,7 +118,13 @@ def _response(start: dict[str, Any], first: bytes | None, stream: Any) -> Respon
         except (RayActorError, RayError) as exc:
             log.warning("replica lost mid-response: %s", exc)
             if is_sse:  # the 200 is sent: the error goes in-band, as OpenAI's streams do
-                yield sse(replica_lost(exc).body()).encode()
+                error = APIError(
+                    503,
+                    REPLICA_LOST.format(error=type(exc).__name__),
+                    "server_error",
+                    code="replica_unavailable",
+                )
+                yield sse(error.body()).encode()
                 yield b"data: [DONE]\n\n"
         finally:
             if not finished:  # our client went away: free the sequence (costs a Ray call)
@@ -164,9 +166,11 @@ def replica_states(deployment_ids: list[str]) -> dict[str, dict[str, int]]:
 
 
 def build_app(ingress: Ingress) -> FastAPI:
-    """Health, metrics and the model list (the completions: `CompletionRoutes`)."""
     app = FastAPI(title="specserve (Ray Serve)", version="0.1.0")
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=ingress.max_body)
+    if ingress.api_key:
+        app.add_middleware(APIKeyAuth, api_key=ingress.api_key)
     ids = sorted(ingress.deployments)
 
     @app.get("/health")
@@ -193,6 +197,18 @@ def build_app(ingress: Ingress) -> FastAPI:
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str, request: Request) -> Response:
         return await ingress.forward(ingress.lookup(model_id), request, b"")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None)
+    async def complete(request: Request) -> Response:
+        body = await request.body()
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            model = None
+        # No usable model (not JSON, no "model"): any replica answers the 400 saying why.
+        target = ingress.lookup(model) if isinstance(model, str) else ids[0]
+        return await ingress.forward(target, request, body)
 
     return app
 
