@@ -28,6 +28,11 @@ class ProposalSource:
     acceptance does not pay), the deployment's drafter proposes. Lookups the request or the
     product adds (the prediction, n-gram next to a model drafter) draft up to
     MAX_LOOKUP_DRAFT tokens; the deployment's drafter up to its ``draft_token_count``.
+
+    In one step, a greedy request's drafts may come from several proposers: when one runs
+    out before the length its tuner chose (the prediction ends, the n-gram match reaches the
+    end of the text), the next one continues from its last draft, for what it did not
+    cover. Each proposer's tuner sees only its own part of the drafts.
     """
 
     def __init__(
@@ -42,7 +47,9 @@ class ProposalSource:
         self.entries: list[tuple[Proposer, LengthTuner]] = []
         self.prediction: PredictionProposer | None = None
         self.adaptive = speculation.adaptive
-        self._last: tuple[Proposer, LengthTuner] | None = None  # who proposed this step
+        # Sampled drafts carry their distributions, which one step cannot mix with lookups.
+        self.continues = params.greedy
+        self._parts: list[tuple[Proposer, LengthTuner, int]] = []  # this step's drafters
         if prediction_ids:
             self.prediction = PredictionProposer(prediction_ids, max_run=MAX_LOOKUP_DRAFT)
             self.entries.append((self.prediction, LengthTuner(MAX_LOOKUP_DRAFT, costs)))
@@ -86,17 +93,28 @@ class ProposalSource:
         return PredictionStats.count(self.prediction.prediction_ids, output_ids)
 
     def propose(self, context: SequenceContext, limit: int) -> Proposal:
-        """The first non-empty proposal of at most ``limit`` tokens (possibly none)."""
-        self._last = None
+        """At most ``limit`` drafts (possibly none): the first proposer's, continued by the
+        next ones where it ran out (greedy requests without a grammar)."""
+        self._parts = []
+        drafts: list[int] = []
         for proposer, tuner in self.entries:
-            k = min(limit, tuner.choose() if self.adaptive else tuner.max_k)
-            if k <= 0:
+            k = min(limit - len(drafts), tuner.choose() if self.adaptive else tuner.max_k)
+            if k <= 0 or (drafts and isinstance(proposer, EagleProposer)):
+                continue  # an EAGLE head drafts from target features of verified tokens
+            proposal = proposer.propose(context.extended(drafts) if drafts else context, k)
+            if not proposal.token_ids or (drafts and proposal.draft_probs is not None):
                 continue
-            proposal = proposer.propose(context, k)
-            if proposal.token_ids:
-                self._last = (proposer, tuner)
-                return proposal
-        return Proposal([], None, "none")
+            self._parts.append((proposer, tuner, len(proposal)))
+            if proposal.draft_probs is not None or not self._may_continue(context):
+                return proposal  # sampled drafts carry distributions: not mixed with others
+            drafts += proposal.token_ids
+            if len(proposal) == k or len(drafts) >= limit:
+                break  # it drafted all its tuner trusts: nothing left uncovered
+        method = self._parts[0][0].method if self._parts else "none"
+        return Proposal(drafts, None, method)
+
+    def _may_continue(self, context: SequenceContext) -> bool:
+        return self.continues and context.allowed is None
 
     def add_features(self, start: int, features: torch.Tensor) -> None:
         """Target features of positions ``start..``: EAGLE drafters draft from them."""
@@ -104,14 +122,27 @@ class ProposalSource:
             proposer.add_features(start, features)
 
     def expected_tokens(self, k: int) -> float:
-        """Expected tokens from a step keeping ``k`` drafts of the last proposal."""
-        return 1.0 if self._last is None else self._last[1].expected_tokens(k)
+        """Expected tokens from a step keeping ``k`` drafts of the last proposal: 1 + a1 +
+        a1 a2 + ..., each position's rate from the tuner of the proposer that drafted it."""
+        tokens, survive, left = 1.0, 1.0, k
+        for _, tuner, drafted in self._parts:
+            for rate in tuner.acceptance.rates()[: min(drafted, left)]:
+                survive *= rate
+                tokens += survive
+            left -= drafted
+            if left <= 0:
+                break
+        return tokens
 
     def observe(self, proposed: int, accepted: int) -> None:
-        """Feed the verification of the last proposal back to its tuner and counters."""
-        if self._last is None:
-            return
-        proposer, tuner = self._last
-        tuner.observe(proposed, accepted)
-        if isinstance(proposer, (DraftModelProposer, EagleProposer)):
-            tuner.draft_cost = proposer.seconds_per_token
+        """Feed the verification of the last proposal's first ``proposed`` drafts back to the
+        tuners of the proposers that drafted them (a part after a rejection was not tried)."""
+        start = 0
+        for proposer, tuner, drafted in self._parts:
+            verified = min(drafted, proposed - start)
+            if verified <= 0 or accepted < start:
+                break
+            tuner.observe(verified, min(accepted - start, verified))
+            if isinstance(proposer, (DraftModelProposer, EagleProposer)):
+                tuner.draft_cost = proposer.seconds_per_token
+            start += drafted

@@ -23,11 +23,22 @@ class SequenceContext:
     # Under a grammar: drafts so far -> the bool mask [V] of tokens allowed next. Model
     # drafters draft inside it; drafts outside it would be cut before the forward anyway.
     allowed: Callable[[Sequence[int]], torch.Tensor] | None = None
+    # Trailing ids that are this step's drafts, not verified yet (a proposer continuing
+    # another's drafts sees them as if generated; a draft model must not keep them).
+    drafted: int = 0
 
     @classmethod
     def of(cls, prompt_ids: Sequence[int], output_ids: Sequence[int] = ()) -> SequenceContext:
         """A context that builds its own ``all_ids`` (tests, one-off callers)."""
         return cls(prompt_ids, output_ids, [*prompt_ids, *output_ids])
+
+    def extended(self, drafts: Sequence[int]) -> SequenceContext:
+        """This context with ``drafts`` appended as if generated (grammar-free contexts)."""
+        assert self.allowed is None, "drafts under a grammar are not continued"
+        output = [*self.output_ids, *drafts]
+        return SequenceContext(
+            self.prompt_ids, output, [*self.all_ids, *drafts], None, self.drafted + len(drafts)
+        )
 
 
 @dataclass(frozen=True)

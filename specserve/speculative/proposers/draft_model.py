@@ -65,7 +65,9 @@ class DraftModelProposer:
         if k <= 0 or len(ids) + k > self.cache.max_len:
             return Proposal([], None, self.method)
         logits = self._forward(ids[self.synced :], self.synced)  # catch up on accepted tokens
-        self.synced = len(ids)
+        # Another proposer's drafts at the end of ids are fed but not kept as synced: if the
+        # target rejects them, the next call writes those positions again.
+        self.synced = len(ids) - context.drafted
         began = time.perf_counter()
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
