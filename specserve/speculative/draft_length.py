@@ -163,6 +163,18 @@ class LengthTuner:
                 return min(self.max_k, PROBE_FREE_DRAFTS) if self.draft_cost == 0 else 1
         return best
 
+    def choose_after(self, drafts: int, tokens: float, survive: float, room: int) -> int:
+        """Drafts to add after ``drafts`` drafts of other proposers, from which a step expects
+        ``tokens`` tokens and which are all kept with probability ``survive``: the k in
+        0..room with the most expected tokens per second for the whole step."""
+        best, best_rate = 0, 0.0
+        for k, more in enumerate(self._expected_by_k(min(room, self.max_k))):
+            seconds = self.costs.estimate(drafts + k + 1) + k * self.draft_cost
+            rate = (tokens + survive * (more - 1.0)) / seconds
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
     def expected_tokens(self, k: int) -> float:
         """Tokens a step with ``k`` drafts emits in expectation: 1 + a1 + a1 a2 + ..."""
         return self._expected_by_k(min(k, self.max_k))[-1]

@@ -98,7 +98,7 @@ class ProposalSource:
         self._parts = []
         drafts: list[int] = []
         for proposer, tuner in self.entries:
-            k = min(limit - len(drafts), tuner.choose() if self.adaptive else tuner.max_k)
+            k = self._length(tuner, len(drafts), limit)
             if k <= 0 or (drafts and isinstance(proposer, EagleProposer)):
                 continue  # an EAGLE head drafts from target features of verified tokens
             proposal = proposer.propose(context.extended(drafts) if drafts else context, k)
@@ -116,14 +116,21 @@ class ProposalSource:
     def _may_continue(self, context: SequenceContext) -> bool:
         return self.continues and context.allowed is None
 
-    def add_features(self, start: int, features: torch.Tensor) -> None:
-        """Target features of positions ``start..``: EAGLE drafters draft from them."""
-        for proposer in self.feature_readers:
-            proposer.add_features(start, features)
+    def _length(self, tuner: LengthTuner, drafts: int, limit: int) -> int:
+        """How many drafts to ask of a proposer after ``drafts`` drafts of others: its
+        tuner's choice alone, or, continuing, what pays on top of those drafts."""
+        room = limit - drafts
+        if not self.adaptive:
+            return min(room, tuner.max_k)
+        if not drafts:
+            return min(room, tuner.choose())
+        tokens, survive = self._chain(drafts)
+        return tuner.choose_after(drafts, tokens, survive, room)
 
-    def expected_tokens(self, k: int) -> float:
-        """Expected tokens from a step keeping ``k`` drafts of the last proposal: 1 + a1 +
-        a1 a2 + ..., each position's rate from the tuner of the proposer that drafted it."""
+    def _chain(self, k: int) -> tuple[float, float]:
+        """Expected tokens from a step keeping the first ``k`` drafts of this step's parts,
+        and the probability that all ``k`` are kept: 1 + a1 + a1 a2 + ..., each position's
+        rate from the tuner of the proposer that drafted it."""
         tokens, survive, left = 1.0, 1.0, k
         for _, tuner, drafted in self._parts:
             for rate in tuner.acceptance.rates()[: min(drafted, left)]:
@@ -132,7 +139,16 @@ class ProposalSource:
             left -= drafted
             if left <= 0:
                 break
-        return tokens
+        return tokens, survive
+
+    def add_features(self, start: int, features: torch.Tensor) -> None:
+        """Target features of positions ``start..``: EAGLE drafters draft from them."""
+        for proposer in self.feature_readers:
+            proposer.add_features(start, features)
+
+    def expected_tokens(self, k: int) -> float:
+        """Expected tokens from a step keeping ``k`` drafts of the last proposal."""
+        return self._chain(k)[0]
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Feed the verification of the last proposal's first ``proposed`` drafts back to the

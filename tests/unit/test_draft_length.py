@@ -95,3 +95,17 @@ def test_free_drafter_probes_a_few_positions() -> None:
         tuner.observe(proposed=8, accepted=0)
     picks = [tuner.choose() for _ in range(32)]
     assert sorted(set(picks)) == [0, PROBE_FREE_DRAFTS]
+
+
+def test_a_continuation_is_priced_on_top_of_the_drafts_before_it() -> None:
+    """After 16 drafts of another proposer, more drafts cost what widening that forward
+    costs and are worth tokens only if those 16 survive: a strong proposer continues a
+    surely kept run, and nothing continues a run that is likely rejected."""
+    tuner = LengthTuner(4, _measured(QWEN_MS))
+    for _ in range(20):
+        tuner.observe(4, 4)  # this proposer's drafts are always kept
+    # 16 drafts kept for sure (17 expected tokens): 4 more drafts add ~4 tokens for ~19 ms.
+    assert tuner.choose_after(16, tokens=17.0, survive=1.0, room=10) == 4
+    assert tuner.choose_after(16, tokens=17.0, survive=1.0, room=2) == 2
+    # The same 16 drafts, all kept with probability 0.05: widening does not pay.
+    assert tuner.choose_after(16, tokens=3.0, survive=0.05, room=10) == 0
