@@ -175,10 +175,6 @@ class LengthTuner:
                 best, best_rate = k, rate
         return best
 
-    def expected_tokens(self, k: int) -> float:
-        """Tokens a step with ``k`` drafts emits in expectation: 1 + a1 + a1 a2 + ..."""
-        return self._expected_by_k(min(k, self.max_k))[-1]
-
     def _expected_by_k(self, k_max: int) -> list[float]:
         """Expected tokens for k = 0..k_max, in one pass (this runs every decode step)."""
         tokens, survive, out = 1.0, 1.0, [1.0]
