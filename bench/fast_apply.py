@@ -10,7 +10,10 @@ prompt token ids): plain, draft-simple with the 0.5B, ngram-simple, ngram-mod.
 
 Reported per task group and configuration: end-to-end tok/s (prefill included), decode tok/s,
 tokens per target step, acceptance by draft position, and how many outputs equal plain
-decoding; plus a plot of the prediction's speed-up against the edit's size.
+decoding; plus a plot of the prediction's speed-up against the edit's size. With
+``--repeats N`` each specserve configuration runs N times per task, in turn with the others,
+and its row keeps the median time (short answers, such as Spec-Bench's, are otherwise at the
+mercy of one slow run on a shared machine).
 
     LLAMA_CPP_BIN=.../build/bin python -m bench.fast_apply [--fixes 6] [--open 3] [--quick]
 """
@@ -128,51 +131,83 @@ def run_specserve(
     max_tokens: int,
     eagle: Path | None = None,
     only: Sequence[str] = (),
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """Each configuration (``only``: those whose names start so, and plain) on each task."""
+    """Each configuration (``only``: those whose names start so, and plain) on each task,
+    ``repeats`` times in turn (plain, the others, plain, ...); a row keeps the median time."""
     rows = []
     configs = {
         name: config
         for name, config in specserve_configs(model, draft, eagle).items()
         if name == "plain" or not only or any(name.startswith(o) for o in only)
     }
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     warm = model.tokenizer.encode_chat([{"role": "user", "content": tasks[0]["text"]}])
     generate(model, warm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
     for i, task in enumerate(tasks):
-        ids = model.tokenizer.encode_chat([{"role": "user", "content": task["text"]}])
-        task["prompt_ids"] = ids
-        plain_ids = None
-        for name, (speculation, with_prediction) in configs.items():
-            prediction = task["prediction"] if with_prediction else None
-            if with_prediction and prediction is None and name == "prediction":
-                continue
-            pred_ids = (
-                model.tokenizer.encode(prediction, add_special_tokens=False) if prediction else None
-            )
-            began = time.perf_counter()
-            result = generate(model, ids, params, speculation=speculation, prediction_ids=pred_ids)
-            total = time.perf_counter() - began
-            plain_ids = result.token_ids if name == "plain" else plain_ids
-            stats = result.stats.as_dict()
-            rows.append(
-                {
-                    "engine": "specserve",
-                    "config": name,
-                    "group": task["group"],
-                    "task": task["id"],
-                    "tokens": len(result.token_ids),
-                    "seconds": total,
-                    "decode_seconds": result.decode_seconds,
-                    "decode_tokens": len(result.token_ids) - 1,
-                    "tokens_per_step": stats["tokens_per_step"],
-                    "by_method": stats["by_method"],
-                    "identical": result.token_ids == plain_ids,
-                    "edit_size": edit_size(prediction, result.text) if prediction else None,
-                }
-            )
+        task["prompt_ids"] = model.tokenizer.encode_chat(
+            [{"role": "user", "content": task["text"]}]
+        )
+        runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for _ in range(repeats):
+            for name, (speculation, with_prediction) in configs.items():
+                prediction = task["prediction"] if with_prediction else None
+                if with_prediction and prediction is None and name == "prediction":
+                    continue
+                runs[name].append(run_once(model, task, speculation, prediction, max_tokens))
+        plain_ids = runs["plain"][0]["token_ids"]
+        rows += [task_row(task, name, tries, plain_ids) for name, tries in runs.items()]
         print(f"[{i + 1}/{len(tasks)}] {task['group']} {task['id']}", flush=True)
     return rows
+
+
+def run_once(
+    model: Model,
+    task: dict[str, Any],
+    speculation: SpeculationConfig,
+    prediction: str | None,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """One greedy generation of the task's answer, timed end to end."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    pred_ids = model.tokenizer.encode(prediction, add_special_tokens=False) if prediction else None
+    began = time.perf_counter()
+    result = generate(
+        model, task["prompt_ids"], params, speculation=speculation, prediction_ids=pred_ids
+    )
+    total = time.perf_counter() - began
+    return {
+        "token_ids": result.token_ids,
+        "text": result.text,
+        "seconds": total,
+        "decode_seconds": result.decode_seconds,
+        "stats": result.stats.as_dict(),
+        "prediction": prediction,
+    }
+
+
+def task_row(
+    task: dict[str, Any], name: str, tries: list[dict[str, Any]], plain_ids: list[int]
+) -> dict[str, Any]:
+    """A configuration's row for one task: the median run's time (every run's kept too);
+    identical only if every run's output equals plain's."""
+    by_time = sorted(tries, key=lambda t: t["seconds"])
+    mid = by_time[len(by_time) // 2]
+    prediction = mid["prediction"]
+    return {
+        "engine": "specserve",
+        "config": name,
+        "group": task["group"],
+        "task": task["id"],
+        "tokens": len(mid["token_ids"]),
+        "seconds": mid["seconds"],
+        "decode_seconds": mid["decode_seconds"],
+        "decode_tokens": len(mid["token_ids"]) - 1,
+        "runs_seconds": [round(t["seconds"], 4) for t in tries],
+        "tokens_per_step": mid["stats"]["tokens_per_step"],
+        "by_method": mid["stats"]["by_method"],
+        "identical": all(t["token_ids"] == plain_ids for t in tries),
+        "edit_size": edit_size(prediction, mid["text"]) if prediction else None,
+    }
 
 
 def edit_size(prediction: str, output: str) -> float:
@@ -348,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fast_apply.json")
     parser.add_argument("--eagle", type=Path, help="a trained head's directory to compare too")
     parser.add_argument("--only", default="", help="comma-separated config name prefixes")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per task and configuration (median kept)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.fixes, args.open, args.spec_bench, args.max_tokens = 2, 1, 0, 64
@@ -355,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = load_tasks(args.fixes, args.open, args.spec_bench)
     target, draft = load_model(TARGET, progress=False), load_model(DRAFT, progress=False)
     only = [o for o in args.only.split(",") if o]
-    rows = run_specserve(target, tasks, draft, args.max_tokens, args.eagle, only)
+    rows = run_specserve(target, tasks, draft, args.max_tokens, args.eagle, only, args.repeats)
     notes = []
     if args.llama_cpp_bin:
         rows += run_llama(Path(args.llama_cpp_bin), tasks, args.max_tokens, args.threads)
