@@ -29,10 +29,12 @@ class ProposalSource:
     product adds (the prediction, n-gram next to a model drafter) draft up to
     MAX_LOOKUP_DRAFT tokens; the deployment's drafter up to its ``draft_token_count``.
 
-    In one step, a greedy request's drafts may come from several proposers: when one runs
-    out before the length its tuner chose (the prediction ends, the n-gram match reaches the
-    end of the text), the next one continues from its last draft, for what it did not
-    cover. Each proposer's tuner sees only its own part of the drafts.
+    In one step, a request's drafts may come from several proposers: when one runs out
+    before the length its tuner chose (the prediction ends, the n-gram match reaches the end
+    of the text), the next one continues from its last draft, for what it did not cover.
+    Each proposer's tuner sees only its own part of the drafts. A sampled request's step
+    carries one draft distribution per position: one-hot where a lookup drafted (what the
+    verifier assumes of deterministic proposers), the draft model's own after it.
     """
 
     def __init__(
@@ -47,8 +49,6 @@ class ProposalSource:
         self.entries: list[tuple[Proposer, LengthTuner]] = []
         self.prediction: PredictionProposer | None = None
         self.adaptive = speculation.adaptive
-        # Sampled drafts carry their distributions, which one step cannot mix with lookups.
-        self.continues = params.greedy
         self._parts: list[tuple[Proposer, LengthTuner, int]] = []  # this step's drafters
         if prediction_ids:
             self.prediction = PredictionProposer(prediction_ids, max_run=MAX_LOOKUP_DRAFT)
@@ -94,7 +94,7 @@ class ProposalSource:
 
     def propose(self, context: SequenceContext, limit: int) -> Proposal:
         """At most ``limit`` drafts (possibly none): the first proposer's, continued by the
-        next ones where it ran out (greedy requests without a grammar)."""
+        next ones where it ran out (not under a grammar, whose masks follow the output)."""
         self._parts = []
         drafts: list[int] = []
         for proposer, tuner in self.entries:
@@ -102,19 +102,18 @@ class ProposalSource:
             if k <= 0 or (drafts and isinstance(proposer, EagleProposer)):
                 continue  # an EAGLE head drafts from target features of verified tokens
             proposal = proposer.propose(context.extended(drafts) if drafts else context, k)
-            if not proposal.token_ids or (drafts and proposal.draft_probs is not None):
+            if not proposal.token_ids:
                 continue
             self._parts.append((proposer, tuner, len(proposal)))
-            if proposal.draft_probs is not None or not self._may_continue(context):
-                return proposal  # sampled drafts carry distributions: not mixed with others
+            if context.allowed is not None:
+                return proposal
+            if proposal.draft_probs is not None:  # a sampling model drafter: always the last
+                return _after_lookups(drafts, proposal, self._parts[0][0].method)
             drafts += proposal.token_ids
             if len(proposal) == k or len(drafts) >= limit:
                 break  # it drafted all its tuner trusts: nothing left uncovered
         method = self._parts[0][0].method if self._parts else "none"
         return Proposal(drafts, None, method)
-
-    def _may_continue(self, context: SequenceContext) -> bool:
-        return self.continues and context.allowed is None
 
     def _length(self, tuner: LengthTuner, drafts: int, limit: int) -> int:
         """How many drafts to ask of a proposer after ``drafts`` drafts of others: its
@@ -162,3 +161,15 @@ class ProposalSource:
             if isinstance(proposer, (DraftModelProposer, EagleProposer)):
                 tuner.draft_cost = proposer.seconds_per_token
             start += drafted
+
+
+def _after_lookups(lookups: list[int], proposal: Proposal, method: str) -> Proposal:
+    """A sampled model drafter's proposal after deterministic drafts: those positions get
+    one-hot distributions, so the verifier treats every position as its proposer's."""
+    if not lookups:
+        return proposal
+    assert proposal.draft_probs is not None
+    probs = proposal.draft_probs
+    one_hot = torch.zeros(len(lookups), probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    one_hot[torch.arange(len(lookups)), torch.tensor(lookups)] = 1.0
+    return Proposal(lookups + proposal.token_ids, torch.cat([one_hot, probs]), method)

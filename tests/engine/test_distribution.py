@@ -64,7 +64,7 @@ class Run:
     """One distribution check: a drafter, a driver, how many requests of what length, and
     the groups that must be seen at least MIN_GROUP times (smaller ones are not judged)."""
 
-    drafter: str  # "draft_model", "eagle", "ngram" or "prediction"
+    drafter: str  # "draft_model", "eagle", "ngram", "prediction" or "mix" (both)
     driver: str  # "engine" or "generate"
     seeded: bool
     requests: int
@@ -92,6 +92,9 @@ RUNS = [
     Run("ngram", "generate", False, 3, 100),
     Run("prediction", "engine", False, 480, 6, ("draft 1", "draft 2", "bonus")),
     Run("prediction", "generate", True, 100, 6),
+    # A 3-token prediction continued by the draft model in the same step: positions 1-2
+    # come from the prediction (one-hot), 3 onwards from the draft model's distributions.
+    Run("mix", "engine", False, 480, 6, ("draft 1", "draft 2", "draft 3")),
 ]
 
 
@@ -223,15 +226,16 @@ def _requests(
         seed = 1000 * r + 17 if run.seeded else None
         params = SamplingParams(max_tokens=run.max_tokens, seed=seed, **SAMPLING)  # type: ignore[arg-type]
         prediction = None
-        if run.drafter == "prediction":  # the greedy continuation: independent of the seed
+        if run.drafter in ("prediction", "mix"):  # the greedy continuation (seed-free)
             greedy = SamplingParams(max_tokens=run.max_tokens, ignore_eos=True)
             prediction = generate(model, prompt, greedy).token_ids
+            prediction = prediction[:3] if run.drafter == "mix" else prediction
         requests.append((prompt, params, prediction))
     return requests
 
 
 def _spec(run: Run, model: Model, draft: Model, drafter_dir: Path) -> SpeculationConfig:
-    if run.drafter == "draft_model":
+    if run.drafter in ("draft_model", "mix"):
         return SpeculationConfig("draft_model", K, draft_model=draft, adaptive=False)
     if run.drafter == "eagle":
         loaded = speculation_for_drafter(

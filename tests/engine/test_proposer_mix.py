@@ -1,10 +1,12 @@
 """One step's drafts from several proposers: where the first runs out, the next continues
-(greedy requests); each tuner learns from its own part; the output stays plain's."""
+(greedy and sampled requests); each tuner learns from its own part; the output stays
+plain's (greedy; tests/engine/test_distribution.py checks the sampled mix's distribution)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from gguf import GGMLQuantizationType as Q
 
 from specserve.engine.generate import generate
@@ -48,12 +50,30 @@ def test_ngram_continues_where_the_prediction_ends(tiny_model: Model) -> None:
     assert _trials(source) == [2.0 * 0.8 + 2.0, 2.0]  # n-gram's part was never tried
 
 
-def test_no_continuation_when_sampling_or_truncated_to_the_limit(tiny_model: Model) -> None:
+def test_sampled_requests_continue_too_and_the_limit_truncates(tiny_model: Model) -> None:
     sampled = SamplingParams(max_tokens=60, temperature=0.8, seed=1)
     source = _source(tiny_model, [6, 7, 8, 9, 1], sampled)
-    assert source.propose(SequenceContext.of(PROMPT, OUTPUT), 10).token_ids == [9, 1]
+    proposal = source.propose(SequenceContext.of(PROMPT, OUTPUT), 10)
+    assert proposal.token_ids == [9, 1, 2, 3, 4, 6] and proposal.draft_probs is None
     greedy = _source(tiny_model, [6, 7, 8, 9, 1], GREEDY)
     assert greedy.propose(SequenceContext.of(PROMPT, OUTPUT), 1).token_ids == [9]
+
+
+def test_a_sampling_draft_model_after_a_prediction_gets_one_hot_rows(tiny_model: Model) -> None:
+    """Sampled, the draft model continues the prediction with its own distributions; the
+    prediction's positions carry one-hot rows, as the verifier assumes for lookups."""
+    sampled = SamplingParams(max_tokens=60, temperature=0.8, seed=1)
+    spec = SpeculationConfig("draft_model", 3, draft_model=tiny_model, adaptive=False)
+    source = ProposalSource(tiny_model, spec, sampled, [6, 7, 8, 9, 1], 200, StepCosts())
+    proposal = source.propose(SequenceContext.of(PROMPT, OUTPUT), 10)
+    assert proposal.token_ids[:2] == [9, 1] and len(proposal) == 5
+    assert proposal.method == "prediction" and proposal.draft_probs is not None
+    probs = proposal.draft_probs
+    assert probs.shape == (5, tiny_model.lm.config.vocab_size)
+    assert torch.equal(probs[:2].argmax(-1), torch.tensor([9, 1]))
+    assert torch.equal(probs[:2].sum(-1), torch.ones(2)) and int((probs[:2] > 0).sum()) == 2
+    drafted = torch.tensor(proposal.token_ids[2:])
+    assert bool((probs[2:].gather(-1, drafted[:, None]) > 0).all())  # sampled from its rows
 
 
 def test_a_draft_model_keeps_only_verified_tokens(tiny_model: Model) -> None:
