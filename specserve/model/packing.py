@@ -7,16 +7,17 @@ of the packed form equals the ``gguf`` package's reference dequantizer bit for b
 
 | GGUF type | q bits | mode     | w                                   |
 |-----------|--------|----------|-------------------------------------|
-| Q4_0      | 4      | AFFINE16 | d * q - 8 d                         |
+| Q4_0      | 4      | SYM16    | d * (q - 8)                         |
 | Q4_1      | 4      | AFFINE16 | d * q + m                           |
-| Q5_0      | 5      | AFFINE16 | d * q - 16 d                        |
-| Q8_0      | 8      | AFFINE16 | d * q' - 128 d      (q' = q + 128)  |
+| Q5_0      | 5      | SYM16    | d * (q - 16)                        |
+| Q8_0      | 8      | SYM16    | d * (q' - 128)      (q' = q + 128)  |
 | Q4_K      | 4      | KAFFINE  | d sc_j * q - dmin m_j               |
 | Q5_K      | 5      | KAFFINE  | d sc_j * q - dmin m_j               |
 | Q6_K      | 6      | K6       | d sc_h * (q - 32)   (halves of 16)  |
 
 The packed bytes per weight are the file's, within a few percent: 4.5 bits for Q4_K, 5.5
-for Q5_0, 6.6 for Q6_K.
+for Q5_0, 6.6 for Q6_K. SYM16's offset is implied by the bit width (half the range), so
+its blocks store the scale alone and the kernels subtract the offset in integers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gguf import GGMLQuantizationType as T
 TILE = 16  # output columns per tile
 BLK = 32  # inputs per block
 SUPER = 8  # blocks per K-quant super-block (256 inputs)
-AFFINE16, KAFFINE, K6 = 0, 1, 2
+AFFINE16, KAFFINE, K6, SYM16 = 0, 1, 2, 3
 
 PACKED_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 
@@ -41,7 +42,7 @@ class Decomposed:
     q: np.ndarray  # [N, K] uint8
     mode: int
     qbits: int
-    scale: np.ndarray | None = None  # AFFINE16: [N, K/32] float16
+    scale: np.ndarray | None = None  # AFFINE16, SYM16: [N, K/32] float16
     offset: np.ndarray | None = None  # AFFINE16: [N, K/32] float16
     sc: np.ndarray | None = None  # KAFFINE: [N, K/32] uint8; K6: [N, K/16] int8
     mn: np.ndarray | None = None  # KAFFINE: [N, K/32] uint8
@@ -52,6 +53,10 @@ class Decomposed:
         """The float32 weights, computed as the kernels' scale codes define them."""
         n, k = self.q.shape
         q = self.q.reshape(n, k // BLK, BLK).astype(np.float32)
+        if self.mode == SYM16:
+            assert self.scale is not None
+            offset = float(1 << (self.qbits - 1))
+            return (self.scale.astype(np.float32)[..., None] * (q - offset)).reshape(n, k)
         if self.mode == AFFINE16:
             assert self.scale is not None and self.offset is not None
             s, m = self.scale.astype(np.float32), self.offset.astype(np.float32)
@@ -96,9 +101,12 @@ def _affine(n: int, q: np.ndarray, qbits: int, d: np.ndarray, m: np.ndarray) -> 
     return Decomposed(q.reshape(n, -1), AFFINE16, qbits, scale=d, offset=m.astype(np.float16))
 
 
+def _symmetric(n: int, q: np.ndarray, qbits: int, d: np.ndarray) -> Decomposed:
+    return Decomposed(q.reshape(n, -1), SYM16, qbits, scale=d)
+
+
 def _q4_0(b: np.ndarray) -> Decomposed:  # d, qs[16]
-    d = f16_field(b[..., 0:2])
-    return _affine(b.shape[0], nibbles(b[..., 2:18]), 4, d, d * np.float16(-8))
+    return _symmetric(b.shape[0], nibbles(b[..., 2:18]), 4, f16_field(b[..., 0:2]))
 
 
 def _q4_1(b: np.ndarray) -> Decomposed:  # d, m, qs[16]
@@ -111,13 +119,12 @@ def _q5_0(b: np.ndarray) -> Decomposed:  # d, qh (32 bits), qs[16]
     qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [N, nb, 1]
     high = (qh >> np.arange(32, dtype=np.uint32)) & 1
     q = nibbles(b[..., 6:22]) | (high.astype(np.uint8) << 4)
-    return _affine(b.shape[0], q, 5, d, d * np.float16(-16))
+    return _symmetric(b.shape[0], q, 5, d)
 
 
 def _q8_0(b: np.ndarray) -> Decomposed:  # d, qs[32] int8
-    d = f16_field(b[..., 0:2])
     q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return _affine(b.shape[0], q, 8, d, d * np.float16(-128))
+    return _symmetric(b.shape[0], q, 8, f16_field(b[..., 0:2]))
 
 
 def _kaffine(b: np.ndarray, q: np.ndarray, qbits: int) -> Decomposed:
@@ -181,8 +188,8 @@ class Packed:
     rows: int  # real output rows (the last tile may be padded with zero weights)
     cols: int
     q: np.ndarray  # uint8 [tiles, K/32, 256 or 512]
-    s: np.ndarray  # uint8 [tiles, K/32, 64 or 32]
-    d: np.ndarray  # float16 [tiles, K/256, 32 or 16], or [0] for AFFINE16
+    s: np.ndarray  # uint8 [tiles, K/32, 64 (AFFINE16) or 32]
+    d: np.ndarray  # float16 [tiles, K/256, 32 or 16], or [0] for AFFINE16, SYM16
 
     @property
     def tiles(self) -> int:
@@ -232,7 +239,11 @@ def pack(dec: Decomposed) -> Packed:
     """The kernels' layout of a decomposed tensor."""
     n, k = dec.q.shape
     q = _pack_q(dec.q, dec.qbits)
-    if dec.mode == AFFINE16:
+    if dec.mode == SYM16:
+        assert dec.scale is not None
+        s = _codes(dec.scale, rows=n)
+        d = np.zeros(0, np.float16)
+    elif dec.mode == AFFINE16:
         assert dec.scale is not None and dec.offset is not None
         s = _codes(dec.scale, dec.offset, rows=n)
         d = np.zeros(0, np.float16)

@@ -11,6 +11,7 @@
 //       6-bit: two planes (groups 0..3, 4..7); bits 4-5 of the plane's 4 groups sit at
 //              bits 4-5, 6-7, 0-1, 2-3, so one shift puts each at bits 4-5   (384 bytes)
 //   s:  the block's scale codes, by mode:
+//       SYM16     w = S * (q - c), c = 2^(bits - 1): f16 S[16]              (32 bytes)
 //       AFFINE16  w = S * q + Mn: f16 S[16], f16 Mn[16]                      (64 bytes)
 //       KAFFINE   S = d * sc, Mn = nd * mn: u8 sc[16], u8 mn[16]             (32 bytes)
 //                 with f16 d[16], nd[16] per super-block of 8 blocks (K-quants)
@@ -28,7 +29,7 @@ constexpr int TILE = 16;
 constexpr int BLK = 32;
 constexpr int SUPER = 8;
 
-enum Mode : int { AFFINE16 = 0, KAFFINE = 1, K6 = 2 };
+enum Mode : int { AFFINE16 = 0, KAFFINE = 1, K6 = 2, SYM16 = 3 };
 
 struct PackedWeights {
   int mode;
@@ -43,6 +44,10 @@ struct PackedWeights {
 
 constexpr int64_t q_block_bytes(int qbits) { return qbits == 8 ? 512 : 256 + (qbits - 4) * 64; }
 constexpr int64_t s_block_bytes(int mode) { return mode == AFFINE16 ? 64 : 32; }
+
+// SYM16's offsets -c * (sum of a block's activation codes), one slot per bit width.
+constexpr int kSymSlots = 4;  // c = 8, 16, 128, and a pad to 16 bytes
+constexpr int sym_slot(int qbits) { return qbits == 4 ? 0 : (qbits == 5 ? 1 : 2); }
 constexpr int64_t d_super_halves(int mode) { return mode == KAFFINE ? 2 * TILE : TILE; }
 
 // Activations quantized per block of 32: x ~= dx[j] * q[32 j .. 32 j + 31].
@@ -51,6 +56,7 @@ struct QuantizedRows {
   const float* dx;      // [M, K / 32]
   const float* dxs;     // [M, K / 32]  dx * (sum of the block's q)
   const int32_t* s16;   // [M, K / 16]  sum of each half-block's q
+  const int32_t* off;   // [M, K / 32, kSymSlots]  -c * (sum of the block's q), c = 8, 16, 128
   int64_t m;
   int64_t k;
 };

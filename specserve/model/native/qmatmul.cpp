@@ -53,7 +53,7 @@ static inline float round_even(float v) {
 
 #define SPECSERVE_QUANTIZE_BODY                                                     \
   static void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, \
-                            float* dxs, int32_t* s16) {                             \
+                            float* dxs, int32_t* s16, int32_t* off) {               \
     const int64_t nb = k / BLK;                                                     \
     for (int64_t r = 0; r < m; r++)                                                 \
       for (int64_t j = 0; j < nb; j++) {                                            \
@@ -75,6 +75,11 @@ static inline float round_even(float v) {
         dxs[r * nb + j] = d * static_cast<float>(lo + hi);                          \
         s16[r * 2 * nb + 2 * j] = lo;                                               \
         s16[r * 2 * nb + 2 * j + 1] = hi;                                           \
+        int32_t* o = off + (r * nb + j) * kSymSlots;                                \
+        o[0] = -8 * (lo + hi);                                                      \
+        o[1] = -16 * (lo + hi);                                                     \
+        o[2] = -128 * (lo + hi);                                                    \
+        o[3] = 0;                                                                   \
       }                                                                             \
   }
 
@@ -182,17 +187,17 @@ static void run_item(void* ctx, int64_t item) {
 constexpr int64_t kQuantizeRows = 4;
 
 static void quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, float* dxs,
-                     int32_t* s16) {
+                     int32_t* s16, int32_t* off) {
 #if defined(__x86_64__)
-  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, s16);
+  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, s16, off);
 #endif
-  generic::quantize_rows(x, m, k, q, dx, dxs, s16);
+  generic::quantize_rows(x, m, k, q, dx, dxs, s16, off);
 }
 
 struct Scratch {
   std::vector<int8_t> q;
   std::vector<float> dx, dxs;
-  std::vector<int32_t> s16;
+  std::vector<int32_t> s16, off;
 };
 
 void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
@@ -203,14 +208,16 @@ void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
   scratch.dx.resize(m * nb);
   scratch.dxs.resize(m * nb);
   scratch.s16.resize(m * 2 * nb);
+  scratch.off.resize(m * nb * kSymSlots);
   // The calling thread's buffers (`scratch` is thread-local: not named in the lambda).
-  QuantizedRows rows{scratch.q.data(), scratch.dx.data(), scratch.dxs.data(),
-                     scratch.s16.data(), m, k};
+  QuantizedRows rows{scratch.q.data(),   scratch.dx.data(),  scratch.dxs.data(),
+                     scratch.s16.data(), scratch.off.data(), m, k};
   int8_t* q = scratch.q.data();
   float *dx = scratch.dx.data(), *dxs = scratch.dxs.data();
-  int32_t* s16 = scratch.s16.data();
+  int32_t *s16 = scratch.s16.data(), *off = scratch.off.data();
   g_pool.for_rows(m, kQuantizeRows, [=](int64_t r0, int64_t r1) {
-    quantize(x + r0 * k, r1 - r0, k, q + r0 * k, dx + r0 * nb, dxs + r0 * nb, s16 + r0 * 2 * nb);
+    quantize(x + r0 * k, r1 - r0, k, q + r0 * k, dx + r0 * nb, dxs + r0 * nb, s16 + r0 * 2 * nb,
+             off + r0 * nb * kSymSlots);
   });
   int64_t total = 0;
   for (const PackedWeights& pw : parts) total += pw.tiles;
@@ -228,9 +235,10 @@ using specserve::PackedWeights;
 static bool parse_part(PyObject* item, int64_t k, PackedWeights* pw) {
   long long mode, qbits, q, s, d, tiles, col0;
   if (!PyArg_ParseTuple(item, "LLLLLLL", &mode, &qbits, &q, &s, &d, &tiles, &col0)) return false;
-  const bool super_blocks = mode != specserve::AFFINE16;
+  const bool super_blocks = mode == specserve::KAFFINE || mode == specserve::K6;
   // The (mode, bits) pairs that GGUF types produce; the AVX-512 path has code for these.
-  const bool known = (mode == specserve::AFFINE16 && (qbits == 4 || qbits == 5 || qbits == 8)) ||
+  const bool known = (mode == specserve::SYM16 && (qbits == 4 || qbits == 5 || qbits == 8)) ||
+                     (mode == specserve::AFFINE16 && qbits == 4) ||
                      (mode == specserve::KAFFINE && (qbits == 4 || qbits == 5)) ||
                      (mode == specserve::K6 && qbits == 6);
   if (!known || tiles < 0 || (super_blocks && k % (specserve::BLK * specserve::SUPER) != 0)) {
