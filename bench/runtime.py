@@ -65,6 +65,7 @@ from bench.common import (
     time_in_turns,
     write_json,
 )
+from bench.rounds import merge
 from specserve.model.catalog import resolve
 from specserve.model.loader import load_model
 from specserve.model.transformer import ForwardBatch
@@ -96,6 +97,7 @@ class Settings:
     profile_steps: int = 10
     llama_bin: str | None = None
     llama_depth: int = 0
+    rounds: int = 1  # every worker this many times, figures merged by the median (rounds.py)
 
     @classmethod
     def quick(cls, **overrides: Any) -> Settings:
@@ -301,14 +303,18 @@ def run_worker(engine: str, model: str, s: Settings) -> dict[str, Any]:
     return result
 
 
-def measure(s: Settings) -> tuple[dict[str, dict[str, Any]], str | None]:
-    """Every model on every engine, the engines taking turns model by model."""
+def measure(s: Settings) -> tuple[list[dict[str, dict[str, Any]]], str | None]:
+    """Every model on every engine, the engines taking turns model by model (in the other
+    order every second round): one results dict per round."""
     skip = llama_skip_reason(s)
     if skip:
         print(skip, file=sys.stderr)
     engines = [e for e in ENGINES if not (skip and e == "llama.cpp")]
-    results = {m: {e: run_worker(e, m, s) for e in engines} for m in s.models}
-    return results, skip
+    rounds = []
+    for r in range(s.rounds):
+        order = engines if r % 2 == 0 else engines[::-1]
+        rounds.append({m: {e: run_worker(e, m, s) for e in order} for m in s.models})
+    return rounds, skip
 
 
 def vs_llama(results: dict[str, dict[str, Any]]) -> None:
@@ -372,7 +378,9 @@ def cells(r: dict[str, Any], ks: Sequence[int]) -> list[str]:
 
 def notes(s: Settings, skip: str | None) -> list[str]:
     lines = [
-        f"{s.threads} threads; medians of {s.repeats} timed runs after {s.warmup} warm-up ones.",
+        f"{s.threads} threads; medians of {s.repeats} timed runs after {s.warmup} warm-up ones"
+        + (f"; {s.rounds} rounds of workers, the median round's figures" if s.rounds > 1 else "")
+        + ".",
         f"decode: {s.decode_tokens} greedy one-token steps (specserve: after a short chat "
         f"prompt; llama.cpp: tg{s.decode_tokens}, from position 0).",
         f"prefill: one forward over {s.prompt_tokens} tokens at position 0 (pp{s.prompt_tokens}).",
@@ -388,7 +396,10 @@ def report(payload: dict[str, Any], s: Settings) -> str:
     lines = [table(payload["results"], s), ""] + [f"- {n}" for n in payload["notes"]]
     met = {True: "met", False: "NOT met"}
     for g in payload["goals"]:
-        lines.append(f"- goal, {g['model']}: {g['goal']}: {g['measured']:.2f} ({met[g['met']]})")
+        values = ["-" if v is None else f"{v:.2f}" for v in g.get("rounds", [])]
+        each = f"; rounds: {', '.join(values)}" if values else ""
+        line = f"- goal, {g['model']}: {g['goal']}: {g['measured']:.2f} ({met[g['met']]}{each})"
+        lines.append(line)
     return "\n".join(lines) + profile_text(payload["results"])
 
 
@@ -420,6 +431,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode (128)")
     parser.add_argument("--prompt-tokens", type=int, help="prefill length and context (512)")
     parser.add_argument("--repeats", type=int, help="timed runs of each measurement")
+    parser.add_argument("--rounds", type=int, help="workers per (model, engine), median kept")
     parser.add_argument("--profile-model", help=f"model to profile ({MODELS[0]}; 'none')")
     parser.add_argument("--out", type=Path, help="JSON file (default results/runtime[.quick].json)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -435,7 +447,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         overrides["models"] = tuple(m for m in args.models.split(",") if m)
     if args.profile_model:
         overrides["profile_model"] = None if args.profile_model == "none" else args.profile_model
-    for name in ("llama_depth", "decode_tokens", "prompt_tokens", "repeats"):
+    for name in ("llama_depth", "decode_tokens", "prompt_tokens", "repeats", "rounds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return Settings.quick(**overrides) if args.quick else Settings(**overrides)
@@ -454,8 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
     s = settings_of(args)
     began = time.perf_counter()
-    results, skip = measure(s)
-    vs_llama(results)
+    rounds, skip = measure(s)
+    results = merge(rounds)
+    for round_results in [results, *rounds]:
+        vs_llama(round_results)
+    found = goals(results)
+    if s.rounds > 1:  # each goal's figure in every round (None where a worker failed)
+        per_round = [{(g["model"], g["goal"]): g["measured"] for g in goals(r)} for r in rounds]
+        for goal in found:
+            goal["rounds"] = [each.get((goal["model"], goal["goal"])) for each in per_round]
     peer = next((e["llama.cpp"] for e in results.values() if "build" in e.get("llama.cpp", {})), {})
     payload = {
         "benchmark": "runtime",
@@ -463,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "llama_cpp": peer.get("build", skip),
         "settings": asdict(s),
         "notes": notes(s, skip),
-        "goals": goals(results),
+        "goals": found,
         "results": results,
         "wall_seconds": round(time.perf_counter() - began, 1),
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # above --threads: contended
