@@ -5,7 +5,10 @@ runs the 1.5B's 1-token forward measured 19 and 30 ms while its 16-token forward
 arithmetic, not by memory) stayed at 58-64 ms. One round can therefore favour one engine,
 or make k-forward ratios look good or bad. With ``--rounds N`` every (model, engine) worker
 runs N times, the engines taking turns in alternating order, and each figure is the median
-of its N measurements; every round's value is kept beside it.
+of its N measurements; every round's value is kept beside it. Each goal is judged on its
+median round (`judge_by_round`): a ratio between two measurements taken minutes apart in one
+round (specserve and llama.cpp; k tokens and 1) is fairer than one between medians taken
+from different rounds.
 
 >>> runs = [{"decode": {"tokens_per_second": v}} for v in (30.0, 50.0, 40.0)]
 >>> merged = merge_runs([{**r, "prefill": r["decode"]} for r in runs])
@@ -58,3 +61,23 @@ def _merge_forwards(forwards: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = {k: round(v["median_ms"] / base, 3) for k, v in ms.items()}
     rounds = [f["ratio_to_k1"] for f in forwards]
     return {**forwards[0], "ms": ms, "ratio_to_k1": ratios, "rounds_ratio_to_k1": rounds}
+
+
+def judge_by_round(found: list[dict[str, Any]], per_round: list[list[dict[str, Any]]]) -> None:
+    """Set each goal's figure and verdict to its median round's (every round's figure kept
+    as ``rounds``, None where a worker failed). Goals: dicts with model, goal, measured, met.
+
+    >>> found = [{"model": "m", "goal": "g", "measured": 0.9, "met": False}]
+    >>> def round_of(v): return [{"model": "m", "goal": "g", "measured": v, "met": v >= 1}]
+    >>> rounds = [round_of(v) for v in (1.1, 0.9, 1.3)]
+    >>> judge_by_round(found, rounds); found[0]["measured"], found[0]["met"], found[0]["rounds"]
+    (1.1, True, [1.1, 0.9, 1.3])
+    """
+    indexed = [{(g["model"], g["goal"]): g for g in goals} for goals in per_round]
+    for goal in found:
+        each = [r.get((goal["model"], goal["goal"])) for r in indexed]
+        goal["rounds"] = [None if g is None else g["measured"] for g in each]
+        judged = sorted((g for g in each if g is not None), key=lambda g: g["measured"])
+        if judged:
+            middle = judged[len(judged) // 2]
+            goal["measured"], goal["met"] = middle["measured"], middle["met"]

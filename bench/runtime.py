@@ -65,7 +65,7 @@ from bench.common import (
     time_in_turns,
     write_json,
 )
-from bench.rounds import merge
+from bench.rounds import judge_by_round, merge
 from specserve.model.catalog import resolve
 from specserve.model.loader import load_model
 from specserve.model.transformer import ForwardBatch
@@ -379,7 +379,12 @@ def cells(r: dict[str, Any], ks: Sequence[int]) -> list[str]:
 def notes(s: Settings, skip: str | None) -> list[str]:
     lines = [
         f"{s.threads} threads; medians of {s.repeats} timed runs after {s.warmup} warm-up ones"
-        + (f"; {s.rounds} rounds of workers, the median round's figures" if s.rounds > 1 else "")
+        + (
+            f"; {s.rounds} rounds of workers: each figure the median of its rounds, each goal"
+            " judged on its median round"
+            if s.rounds > 1
+            else ""
+        )
         + ".",
         f"decode: {s.decode_tokens} greedy one-token steps (specserve: after a short chat "
         f"prompt; llama.cpp: tg{s.decode_tokens}, from position 0).",
@@ -471,10 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for round_results in [results, *rounds]:
         vs_llama(round_results)
     found = goals(results)
-    if s.rounds > 1:  # each goal's figure in every round (None where a worker failed)
-        per_round = [{(g["model"], g["goal"]): g["measured"] for g in goals(r)} for r in rounds]
-        for goal in found:
-            goal["rounds"] = [each.get((goal["model"], goal["goal"])) for each in per_round]
+    if s.rounds > 1:
+        judge_by_round(found, [goals(r) for r in rounds])
     peer = next((e["llama.cpp"] for e in results.values() if "build" in e.get("llama.cpp", {})), {})
     payload = {
         "benchmark": "runtime",
