@@ -2,7 +2,7 @@
 
 On a shared 2-core VM the memory bandwidth drifts from minute to minute: in consecutive
 runs the 1.5B's 1-token forward measured 19 and 30 ms while its 16-token forward (bound by
-arithmetic, not by memory) stayed at 58-64 ms. One round can therefore favour one engine,
+arithmetic, not by memory) stayed at 58-69 ms. One round can therefore favour one engine,
 or make k-forward ratios look good or bad. With ``--rounds N`` every (model, engine) worker
 runs N times, the engines taking turns in alternating order, and each figure is the median
 of its N measurements; every round's value is kept beside it. Each goal is judged on its
