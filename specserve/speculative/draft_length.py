@@ -148,12 +148,9 @@ class LengthTuner:
         self.acceptance = Acceptance(self.max_k)
 
     def choose(self) -> int:
-        """The k with the most expected tokens per second (see the module docstring)."""
-        best, best_rate = 0, 0.0
-        for k, tokens in enumerate(self._expected_by_k(self.max_k)):
-            rate = tokens / (self.costs.estimate(k + 1) + k * self.draft_cost)
-            if rate > best_rate:
-                best, best_rate = k, rate
+        """The k with the most expected tokens per second (see the module docstring): a
+        step with no drafts before this proposer's, which keeps its 1 token for sure."""
+        best = self.choose_after(0, tokens=1.0, survive=1.0, room=self.max_k)
         if best == 0:
             self._plain_steps += 1
             if self._plain_steps >= PROBE_INTERVAL:

@@ -170,6 +170,5 @@ def _after_lookups(lookups: list[int], proposal: Proposal, method: str) -> Propo
         return proposal
     assert proposal.draft_probs is not None
     probs = proposal.draft_probs
-    one_hot = torch.zeros(len(lookups), probs.shape[-1], dtype=probs.dtype, device=probs.device)
-    one_hot[torch.arange(len(lookups)), torch.tensor(lookups)] = 1.0
+    one_hot = torch.nn.functional.one_hot(torch.tensor(lookups), probs.shape[-1]).to(probs)
     return Proposal(lookups + proposal.token_ids, torch.cat([one_hot, probs]), method)
