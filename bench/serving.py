@@ -1,7 +1,7 @@
 """The server under concurrent load: speculation vs plain decoding, 1 to 8 clients.
 
-Starts the real server (`python -m specserve serve`, SmolLM2-135M-Instruct) with two
-deployments of the same model — ``spec`` (its default drafter: n-gram, self-tuned) and
+Starts the real server (`python -m specserve serve`, SmolLM2-135M-Instruct, or ``--model``)
+with two deployments of the same model — ``spec`` (its default drafter: n-gram, self-tuned) and
 ``plain`` (``--no-speculation``) — and drives it with N client threads using the official
 `openai` client (streaming, greedy). For each concurrency the two deployments run in turns
 on the same prompts, so machine noise hits both alike. Reported: throughput (generated
@@ -94,10 +94,12 @@ def _cli(*args: str, env: dict[str, str]) -> None:
         raise RuntimeError(f"specserve {' '.join(args)} failed:\n{done.stderr.strip()}")
 
 
-def start_server(home: Path, port: int, threads: int, max_batch: int) -> subprocess.Popen[bytes]:
+def start_server(
+    home: Path, port: int, threads: int, max_batch: int, model: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SPECSERVE_HOME": str(home)}
     for name, flags in DEPLOYMENTS.items():
-        _cli("deployment", "create", MODEL, "--id", name, *flags, env=env)
+        _cli("deployment", "create", model, "--id", name, *flags, env=env)
     command = [sys.executable, "-m", "specserve", "serve", "--port", str(port)]
     command += ["--threads", str(threads), "--max-batch", str(max_batch), "--log-level", "warning"]
     server = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
@@ -198,6 +200,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help=f"catalog name (default {MODEL})")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -223,6 +226,11 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=40,
         help="timed max_tokens=1 round trips per server (the fixed overhead per request)",
+    )
+    ray.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        help="passed to serve --ray (default: its own, specserve.server.run)",
     )
     ray.add_argument(
         "--time-limit",
@@ -269,7 +277,7 @@ def main_single(args: argparse.Namespace) -> None:
         args.out,
         {
             "benchmark": "serving",
-            "model": MODEL,
+            "model": args.model,
             "settings": vars(args) | {"out": str(args.out)},
             "prompts": [{"question_id": p.question_id, "category": p.category} for p in prompts],
             "machine": machine_info(args.threads),
@@ -291,7 +299,7 @@ def serve_phases(
     """Every (level, deployment) phase against one server, plain and speculative in turn at
     each level; and the server's /metrics text at the end."""
     with tempfile.TemporaryDirectory() as home:
-        server = start_server(Path(home), args.port, args.threads, max(levels))
+        server = start_server(Path(home), args.port, args.threads, max(levels), args.model)
         try:
             client = openai.OpenAI(
                 base_url=f"http://127.0.0.1:{args.port}/v1", api_key="-", max_retries=0
@@ -516,7 +524,13 @@ def _wait_ready(server: subprocess.Popen[bytes], port: int, replicas: int) -> No
 
 @contextlib.contextmanager
 def served(
-    setup: Setup, port: int, max_batch: int, work: Path, interrupts: Interrupts
+    setup: Setup,
+    port: int,
+    max_batch: int,
+    work: Path,
+    interrupts: Interrupts,
+    model: str,
+    ray_flags: list[str],
 ) -> Iterator[dict[str, Any]]:
     """`specserve serve` (with --ray: `serve --ray`) for ``setup`` on 127.0.0.1:``port``, in
     its own process group and with its own Ray directory; stopped, with every process it
@@ -536,11 +550,11 @@ def served(
     env |= {"RAY_USAGE_STATS_ENABLED": "0"}  # loopback only: Ray must not phone home
     try:
         flags = ["--no-speculation", "--min-replicas", str(setup.replicas)]
-        _cli("deployment", "create", MODEL, "--id", RAY_DEPLOYMENT, *flags, env=env)
+        _cli("deployment", "create", model, "--id", RAY_DEPLOYMENT, *flags, env=env)
         command = [sys.executable, "-m", "specserve", "serve", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--threads", str(setup.threads)]
         command += ["--max-batch", str(max_batch), "--log-level", "warning"]
-        command += ["--ray"] if setup.ray else []
+        command += ["--ray", *ray_flags] if setup.ray else []
         began = time.perf_counter()
         with log.open("wb") as out:
             server = subprocess.Popen(
@@ -612,7 +626,9 @@ def run_setup(
 ) -> dict[str, Any]:
     print(f"== {setup.label}: starting on 127.0.0.1:{port}", flush=True)
     phases = []
-    with served(setup, port, max(levels), work, interrupts) as info:
+    interval = args.stream_interval_ms
+    ray_flags = [] if interval is None else ["--stream-interval-ms", f"{interval:g}"]
+    with served(setup, port, max(levels), work, interrupts, args.model, ray_flags) as info:
         print(f"   ready in {info['start_seconds']} s", flush=True)
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1",
@@ -763,7 +779,7 @@ def main_ray(args: argparse.Namespace) -> None:
         args.out,
         {
             "benchmark": "serving-ray",
-            "model": MODEL,
+            "model": args.model,
             "decoding": "plain (deployment created with --no-speculation), greedy, streaming",
             "client": f"openai {openai.__version__}, one thread per concurrent client",
             "settings": vars(args) | {"out": str(args.out)},

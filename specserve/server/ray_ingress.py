@@ -76,8 +76,7 @@ class Ingress:
         for attempt in range(RETRIES + 1):
             stream: Any = self.handles[deployment_id].handle.remote(*call)
             try:
-                start = await stream.__anext__()
-                first = await _next_or_none(stream)
+                start = await stream.__anext__()  # with the body's first chunk
             except (RayActorError, RayError) as exc:  # the replica died before answering
                 stream.cancel()
                 log.warning(
@@ -91,27 +90,19 @@ class Ingress:
                         code="replica_unavailable",
                     ) from None
                 continue
-            return _response(start, first, stream)
+            return _response(start, stream)
         raise AssertionError("unreachable")
 
 
-async def _next_or_none(stream: Any) -> bytes | None:
-    try:
-        item: bytes = await stream.__anext__()
-        return item
-    except StopAsyncIteration:
-        return None
-
-
-def _response(start: dict[str, Any], first: bytes | None, stream: Any) -> Response:
+def _response(start: dict[str, Any], stream: Any) -> Response:
     headers = {k: v for k, v in start["headers"] if k.lower() != "content-length"}
     is_sse = headers.get("content-type", "").startswith("text/event-stream")
 
     async def body() -> AsyncIterator[bytes]:
-        finished = first is None
+        finished = False
         try:
-            if first is not None:
-                yield first
+            if start["body"]:
+                yield start["body"]
             async for chunk in stream:
                 yield chunk
             finished = True

@@ -43,11 +43,17 @@ class EngineReplica:
     """A continuous-batching engine for one deployment, behind its own OpenAI app."""
 
     def __init__(
-        self, deployment: Deployment, dtype: str, options: EngineOptions, threads: int
+        self,
+        deployment: Deployment,
+        dtype: str,
+        options: EngineOptions,
+        threads: int,
+        stream_interval: float = 0.0,
     ) -> None:
         from specserve.server.run import _start_compute_thread
 
         self.deployment_id = deployment.id
+        self.stream_interval = stream_interval
         self.served = _start_compute_thread([deployment], dtype, options, threads)
         self.metrics = Metrics()
         # No API key and a generous body limit here: the ingress checks both first.
@@ -60,9 +66,11 @@ class EngineReplica:
     async def handle(
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> AsyncIterator[dict[str, Any] | bytes]:
-        """Run one HTTP request through the app: first ``{"status", "headers"}``, then the
-        body as it is produced (SSE events one by one)."""
-        async for item in call_asgi(self.app, method, path, query, headers, body):
+        """Run one HTTP request through the app: first ``{"status", "headers", "body"}``
+        with the body's first chunk, then the rest as it is produced (SSE events gathered
+        over `stream_interval` seconds)."""
+        request = (method, path, query, headers, body)
+        async for item in call_asgi(self.app, *request, interval=self.stream_interval):
             if isinstance(item, dict):
                 item["headers"].append((REPLICA_HEADER, self.replica))
             yield item
@@ -110,11 +118,15 @@ async def call_asgi(
     query: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
+    interval: float = 0.0,
 ) -> AsyncIterator[dict[str, Any] | bytes]:
-    """Call an ASGI app with a complete request body; yield the response start as
-    ``{"status", "headers"}``, then each body chunk. When the caller stops reading (its
-    client went away, or the replica is stopping), the app sees ``http.disconnect``, which
-    frees the sequence as a disconnect does without Ray."""
+    """Call an ASGI app with a complete request body; yield the response start with the
+    body's first chunk as ``{"status", "headers", "body"}`` (one item: each costs a Ray
+    message), then the rest of the body, each item no sooner than ``interval`` seconds after
+    the one before (what arrives in between is joined to it; a chunk that comes later than
+    that goes out at once). When the caller stops reading (its client went away, or the
+    replica is stopping), the app sees ``http.disconnect``, which frees the sequence as a
+    disconnect does without Ray."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = asyncio.Event()
     delivered = False
@@ -139,23 +151,48 @@ async def call_asgi(
             await messages.put(None)
 
     task = asyncio.create_task(run())
+    start: dict[str, Any] | None = None  # the response's start, until its first chunk
+    sent_at = 0.0  # when the last item went out
     try:
         while (message := await messages.get()) is not None:
             if message["type"] == "http.response.start":
                 pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
-                yield {"status": message["status"], "headers": pairs}
+                start = {"status": message["status"], "headers": pairs}
             elif message["type"] == "http.response.body":
                 data, more = _body_so_far(message, messages)
-                if data:
-                    yield data
+                if start is None and more and interval > 0:
+                    data, more = await _body_until(data, messages, sent_at + interval)
+                if start is not None or data:
+                    yield data if start is None else {**start, "body": data}
+                    start, sent_at = None, time.monotonic()
                 if not more:
                     break
+        if start is not None:  # the app ended without a body message
+            yield {**start, "body": b""}
     finally:
         gone.set()
         try:
             await asyncio.wait_for(task, timeout=5)
         except (TimeoutError, asyncio.CancelledError, Exception):
             task.cancel()
+
+
+async def _body_until(
+    data: bytes, messages: asyncio.Queue[dict[str, Any] | None], deadline: float
+) -> tuple[bytes, bool]:
+    """``data`` joined with the body chunks that arrive before ``deadline`` (monotonic
+    seconds), and whether more body follows."""
+    joined, more = bytearray(data), True
+    while more and (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(messages.get(), left)
+        except TimeoutError:
+            break
+        if message is None:  # the app finished without a last body message
+            return bytes(joined), False
+        joined += message.get("body", b"")
+        more = message.get("more_body", False)
+    return bytes(joined), more
 
 
 def _http_scope(

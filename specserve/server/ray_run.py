@@ -32,6 +32,9 @@ from specserve.server.served import EngineOptions
 RAY_INSTALL = 'pip install "specserve[ray]"  (from a checkout: make setup)'
 PROBE_TIMEOUT_S = 5.0  # how long an --address gets to accept a TCP connection
 DEFAULT_RAY_PORT = 6379  # the GCS port `ray start --head` listens on
+# The ingress only relays; Serve's default (5) would queue the 6th concurrent client's request
+# before it reaches any engine (bench/serving.py --ray, 8 clients: time to first token 1.1 s).
+INGRESS_MAX_ONGOING = 10_000
 
 
 class RaySetupError(ValueError):
@@ -177,6 +180,7 @@ def deploy(
     settings: ServerSettings,
     host: str,
     port: int,
+    stream_interval: float = 0.0,
     scaling: Scaling = Scaling(),
 ) -> None:
     """Run the one application (`APP`): the ingress on ``host:port``, the metrics hub, and
@@ -198,9 +202,11 @@ def deploy(
     for d in deployments:
         found = replica_options(d, options, threads, scaling)
         engine = serve.deployment(name=engine_name(d.id), **found)(EngineReplica)
-        engines[d.id] = engine.bind(d, dtype, options, threads)
+        engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval)
     ingress_class = serve.ingress()(Ingress)
-    ingress = serve.deployment(name="Ingress", ray_actor_options=relay_only)(ingress_class)
+    ingress = serve.deployment(
+        name="Ingress", ray_actor_options=relay_only, max_ongoing_requests=INGRESS_MAX_ONGOING
+    )(ingress_class)
     app = ingress.bind(deployments, settings.api_key, settings.max_body_bytes, hub.bind(), engines)
     serve.run(app, name=APP, route_prefix="/")
 
@@ -251,6 +257,7 @@ def run_serve_ray(
             settings=settings,
             host=args.host,
             port=args.port,
+            stream_interval=args.stream_interval_ms / 1000,
         )
         ids = ", ".join(d.id for d in deployments)
         print(

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specserve.serve")
 API_KEY_ENV = "SPECSERVE_API_KEY"
+# Each item a replica streams through Ray costs ~1 ms of CPU on this 2-core machine
+# (bench/serving.py --ray); 20 ms between items is still 50 updates a second to the client.
+DEFAULT_STREAM_INTERVAL_MS = 20.0
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +77,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="ADDRESS",
         help="with --ray: join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one",
     )
+    ray.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        metavar="MS",
+        help="with --ray: a replica sends a stream's events at most every MS milliseconds, "
+        "joining those produced in between (each item Ray carries costs CPU time); the first "
+        f"token goes out at once; 0 = every event alone (default {DEFAULT_STREAM_INTERVAL_MS:g})",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -94,6 +105,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be {kind}, got {value}")
     if args.address and not args.ray:
         raise ValueError("--address needs --ray")
+    if args.stream_interval_ms is None:
+        args.stream_interval_ms = DEFAULT_STREAM_INTERVAL_MS
+    elif not args.ray:
+        raise ValueError("--stream-interval-ms needs --ray (without Ray each event goes out alone)")
+    elif args.stream_interval_ms < 0:
+        raise ValueError(f"--stream-interval-ms must be >= 0, not {args.stream_interval_ms:g}")
     if args.ray and args.record_traffic:
         raise ValueError("--record-traffic is not supported with --ray yet")
     if args.ray:  # before the database and the models: a missing Ray fails fast

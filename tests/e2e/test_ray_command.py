@@ -65,6 +65,10 @@ def test_unreachable_address_and_address_without_ray(tmp_path: Path, tiny_gguf: 
     assert f"cannot reach a Ray cluster at --address {address}" in done.stderr
     done = _specserve(tmp_path, "serve", "--address", address)
     assert done.returncode == 2 and "--address needs --ray" in done.stderr
+    done = _specserve(tmp_path, "serve", "--stream-interval-ms", "5")
+    assert done.returncode == 2 and "--stream-interval-ms needs --ray" in done.stderr
+    done = _specserve(tmp_path, "serve", "--ray", "--stream-interval-ms", "-1")
+    assert done.returncode == 2 and "--stream-interval-ms must be >= 0" in done.stderr
 
 
 def _raylets() -> int:
