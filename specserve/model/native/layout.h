@@ -55,7 +55,7 @@ struct QuantizedRows {
   const int8_t* q;      // [M, K]
   const float* dx;      // [M, K / 32]
   const float* dxs;     // [M, K / 32]  dx * (sum of the block's q)
-  const int32_t* s16;   // [M, K / 16]  sum of each half-block's q
+  const int32_t* k6off; // [M, K / 16]  -32 * (sum of each half-block's q): K6's offset
   const int32_t* off;   // [M, K / 32, kSymSlots]  -c * (sum of the block's q), c = 8, 16, 128
   int64_t m;
   int64_t k;

@@ -53,7 +53,7 @@ static inline float round_even(float v) {
 
 #define SPECSERVE_QUANTIZE_BODY                                                     \
   static void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, \
-                            float* dxs, int32_t* s16, int32_t* off) {               \
+                            float* dxs, int32_t* k6off, int32_t* off) {             \
     const int64_t nb = k / BLK;                                                     \
     for (int64_t r = 0; r < m; r++)                                                 \
       for (int64_t j = 0; j < nb; j++) {                                            \
@@ -73,8 +73,8 @@ static inline float round_even(float v) {
         const float d = amax / 127.0f;                                              \
         dx[r * nb + j] = d;                                                         \
         dxs[r * nb + j] = d * static_cast<float>(lo + hi);                          \
-        s16[r * 2 * nb + 2 * j] = lo;                                               \
-        s16[r * 2 * nb + 2 * j + 1] = hi;                                           \
+        k6off[r * 2 * nb + 2 * j] = -32 * lo;                                       \
+        k6off[r * 2 * nb + 2 * j + 1] = -32 * hi;                                   \
         int32_t* o = off + (r * nb + j) * kSymSlots;                                \
         o[0] = -8 * (lo + hi);                                                      \
         o[1] = -16 * (lo + hi);                                                     \
@@ -187,17 +187,17 @@ static void run_item(void* ctx, int64_t item) {
 constexpr int64_t kQuantizeRows = 4;
 
 static void quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, float* dxs,
-                     int32_t* s16, int32_t* off) {
+                     int32_t* k6off, int32_t* off) {
 #if defined(__x86_64__)
-  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, s16, off);
+  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
 #endif
-  generic::quantize_rows(x, m, k, q, dx, dxs, s16, off);
+  generic::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
 }
 
 struct Scratch {
   std::vector<int8_t> q;
   std::vector<float> dx, dxs;
-  std::vector<int32_t> s16, off;
+  std::vector<int32_t> k6off, off;
 };
 
 void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
@@ -207,16 +207,16 @@ void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
   scratch.q.resize(m * k);
   scratch.dx.resize(m * nb);
   scratch.dxs.resize(m * nb);
-  scratch.s16.resize(m * 2 * nb);
+  scratch.k6off.resize(m * 2 * nb);
   scratch.off.resize(m * nb * kSymSlots);
   // The calling thread's buffers (`scratch` is thread-local: not named in the lambda).
   QuantizedRows rows{scratch.q.data(),   scratch.dx.data(),  scratch.dxs.data(),
-                     scratch.s16.data(), scratch.off.data(), m, k};
+                     scratch.k6off.data(), scratch.off.data(), m, k};
   int8_t* q = scratch.q.data();
   float *dx = scratch.dx.data(), *dxs = scratch.dxs.data();
-  int32_t *s16 = scratch.s16.data(), *off = scratch.off.data();
+  int32_t *k6off = scratch.k6off.data(), *off = scratch.off.data();
   g_pool.for_rows(m, kQuantizeRows, [=](int64_t r0, int64_t r1) {
-    quantize(x + r0 * k, r1 - r0, k, q + r0 * k, dx + r0 * nb, dxs + r0 * nb, s16 + r0 * 2 * nb,
+    quantize(x + r0 * k, r1 - r0, k, q + r0 * k, dx + r0 * nb, dxs + r0 * nb, k6off + r0 * 2 * nb,
              off + r0 * nb * kSymSlots);
   });
   int64_t total = 0;
