@@ -81,3 +81,19 @@ def judge_by_round(found: list[dict[str, Any]], per_round: list[list[dict[str, A
         if judged:
             middle = judged[len(judged) // 2]
             goal["measured"], goal["met"] = middle["measured"], middle["met"]
+
+
+def median_goals(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Goals listed in the same order in every round (dicts with a numeric ``value``): each
+    as its median round's (the upper middle of an even count), every round's value kept.
+
+    >>> rounds = [[{"goal": "g", "value": v, "met": v < 5}] for v in (8.0, 4.0, 6.0)]
+    >>> g = median_goals(rounds)[0]; g["value"], g["met"], g["rounds"]
+    (6.0, False, [8.0, 4.0, 6.0])
+    """
+    merged = []
+    for i in range(len(per_round[0])):
+        each = [goals[i] for goals in per_round]
+        middle = sorted(each, key=lambda g: g["value"])[len(each) // 2]
+        merged.append({**middle, "rounds": [g["value"] for g in each]})
+    return merged
