@@ -12,10 +12,11 @@ Imported only by ``serve --ray`` (it imports ray at the top).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -151,30 +152,39 @@ async def call_asgi(
             await messages.put(None)
 
     task = asyncio.create_task(run())
-    start: dict[str, Any] | None = None  # the response's start, until its first chunk
-    sent_at = 0.0  # when the last item went out
     try:
-        while (message := await messages.get()) is not None:
-            if message["type"] == "http.response.start":
-                pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
-                start = {"status": message["status"], "headers": pairs}
-            elif message["type"] == "http.response.body":
-                data, more = _body_so_far(message, messages)
-                if start is None and more and interval > 0:
-                    data, more = await _body_until(data, messages, sent_at + interval)
-                if start is not None or data:
-                    yield data if start is None else {**start, "body": data}
-                    start, sent_at = None, time.monotonic()
-                if not more:
-                    break
-        if start is not None:  # the app ended without a body message
-            yield {**start, "body": b""}
+        async with contextlib.aclosing(_items(messages, interval)) as items:
+            async for item in items:
+                yield item
     finally:
         gone.set()
         try:
             await asyncio.wait_for(task, timeout=5)
         except (TimeoutError, asyncio.CancelledError, Exception):
             task.cancel()
+
+
+async def _items(
+    messages: asyncio.Queue[dict[str, Any] | None], interval: float
+) -> AsyncGenerator[dict[str, Any] | bytes, None]:
+    """The app's ASGI messages as `call_asgi` yields them (see there)."""
+    start: dict[str, Any] | None = None  # the response's start, until its first chunk
+    sent_at = 0.0  # when the last item went out
+    while (message := await messages.get()) is not None:
+        if message["type"] == "http.response.start":
+            pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+            start = {"status": message["status"], "headers": pairs}
+        elif message["type"] == "http.response.body":
+            data, more = _body_so_far(message, messages)
+            if start is None and more and interval > 0:
+                data, more = await _body_until(data, messages, sent_at + interval)
+            if start is not None or data:
+                yield data if start is None else {**start, "body": data}
+                start, sent_at = None, time.monotonic()
+            if not more:
+                return
+    if start is not None:  # the app ended without a body message
+        yield {**start, "body": b""}
 
 
 async def _body_until(

@@ -63,6 +63,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "the format `specserve tune --prompts` and drafter training read",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_ray_arguments(p)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group(
         "Ray Serve (optional extra: pip install 'specserve[ray]'; see docs/ray.md)"
     )
@@ -82,8 +86,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         metavar="MS",
         help="with --ray: a replica sends a stream's events at most every MS milliseconds, "
-        "joining those produced in between (each item Ray carries costs CPU time); the first "
-        f"token goes out at once; 0 = every event alone (default {DEFAULT_STREAM_INTERVAL_MS:g})",
+        "joining those produced in between (each item Ray carries costs CPU time); a "
+        "response's first event goes out at once; 0 = every event alone "
+        f"(default {DEFAULT_STREAM_INTERVAL_MS:g})",
     )
 
 
