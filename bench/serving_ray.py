@@ -8,8 +8,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,10 +17,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import httpx
 import openai
 
 from bench.common import (
@@ -36,10 +32,9 @@ from bench.common import (
 )
 from bench.rounds import median_goals
 from bench.serving_load import concurrently, one_request, quantile, run_phase, specserve_cli
+from bench.serving_procs import Interrupts, port_is_free, stop_server, tail, wait_ready
 
 RAY_DEPLOYMENT = "bench"  # the one deployment every server of the --ray run serves
-READY_TIMEOUT_S = 300.0  # a server's start: Ray, Serve and the replicas' model loads
-STOP_GRACE_S = 60.0  # SIGTERM -> `serve --ray` removes its applications and stops its Ray
 REQUEST_TIMEOUT_S = 300.0  # the longest a request waits for its next chunk
 WARM_ROUNDS = (2, 6)  # warm-up rounds: at least, and at most while a replica is still unseen
 PROBE_WARMUP = 3  # untimed 1-token round trips before the timed ones
@@ -68,140 +63,6 @@ def ray_setups(threads: int) -> list[Setup]:
     ]
 
 
-class Interrupts:
-    """Ctrl-C, SIGTERM and the --time-limit alarm as exceptions in the main thread, held back
-    while a server is being stopped, so that stopping always runs to its end."""
-
-    def __init__(self) -> None:
-        self.holding = 0
-        self.pending: BaseException | None = None
-
-    def install(self, limit_s: int) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-            signal.signal(signum, self._handle)
-        signal.alarm(limit_s)
-
-    def uninstall(self) -> None:
-        signal.alarm(0)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-            signal.signal(
-                signum,
-                signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL,
-            )
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        error: BaseException
-        if signum == signal.SIGALRM:
-            error = TimeoutError("--time-limit reached; every server was stopped")
-        else:
-            error = KeyboardInterrupt(signal.Signals(signum).name)
-        if self.holding:
-            self.pending = self.pending or error
-            return
-        raise error
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.holding += 1
-        try:
-            yield
-        finally:
-            self.holding -= 1
-        if not self.holding and self.pending is not None:
-            error, self.pending = self.pending, None
-            raise error
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _processes_of(group: int, marker: bytes) -> list[int]:
-    """Live processes of the server's process group, or whose command line or environment
-    names its private Ray directory (Ray's daemons and workers, wherever they were started):
-    processes this benchmark started, and no other."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] == "Z":  # a zombie: already dead, its parent reaps it
-                continue
-            if (
-                int(fields[2]) == group
-                or marker in (entry / "cmdline").read_bytes()
-                or marker in (entry / "environ").read_bytes()
-            ):
-                found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-def stop_server(server: subprocess.Popen[bytes], ray_dir: Path) -> dict[str, Any]:
-    """Stop a server and everything it started. SIGTERM first (`serve --ray` then removes
-    its applications and stops the Ray instance it started); then SIGKILL, each by its id, to
-    whatever is left of its process group or names its Ray directory."""
-    on_sigterm = False
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(STOP_GRACE_S)
-            on_sigterm = True
-        except subprocess.TimeoutExpired:
-            pass
-    killed: set[int] = set()
-    marker = str(ray_dir).encode()
-    for _ in range(5):  # a dying Ray may still start a worker; look again
-        left = _processes_of(server.pid, marker)
-        if not left:
-            break
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-        time.sleep(1)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.wait(10)
-    left = _processes_of(server.pid, marker)
-    return {
-        "exit_code": server.returncode,
-        "stopped_on_sigterm": on_sigterm,
-        "processes_killed_after": len(killed),
-        "processes_left": len(left),
-    }
-
-
-def _wait_ready(server: subprocess.Popen[bytes], port: int, replicas: int) -> None:
-    """Until /health answers 200 (with --ray: and lists all the replicas as running)."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited during start-up (code {server.returncode})")
-        with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
-            reply = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-            if reply.status_code == 200 and (
-                not replicas or reply.json()["running"].get(RAY_DEPLOYMENT) == replicas
-            ):
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready within {READY_TIMEOUT_S:.0f} s")
-
-
 @contextlib.contextmanager
 def served(
     setup: Setup,
@@ -215,7 +76,7 @@ def served(
     """`specserve serve` (with --ray: `serve --ray`) for ``setup`` on 127.0.0.1:``port``, in
     its own process group and with its own Ray directory; stopped, with every process it
     started, whatever happens. Yields a dict of facts, completed with "stop" on the way out."""
-    if not _port_is_free(port):
+    if not port_is_free(port):
         raise RuntimeError(f"port {port} on 127.0.0.1 is in use; choose another --port")
     home = work / setup.name
     home.mkdir()
@@ -245,11 +106,11 @@ def served(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, Ray's daemons included
             )
-        _wait_ready(server, port, setup.replicas if setup.ray else 0)
+        wait_ready(server, port, RAY_DEPLOYMENT, setup.replicas if setup.ray else 0)
         info["start_seconds"] = round(time.perf_counter() - began, 1)
         yield info
     except BaseException:
-        print(f"--- {setup.name}: the server's log, last lines ---\n{_tail(log)}", file=sys.stderr)
+        print(f"--- {setup.name}: the server's log, last lines ---\n{tail(log)}", file=sys.stderr)
         raise
     finally:
         with interrupts.held():
