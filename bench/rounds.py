@@ -63,9 +63,12 @@ def _merge_forwards(forwards: list[dict[str, Any]]) -> dict[str, Any]:
     return {**forwards[0], "ms": ms, "ratio_to_k1": ratios, "rounds_ratio_to_k1": rounds}
 
 
-def judge_by_round(found: list[dict[str, Any]], per_round: list[list[dict[str, Any]]]) -> None:
-    """Set each goal's figure and verdict to its median round's (every round's figure kept
-    as ``rounds``, None where a worker failed). Goals: dicts with model, goal, measured, met.
+def judge_by_round(
+    found: list[dict[str, Any]], per_round: list[list[dict[str, Any]]], value: str = "measured"
+) -> None:
+    """Make each goal its median round's (by its numeric ``value``), every round's figure kept
+    as ``rounds`` (None where a worker failed). Goals: dicts with goal, ``value``, met, and a
+    model where there are several.
 
     >>> found = [{"model": "m", "goal": "g", "measured": 0.9, "met": False}]
     >>> def round_of(v): return [{"model": "m", "goal": "g", "measured": v, "met": v >= 1}]
@@ -73,27 +76,10 @@ def judge_by_round(found: list[dict[str, Any]], per_round: list[list[dict[str, A
     >>> judge_by_round(found, rounds); found[0]["measured"], found[0]["met"], found[0]["rounds"]
     (1.1, True, [1.1, 0.9, 1.3])
     """
-    indexed = [{(g["model"], g["goal"]): g for g in goals} for goals in per_round]
+    indexed = [{(g.get("model"), g["goal"]): g for g in goals} for goals in per_round]
     for goal in found:
-        each = [r.get((goal["model"], goal["goal"])) for r in indexed]
-        goal["rounds"] = [None if g is None else g["measured"] for g in each]
-        judged = sorted((g for g in each if g is not None), key=lambda g: g["measured"])
+        each = [r.get((goal.get("model"), goal["goal"])) for r in indexed]
+        judged = sorted((g for g in each if g is not None), key=lambda g: g[value])
         if judged:
-            middle = judged[len(judged) // 2]
-            goal["measured"], goal["met"] = middle["measured"], middle["met"]
-
-
-def median_goals(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Goals listed in the same order in every round (dicts with a numeric ``value``): each
-    as its median round's (the upper middle of an even count), every round's value kept.
-
-    >>> rounds = [[{"goal": "g", "value": v, "met": v < 5}] for v in (8.0, 4.0, 6.0)]
-    >>> g = median_goals(rounds)[0]; g["value"], g["met"], g["rounds"]
-    (6.0, False, [8.0, 4.0, 6.0])
-    """
-    merged = []
-    for i in range(len(per_round[0])):
-        each = [goals[i] for goals in per_round]
-        middle = sorted(each, key=lambda g: g["value"])[len(each) // 2]
-        merged.append({**middle, "rounds": [g["value"] for g in each]})
-    return merged
+            goal.update(judged[len(judged) // 2])
+        goal["rounds"] = [None if g is None else g[value] for g in each]

@@ -30,7 +30,7 @@ from bench.common import (
     sample_prompts,
     write_json,
 )
-from bench.rounds import median_goals
+from bench.rounds import judge_by_round
 from bench.serving_load import concurrently, one_request, quantile, run_phase, specserve_cli
 from bench.serving_procs import Interrupts, port_is_free, stop_server, tail, wait_ready
 
@@ -313,7 +313,8 @@ def main_ray(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     rounds = run_ray_setups(args, [p.text for p in prompts], levels)
     summaries = [ray_summary(results, levels) for results in rounds]
-    goals = median_goals([goals for _, _, goals in summaries])
+    goals = [dict(g) for g in summaries[0][2]]
+    judge_by_round(goals, [each for _, _, each in summaries], value="value")
     shown = _median_round(summaries)
     rows, overhead, _ = summaries[shown]
     results = rounds[shown]
@@ -357,7 +358,8 @@ def _median_round(summaries: list[tuple[Any, Any, list[dict[str, Any]]]]) -> int
 
 def _measured(goal: dict[str, Any]) -> str:
     every = goal["rounds"]
-    return goal["measured"] + (f" ({', '.join(f'{v:g}' for v in every)})" if len(every) > 1 else "")
+    values = ", ".join("-" if v is None else f"{v:g}" for v in every)
+    return goal["measured"] + (f" ({values})" if len(every) > 1 else "")
 
 
 def run_ray_setups(
