@@ -1,0 +1,126 @@
+"""The arithmetic floor of a k-token forward, against the measured forwards.
+
+A k-token forward of a quantized model issues k x (multiply-adds per token) / 64 512-bit
+``vpdpbusd`` instructions (AVX-512 VNNI: 64 int8 products each), however the kernel is
+written. This benchmark compiles ``bench/vnni_peak.cpp`` and runs one copy per core at once,
+which gives the instruction's best rate per core with every core busy (two loops, see the C++
+file: ``register_fed``, the best case, and ``kernel_shape``, specserve's inner loop with its
+float steps but already-unpacked weights). It then counts each model's multiply-adds per
+token from its packed matrices and sets the floors beside the forward costs that
+``bench/runtime.py`` measured (``bench/results/runtime.json``, each round's own k = 1):
+
+- ``floor_ms[k]``: the matmuls alone at the register-fed rate on every core;
+- ``ratio_floor[k]``: that floor over the measured 1-token forward, i.e. the best k-to-1 ratio
+  the arithmetic allows even if everything else in the forward cost nothing;
+- ``kernel_fraction[k]``: the rate the measured forward implies, over the register-fed rate.
+
+Usage (from the repository root; nothing else running)::
+
+    python -m bench.arithmetic                   # -> bench/results/arithmetic.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO_ROOT, RESULTS_DIR
+
+SOURCE = REPO_ROOT / "bench" / "vnni_peak.cpp"
+MODELS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
+PRODUCTS_PER_INSTRUCTION = 64  # 16 int32 lanes x 4 int8 products
+
+
+def peak_rates(cores: int) -> dict[str, Any]:
+    """vnni_peak on every core at once: each copy's rates and their per-core minimum."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        raise SystemExit("bench.arithmetic needs g++ on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "vnni_peak"
+        subprocess.run([compiler, "-O3", "-march=native", str(SOURCE), "-o", str(binary)],
+                       check=True)  # fmt: skip
+        copies = [subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
+                  for _ in range(cores)]  # fmt: skip
+        runs = [json.loads(p.communicate()[0]) for p in copies]
+    return {
+        "copies": runs,
+        **{key: min(run[key] for run in runs) for key in runs[0]},
+    }
+
+
+def products_per_token(name: str) -> int:
+    """Multiply-adds of one token through every packed matrix (the LM head included)."""
+    from specserve.model.catalog import resolve
+    from specserve.model.loader import load_model
+    from specserve.model.qlinear import PackedLinear
+
+    model = load_model(str(resolve(name)[0]), progress=False)
+    return sum(
+        m.in_features * m.out_features for m in model.lm.modules() if isinstance(m, PackedLinear)
+    )
+
+
+def floors(name: str, measured: dict[str, Any], rate: float, cores: int) -> dict[str, Any]:
+    """The floor of each k beside runtime.json's forwards (one entry per round)."""
+    products = products_per_token(name)
+    instructions = products / PRODUCTS_PER_INSTRUCTION
+    forward = measured["specserve"]["forward"]["ms"]
+    rounds = len(forward["1"]["rounds_ms"])
+    out: dict[str, Any] = {"products_per_token": products, "floor_ms": {}, "rounds": []}
+    for k in forward:
+        out["floor_ms"][k] = round(int(k) * instructions / (cores * rate * 1e9) * 1e3, 2)
+    for i in range(rounds):
+        one = forward["1"]["rounds_ms"][i]
+        out["rounds"].append({
+            "k1_ms": one,
+            "ratio_floor": {k: round(out["floor_ms"][k] / one, 3) for k in forward},
+            "kernel_fraction": {
+                k: round(int(k) * instructions / (forward[k]["rounds_ms"][i] / 1e3) / cores
+                         / (rate * 1e9), 3)
+                for k in forward
+            },
+        })  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--runtime", type=Path, default=RESULTS_DIR / "runtime.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "arithmetic.json")
+    args = parser.parse_args(argv)
+    runtime = json.loads(args.runtime.read_text())
+    cores = int(runtime["settings"].get("threads") or os.cpu_count() or 1)
+    peak = peak_rates(cores)
+    rate = peak["register_fed_g_per_s"]
+    models = {
+        name: floors(name, runtime["results"][name], rate, cores)
+        for name in args.models
+        if name in runtime["results"]
+    }
+    result = {
+        "benchmark": "bench.arithmetic",
+        "cores": cores,
+        "vnni_peak_g_per_s_per_core": peak,
+        "runtime_results": str(args.runtime.relative_to(REPO_ROOT)),
+        "models": models,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, m in models.items():
+        first = m["rounds"][0]
+        print(f"{name}: floor_ms {m['floor_ms']}; round 1 ratio floor {first['ratio_floor']}; "
+              f"kernel fraction {first['kernel_fraction']}", file=sys.stderr)  # fmt: skip
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
