@@ -146,7 +146,8 @@ struct Job {
   float* out;
   int64_t ldo;
   int isa;
-  int64_t chunks;  // tile chunks per row chunk
+  int64_t chunks;     // tile chunks per row chunk
+  int64_t row_chunk;  // rows per row chunk (<= kRowChunk)
 };
 
 static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_t r0,
@@ -169,12 +170,13 @@ static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_
   }
 }
 
-// Work item i covers rows [64 c, 64 c + 64) of tile chunk i % chunks, row chunk c first:
+// Work item i covers row chunk c = i / chunks (rows [c r, c r + r), r = row_chunk) of tile
+// chunk i % chunks, row chunk by row chunk:
 // the rows' activations stay in cache while the weights stream past.
 static void run_item(void* ctx, int64_t item) {
   const Job& job = *static_cast<const Job*>(ctx);
-  const int64_t r0 = (item / job.chunks) * kRowChunk;
-  const int64_t r1 = std::min(job.rows->m, r0 + kRowChunk);
+  const int64_t r0 = (item / job.chunks) * job.row_chunk;
+  const int64_t r1 = std::min(job.rows->m, r0 + job.row_chunk);
   const int64_t lo = (item % job.chunks) * kTilesPerChunk;
   const int64_t hi = std::min(job.total_tiles, lo + kTilesPerChunk);
   int64_t base = 0;
@@ -225,8 +227,12 @@ void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
   int64_t total = 0;
   for (const PackedWeights& pw : parts) total += pw.tiles;
   const int64_t chunks = (total + kTilesPerChunk - 1) / kTilesPerChunk;
-  Job job{&parts, total, &rows, out, ldo, g_isa, chunks};
-  g_pool.run(run_item, &job, chunks * ((m + kRowChunk - 1) / kRowChunk));
+  // Each row chunk streams every weight once: 130 rows as 44 + 43 + 43, not 64 + 64 + 2, whose
+  // last pass would read all the weights for 2 rows (a verify of 64 drafts is 65 rows).
+  const int64_t row_chunks = (m + kRowChunk - 1) / kRowChunk;
+  const int64_t row_chunk = row_chunks > 0 ? (m + row_chunks - 1) / row_chunks : 1;
+  Job job{&parts, total, &rows, out, ldo, g_isa, chunks, row_chunk};
+  g_pool.run(run_item, &job, chunks * row_chunks);
 }
 
 }  // namespace specserve
