@@ -118,6 +118,11 @@ def test_catalog_models_get_their_default_drafter(name: str) -> None:
     assert drafter.short() == "ngram n=3 k<=4 (default)"
 
 
+def test_the_coder_model_drafts_up_to_16_ngram_tokens_by_default() -> None:
+    drafter = effective_drafter("qwen2.5-coder-1.5b-instruct", DrafterFlags())
+    assert drafter.describe() == "ngram n=3, up to 16 draft tokens (default)"
+
+
 def test_no_speculation_is_disabled_and_configured_flags_win() -> None:
     off = effective_drafter("smollm2-135m-instruct", DrafterFlags(no_speculation=True))
     assert (off.method, off.draft_token_count, off.source) == (None, 0, "disabled")
