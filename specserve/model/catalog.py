@@ -145,12 +145,13 @@ CATALOG: dict[str, CatalogEntry] = {
             description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, vocabulary 151936, chat",
             locate=lambda: ensure_joined(QWEN_CODER_1_5B),
             # N-gram (n = 3) with up to 16 draft tokens, self-tuned: code copies long runs
-            # of its prompt. Against up to 4 (docs/benchmarks.md, four runs of
-            # bench/fast_apply.py), end to end: HumanEvalFix without prediction 2.52x vs
-            # 2.28x plain, 2.61x vs 2.47x, 1.88x vs 1.76x, decode 2.42x vs 2.27x; open code
-            # 2.13x vs 1.91x, 1.89x vs 1.94x, 1.45x vs 1.36x, decode 1.76x vs 1.58x; Spec-Bench
-            # (4 prompts a group, medians of 3) >= 0.997x plain in every group, as up to 4.
-            # The 0.5B draft model gives 1.3x-1.4x on code and loses on prose (0.84x-0.94x).
+            # of its prompt. Against up to 4 in five runs of bench/fast_apply.py (end to end
+            # vs plain, docs/benchmarks.md): HumanEvalFix without prediction ahead in four
+            # (2.52x vs 2.28x, 2.61x vs 2.47x, 1.88x vs 1.76x, decode 2.42x vs 2.27x) and level
+            # in one (2.09x vs 2.07x); open code ahead in three (2.13x vs 1.91x, 1.45x vs
+            # 1.36x, decode 1.76x vs 1.58x), behind by 1-3% in two; Spec-Bench (4 prompts a
+            # group, medians of 3) >= 0.997x plain in every group. The 0.5B draft model gives
+            # 1.2x-1.4x on code and loses on prose (0.84x-0.94x).
             default_drafter=DefaultDrafter(draft_token_count=16),
             vocab_size=QWEN2_VOCAB_SIZE,
         ),
