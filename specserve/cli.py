@@ -41,7 +41,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="execution format; auto = native kernels on the GGUF blocks on CPU (else int4)",
     )
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all)")
-    g = p.add_argument_group("speculation (default: n-gram, length 3, up to 4 draft tokens)")
+    g = p.add_argument_group("speculation (default: the model's default drafter)")
     g.add_argument("--draft-model", help="draft model name or path (same vocabulary)")
     g.add_argument(
         "--draft-token-count",

