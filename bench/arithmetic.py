@@ -71,24 +71,21 @@ def products_per_token(name: str) -> int:
 def floors(name: str, measured: dict[str, Any], rate: float, cores: int) -> dict[str, Any]:
     """The floor of each k beside runtime.json's forwards (one entry per round)."""
     products = products_per_token(name)
-    instructions = products / PRODUCTS_PER_INSTRUCTION
     forward = measured["specserve"]["forward"]["ms"]
-    rounds = len(forward["1"]["rounds_ms"])
-    out: dict[str, Any] = {"products_per_token": products, "floor_ms": {}, "rounds": []}
-    for k in forward:
-        out["floor_ms"][k] = round(int(k) * instructions / (cores * rate * 1e9) * 1e3, 2)
-    for i in range(rounds):
-        one = forward["1"]["rounds_ms"][i]
-        out["rounds"].append({
+    # ms for k tokens' instructions at `rate` (giga per second) on every core
+    floor = {
+        k: int(k) * products / PRODUCTS_PER_INSTRUCTION / (cores * rate * 1e6) for k in forward
+    }
+    rounds = []
+    for i, one in enumerate(forward["1"]["rounds_ms"]):
+        taken = {k: forward[k]["rounds_ms"][i] for k in forward}
+        rounds.append({
             "k1_ms": one,
-            "ratio_floor": {k: round(out["floor_ms"][k] / one, 3) for k in forward},
-            "kernel_fraction": {
-                k: round(int(k) * instructions / (forward[k]["rounds_ms"][i] / 1e3) / cores
-                         / (rate * 1e9), 3)
-                for k in forward
-            },
+            "ratio_floor": {k: round(floor[k] / one, 3) for k in forward},
+            "kernel_fraction": {k: round(floor[k] / taken[k], 3) for k in forward},
         })  # fmt: skip
-    return out
+    floor_ms = {k: round(v, 2) for k, v in floor.items()}
+    return {"products_per_token": products, "floor_ms": floor_ms, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:

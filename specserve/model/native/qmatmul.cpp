@@ -7,11 +7,11 @@
 // thread count or the ISA path, so a k-token verify forward equals k single steps bit for
 // bit. Threads split output columns, never the sum over k.
 #include <algorithm>
-#if defined(__GLIBC__) || defined(__linux__)
-#include <malloc.h>
-#endif
 #include <cmath>
 #include <cstring>
+#if defined(__GLIBC__)  // defined by the headers above on glibc systems
+#include <malloc.h>  // mallopt
+#endif
 #include <string>
 #include <vector>
 
