@@ -15,6 +15,12 @@ decoding; plus a plot of the prediction's speed-up against the edit's size. With
 and its row keeps the median time (short answers, such as Spec-Bench's, are otherwise at the
 mercy of one slow run on a shared machine).
 
+Prompt prefixes: every run of a task finds the previous task's prompt (the request sent just
+before it) in a fresh prefix cache, as the server's would hold it, so that the chat template's
+system message and the fixed instruction are not prefilled again; llama-server gets
+``cache_prompt`` and runs the tasks in the same order, so its slot holds the previous task's
+prompt too. ``--no-prefix-cache`` turns both off (each prompt is prefilled whole).
+
     LLAMA_CPP_BIN=.../build/bin python -m bench.fast_apply [--fixes 6] [--open 3] [--quick]
 """
 
@@ -32,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.common import (
     RESULTS_DIR,
     machine_info,
@@ -43,8 +51,10 @@ from bench.common import (
 )
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
+from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.model.catalog import resolve
 from specserve.model.loader import Model, load_model
+from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import PLAIN, SpeculationConfig, speculation_for_drafter
 from specserve.speculative.sampling import SamplingParams
 
@@ -124,6 +134,22 @@ def specserve_configs(
     } | heads  # after plain: each row is compared with plain's output
 
 
+class PreviousPrompt:
+    """The prompt sent just before a task's, prefilled once (untimed): each run of the task
+    gets a fresh prefix cache holding it, so no run finds its own task's prompt there."""
+
+    def __init__(self, model: Model, ids: list[int]) -> None:
+        self.ids = ids
+        self.kv = model.lm.new_cache(1, len(ids))
+        batch = ForwardBatch(torch.tensor([ids]), [0], [0])
+        self.features = model.lm.forward_with_features(batch, self.kv, False)[1][0]
+
+    def cache(self) -> PrefixCache:
+        cache = PrefixCache(256 * MIB)  # the server's default
+        cache.store(self.ids, self.kv, 0, self.features)
+        return cache
+
+
 def run_specserve(
     model: Model,
     tasks: list[dict[str, Any]],
@@ -132,9 +158,11 @@ def run_specserve(
     eagle: Path | None = None,
     only: Sequence[str] = (),
     repeats: int = 1,
+    prefix_cache: bool = True,
 ) -> list[dict[str, Any]]:
     """Each configuration (``only``: those whose names start so, and plain) on each task,
-    ``repeats`` times in turn (plain, the others, plain, ...); a row keeps the median time."""
+    ``repeats`` times in turn (plain, the others, plain, ...); a row keeps the median time.
+    ``prefix_cache``: the task before each one (the last for the first) is in the cache."""
     rows = []
     configs = {
         name: config
@@ -143,17 +171,21 @@ def run_specserve(
     }
     warm = model.tokenizer.encode_chat([{"role": "user", "content": tasks[0]["text"]}])
     generate(model, warm, SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
-    for i, task in enumerate(tasks):
+    for task in tasks:
         task["prompt_ids"] = model.tokenizer.encode_chat(
             [{"role": "user", "content": task["text"]}]
         )
+    for i, task in enumerate(tasks):
+        previous = PreviousPrompt(model, tasks[i - 1]["prompt_ids"]) if prefix_cache else None
         runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for _ in range(repeats):
             for name, (speculation, with_prediction) in configs.items():
                 prediction = task["prediction"] if with_prediction else None
                 if with_prediction and prediction is None and name == "prediction":
                     continue
-                runs[name].append(run_once(model, task, speculation, prediction, max_tokens))
+                runs[name].append(
+                    run_once(model, task, speculation, prediction, max_tokens, previous)
+                )
         plain_ids = runs["plain"][0]["token_ids"]
         rows += [task_row(task, name, tries, plain_ids) for name, tries in runs.items()]
         print(f"[{i + 1}/{len(tasks)}] {task['group']} {task['id']}", flush=True)
@@ -166,13 +198,20 @@ def run_once(
     speculation: SpeculationConfig,
     prediction: str | None,
     max_tokens: int,
+    previous: PreviousPrompt | None = None,
 ) -> dict[str, Any]:
     """One greedy generation of the task's answer, timed end to end."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     pred_ids = model.tokenizer.encode(prediction, add_special_tokens=False) if prediction else None
+    cache = previous.cache() if previous is not None else None
     began = time.perf_counter()
     result = generate(
-        model, task["prompt_ids"], params, speculation=speculation, prediction_ids=pred_ids
+        model,
+        task["prompt_ids"],
+        params,
+        speculation=speculation,
+        prediction_ids=pred_ids,
+        prefix_cache=cache,
     )
     total = time.perf_counter() - began
     return {
@@ -182,6 +221,7 @@ def run_once(
         "decode_seconds": result.decode_seconds,
         "stats": result.stats.as_dict(),
         "prediction": prediction,
+        "cached_tokens": result.cached_prompt_tokens,
     }
 
 
@@ -202,6 +242,8 @@ def task_row(
         "seconds": mid["seconds"],
         "decode_seconds": mid["decode_seconds"],
         "decode_tokens": len(mid["token_ids"]) - 1,
+        "prompt_tokens": len(task["prompt_ids"]),
+        "cached_tokens": mid["cached_tokens"],
         "runs_seconds": [round(t["seconds"], 4) for t in tries],
         "tokens_per_step": mid["stats"]["tokens_per_step"],
         "by_method": mid["stats"]["by_method"],
@@ -260,14 +302,17 @@ def llama_server(binary: Path, args: list[str], threads: int) -> subprocess.Pope
     raise RuntimeError("llama-server did not start")
 
 
-def llama_complete(ids: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
-    """llama-server's /completion, greedy, on token ids; ``extra``: more body fields."""
+def llama_complete(
+    ids: list[int], max_tokens: int, cache_prompt: bool = False, **extra: Any
+) -> dict[str, Any]:
+    """llama-server's /completion, greedy, on token ids; ``cache_prompt``: reuse the slot's
+    common prefix with its last request; ``extra``: more body fields."""
     body = {
         "prompt": ids,
         "n_predict": max_tokens,
         "temperature": 0.0,
         "top_k": 1,
-        "cache_prompt": False,
+        "cache_prompt": cache_prompt,
         "samplers": ["top_k"],
         **extra,
     }
@@ -281,16 +326,18 @@ def llama_complete(ids: list[int], max_tokens: int, **extra: Any) -> dict[str, A
 
 
 def run_llama(
-    binary: Path, tasks: list[dict[str, Any]], max_tokens: int, threads: int
+    binary: Path, tasks: list[dict[str, Any]], max_tokens: int, threads: int, cache: bool
 ) -> list[dict[str, Any]]:
+    """Each llama.cpp configuration on every task in order; with ``cache``, the slot holds
+    the previous task's prompt (the warm-up sends the last task's)."""
     rows = []
     draft = str(resolve(DRAFT)[0])
     for name, args in LLAMA_CONFIGS.items():
         server = llama_server(binary, [a.replace("{draft}", draft) for a in args], threads)
         try:
-            llama_complete(tasks[0]["prompt_ids"], 8)  # warm-up: first-request costs
+            llama_complete(tasks[-1]["prompt_ids"], 8, cache)  # warm-up: first-request costs
             for task in tasks:
-                t = llama_complete(task["prompt_ids"], max_tokens)["timings"]
+                t = llama_complete(task["prompt_ids"], max_tokens, cache)["timings"]
                 seconds = (t["prompt_ms"] + t["predicted_ms"]) / 1000
                 drafted, accepted = t.get("draft_n", 0), t.get("draft_n_accepted", 0)
                 rows.append(
@@ -303,6 +350,8 @@ def run_llama(
                         "seconds": seconds,
                         "decode_seconds": t["predicted_ms"] / 1000,
                         "decode_tokens": t["predicted_n"],
+                        "prompt_tokens": len(task["prompt_ids"]),
+                        "cached_tokens": len(task["prompt_ids"]) - t["prompt_n"],
                         "drafted": drafted,
                         "accepted": accepted,
                         "tokens_per_step": None,
@@ -386,6 +435,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per task and configuration (median kept)"
     )
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt whole (specserve and llama.cpp); by default each task finds "
+        "the previous task's prompt cached",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.fixes, args.open, args.spec_bench, args.max_tokens = 2, 1, 0, 64
@@ -393,10 +448,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = load_tasks(args.fixes, args.open, args.spec_bench)
     target, draft = load_model(TARGET, progress=False), load_model(DRAFT, progress=False)
     only = [o for o in args.only.split(",") if o]
-    rows = run_specserve(target, tasks, draft, args.max_tokens, args.eagle, only, args.repeats)
+    cache = not args.no_prefix_cache
+    rows = run_specserve(
+        target, tasks, draft, args.max_tokens, args.eagle, only, args.repeats, cache
+    )
     notes = []
     if args.llama_cpp_bin:
-        rows += run_llama(Path(args.llama_cpp_bin), tasks, args.max_tokens, args.threads)
+        rows += run_llama(Path(args.llama_cpp_bin), tasks, args.max_tokens, args.threads, cache)
     else:
         notes.append("llama.cpp skipped: no --llama-cpp-bin / LLAMA_CPP_BIN")
     summary = summarize(rows)

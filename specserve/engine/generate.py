@@ -13,8 +13,10 @@ from collections.abc import Sequence as Ids
 
 import torch
 
+from specserve.engine.prefix_cache import PrefixCache
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
+from specserve.model.kv_cache import KVCache
 from specserve.model.loader import Model
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import PLAIN, SpeculationConfig
@@ -32,21 +34,21 @@ def generate(
     speculation: SpeculationConfig = PLAIN,
     prediction_ids: Ids[int] | None = None,
     costs: StepCosts | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerationResult:
     """Generate a completion of ``prompt_ids``: speculative when ``speculation`` has a
     drafter or a prediction is given.
 
     Greedy output is identical to plain decoding token for token; sampled output has the
     target's distribution (the verifier is lossless). ``costs`` lets requests of one model
-    share their measured step costs.
+    share their measured step costs; ``prefix_cache`` their prompts' KV (the prefill starts
+    after the longest prefix it holds, and the prompt is kept there afterwards).
     """
     seq = Sequence(model, prompt_ids, params, speculation, prediction_ids, costs)
     cache = model.lm.new_cache(1, seq.max_len)
-    prompt = torch.tensor([seq.prompt_ids])
     lm = model.lm
-    logits, features = lm.forward_with_features(ForwardBatch(prompt, [0], [0]), cache, False)
-    seq.add_prompt_features(0, features[0])
-    piece = seq.start(logits[0, -1])
+    logits = _prefill(model, seq, cache, prefix_cache)
+    piece = seq.start(logits)
     while True:
         if on_text and piece:
             on_text(piece)
@@ -58,3 +60,24 @@ def generate(
         logits, features = lm.forward_with_features(batch, cache)
         seq.costs.observe(len(feed), time.perf_counter() - began)
         piece = seq.accept(logits[0], features[0])
+
+
+def _prefill(
+    model: Model, seq: Sequence, cache: KVCache, prefix_cache: PrefixCache | None
+) -> torch.Tensor:
+    """The prompt into slot 0 of ``cache`` (after the prefix cache's longest hit, if any);
+    returns the last prompt position's logits."""
+    hit = prefix_cache.lookup(seq.prompt_ids) if prefix_cache is not None else None
+    start = 0
+    if prefix_cache is not None and hit is not None:
+        prefix_cache.restore(hit, cache, 0)
+        seq.add_prompt_features(0, hit.features)
+        seq.cached_prompt_tokens = start = hit.length
+    prompt = torch.tensor([seq.prompt_ids[start:]])
+    batch = ForwardBatch(prompt, [0], [start])
+    logits, features = model.lm.forward_with_features(batch, cache, False)
+    seq.add_prompt_features(start, features[0])
+    if prefix_cache is not None:
+        kept = features[0] if hit is None else torch.cat([hit.features, features[0]])
+        prefix_cache.store(seq.prompt_ids, cache, 0, kept)
+    return logits[0, -1]

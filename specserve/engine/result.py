@@ -25,6 +25,7 @@ class GenerationResult:
     features: torch.Tensor | None = None
     # one per token of token_ids, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None
+    cached_prompt_tokens: int = 0  # prompt positions reused from the prefix cache
 
     @property
     def decode_tokens_per_second(self) -> float:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.engine.batch_policy import SpeculationGuard, choose_width
+from specserve.engine.prefix_cache import PrefixCache
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
@@ -137,9 +138,11 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK,
         condition: threading.Condition | None = None,
         start: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """``start``: run in a thread of its own; else the caller runs `run_engines` (one
-        compute thread for several engines sharing ``condition``)."""
+        compute thread for several engines sharing ``condition``). ``prefix_cache``: prompts
+        start their prefill after the longest prefix kept there (engine/prefix_cache.py)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT
@@ -150,6 +153,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache = prefix_cache
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
         # Seconds per forward by batch size and width: the sequences' own tuners read the
         # batch-of-one table, the choice of a batch's width the table of its size.
@@ -307,6 +311,7 @@ class Engine:
             if job.seq is None:
                 try:
                     job.seq = self._new_sequence(job)
+                    self._restore_prefix(job)
                 except Exception as exc:  # e.g. a draft model that cannot serve this request
                     with self._cond:
                         self._release(job)
@@ -342,6 +347,21 @@ class Engine:
         )
         seq.submitted_at = job.submitted_at  # time to first token includes the queueing
         return seq
+
+    def _restore_prefix(self, job: Job) -> None:
+        """Start a new job's prefill after the longest prefix the prefix cache keeps (not a
+        follower's: it copies its leader's whole prompt)."""
+        seq = job.seq
+        if self.prefix_cache is None or job.leader is not None or seq is None:
+            return
+        assert job.slot is not None
+        hit = self.prefix_cache.lookup(seq.prompt_ids)
+        if hit is None:
+            return
+        self.prefix_cache.restore(hit, self.cache, job.slot)
+        seq.add_prompt_features(0, hit.features)
+        job.prompt_features.append((0, hit.features))
+        job.prefilled = seq.cached_prompt_tokens = hit.length
 
     def _can_share_prefill(self, job: Job) -> bool:
         leader = job.leader
@@ -385,13 +405,25 @@ class Engine:
         logits, features = self.model.lm.forward_with_features(batch, self.cache, False)
         self._record("prefill", 1, tokens.shape[1], time.perf_counter() - began)
         seq.add_prompt_features(job.prefilled, features[0])
-        if seq.source.feature_readers:  # followers' EAGLE drafters read them too
-            job.prompt_features.append((job.prefilled, features[0]))
+        if seq.source.feature_readers or self.prefix_cache is not None:
+            job.prompt_features.append((job.prefilled, features[0]))  # followers', kept
         job.prefilled = end
         if end == len(seq.prompt_ids):
+            self._keep_prompt(job)
             job.started = True
             job.prompt_logits = logits[0, -1]
             self._deliver(job, seq.start(logits[0, -1]))
+
+    def _keep_prompt(self, job: Job) -> None:
+        """A prefilled prompt into the prefix cache; its features stay with the job only
+        for followers' EAGLE drafters."""
+        seq = job.seq
+        if self.prefix_cache is None or seq is None or job.slot is None:
+            return
+        features = torch.cat([f for _, f in job.prompt_features])
+        self.prefix_cache.store(seq.prompt_ids, self.cache, job.slot, features)
+        if not seq.source.feature_readers:
+            job.prompt_features = []
 
     def _decode_step(self, jobs: list[Job]) -> None:
         seqs = [job.seq for job in jobs if job.seq is not None]

@@ -119,6 +119,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.out: list[int] = []
         self.all_ids = list(self.prompt_ids)
+        self.cached_prompt_tokens = 0  # prompt positions whose KV came from a prefix cache
         self.finish_reason: str | None = None  # "stop" or "length" once done
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -277,6 +278,7 @@ class Sequence:
             text=self.assembler.text,
             token_ids=list(self.out),
             prompt_tokens=len(self.prompt_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
             finish_reason=self.finish_reason or "cancelled",
             time_to_first_token=first - self.submitted_at,
             decode_seconds=end - first,

@@ -37,7 +37,7 @@ def usage(results: Sequence[GenerationResult], served: ServedDeployment) -> dict
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": result.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "accepted_prediction_tokens": prediction.accepted_prediction_tokens

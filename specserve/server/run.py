@@ -56,6 +56,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=256,
+        help="memory per model for recent prompts' KV: a prompt that starts like a recent "
+        "one prefills only the rest (0: off; default %(default)s)",
+    )
+    p.add_argument(
         "--record-traffic",
         type=Path,
         metavar="FILE",
@@ -103,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     limits = [("--port", args.port, 1), ("--max-batch", args.max_batch, 1)]
     limits += [("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 16)]
+    limits += [("--prefix-cache-mb", args.prefix_cache_mb, 0)]
     limits += [("--max-body-bytes", args.max_body_bytes, 1024)]
     for name, value, least in limits:
         if value < least:
@@ -132,7 +140,9 @@ def run_serve(args: argparse.Namespace) -> int:
         chosen = store.list()
     for d in chosen:
         log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
-    options = EngineOptions(args.max_batch, args.max_queue, args.max_context)
+    options = EngineOptions(
+        args.max_batch, args.max_queue, args.max_context, prefix_cache_mb=args.prefix_cache_mb
+    )
     settings = ServerSettings(args.api_key, args.max_body_bytes, args.record_traffic)
     if args.ray:
         from specserve.server.ray_run import run_serve_ray

@@ -16,6 +16,7 @@ from typing import Any
 
 from specserve.deployments.rules import EffectiveDrafter
 from specserve.deployments.store import Deployment
+from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.engine.scheduler import Engine
 from specserve.model.loader import Model
 from specserve.server.errors import model_not_found
@@ -28,6 +29,7 @@ class EngineOptions:
     max_queue: int = 64
     max_context: int | None = 4096
     prefill_chunk: int = 512
+    prefix_cache_mb: int = 256  # recent prompts' KV, per model (0: off)
 
 
 @dataclass
@@ -112,6 +114,9 @@ def load_deployments(
                 prefill_chunk=options.prefill_chunk,
                 condition=None if start else condition,
                 start=start,
+                prefix_cache=PrefixCache(options.prefix_cache_mb * MIB)
+                if options.prefix_cache_mb > 0
+                else None,
             )
         created = int(deployment.created_at or time.time())
         served.append(

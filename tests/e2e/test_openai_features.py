@@ -336,6 +336,26 @@ def test_n_choices_are_independent_and_seeded(client: openai.OpenAI) -> None:
     assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 12
 
 
+def test_a_shared_prompt_start_is_reported_as_cached_tokens(client: openai.OpenAI) -> None:
+    """The prefix cache (on by default, engine/prefix_cache.py): a request that opens like
+    an earlier one reports the reused positions in ``usage.prompt_tokens_details``."""
+    system = {"role": "system", "content": "You rewrite code. Keep every unchanged line. " * 3}
+
+    def chat(content: str) -> Any:
+        messages = [system, {"role": "user", "content": content}]
+        return client.chat.completions.create(
+            model="tiny-plain", messages=messages, max_tokens=12, temperature=0
+        )
+
+    chat("first file")
+    second = chat("second file")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert len(system["content"]) < cached < second.usage.prompt_tokens  # a byte a token
+    again = chat("second file")
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == second.choices[0].message.content
+
+
 # -- penalties and logit_bias ----------------------------------------------------------------------
 
 

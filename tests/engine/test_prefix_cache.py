@@ -1,0 +1,131 @@
+"""The prefix cache: a prompt that starts like a kept one prefills only the rest, and nothing
+it produces changes — the same logits, bit for bit, and the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from specserve.engine.generate import generate
+from specserve.engine.prefix_cache import PrefixCache
+from specserve.engine.scheduler import Engine
+from specserve.model.kv_cache import KVCache
+from specserve.model.loader import Model, load_model
+from specserve.model.transformer import ForwardBatch
+from specserve.speculative.config import SpeculationConfig
+from specserve.speculative.sampling import SamplingParams
+from tests.engine.test_scheduler import _submit
+from tests.tiny import TinySpec, write_tiny_gguf
+
+COMMON = [7, 8, 9, 10, 11, 12] * 7  # 42 tokens: crosses no 64-position block, then does
+FIRST = COMMON + list(range(40, 70))
+SECOND = COMMON + [13, 14] * 20 + [15]
+NGRAM = SpeculationConfig("ngram", 4, ngram_length=2, adaptive=False)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def q4k_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """A tiny Q4_K GGUF on the native runtime (the real models' path)."""
+    path = tmp_path_factory.mktemp("prefix") / "tiny-q4_k.gguf"
+    model = load_model(str(write_tiny_gguf(path, TinySpec(linear_type=Q.Q4_K))), progress=False)
+    assert model.lm.native_plans() is not None
+    return model
+
+
+@pytest.fixture(params=["float32", "native-q4_k"])
+def model(request: pytest.FixtureRequest, tiny_model: Model, q4k_model: Model) -> Model:
+    return tiny_model if request.param == "float32" else q4k_model
+
+
+def _prefill_logits(model: Model, prompt: list[int], cache: PrefixCache | None) -> torch.Tensor:
+    """Last-position logits of ``prompt``'s prefill, after the cache's hit if there is one."""
+    kv = model.lm.new_cache(1, 256)
+    start = 0
+    hit = cache.lookup(prompt) if cache is not None else None
+    if cache is not None and hit is not None:
+        cache.restore(hit, kv, 0)
+        start = hit.length
+    batch = ForwardBatch(torch.tensor([prompt[start:]]), [0], [start])
+    logits, features = model.lm.forward_with_features(batch, kv, False)
+    if cache is not None:
+        kept = features[0] if hit is None else torch.cat([hit.features, features[0]])
+        cache.store(prompt, kv, 0, kept)
+    return logits[0, -1]
+
+
+def test_a_hit_gives_the_same_logits_bit_for_bit(model: Model) -> None:
+    cache = PrefixCache(64 << 20)
+    _prefill_logits(model, FIRST, cache)
+    with_hit = _prefill_logits(model, SECOND, cache)
+    assert cache.stats.hits == 1 and cache.stats.reused_tokens == len(COMMON)
+    assert torch.equal(with_hit, _prefill_logits(model, SECOND, None))
+
+
+@pytest.mark.parametrize("method", ["plain", "ngram", "prediction"])
+def test_generate_with_a_hit_equals_generate_without(model: Model, method: str) -> None:
+    speculation = NGRAM if method == "ngram" else SpeculationConfig()
+    prediction = [13, 14] * 12 if method == "prediction" else None
+    alone = generate(model, SECOND, GREEDY, speculation=speculation, prediction_ids=prediction)
+    cache = PrefixCache(64 << 20)
+    generate(model, FIRST, GREEDY, prefix_cache=cache)
+    reused = generate(
+        model, SECOND, GREEDY, speculation=speculation, prediction_ids=prediction,
+        prefix_cache=cache,
+    )  # fmt: skip
+    assert reused.cached_prompt_tokens == len(COMMON)
+    assert alone.cached_prompt_tokens == 0
+    assert reused.token_ids == alone.token_ids
+
+
+def test_the_engine_reuses_prefixes_in_chunks_and_outputs_stay_the_same(model: Model) -> None:
+    """A chunked prefill (7 tokens a chunk) that starts after a 42-token hit, beside another
+    request, gives what the prompt gives alone; the whole repeated prompt hits all but its
+    last token."""
+    cache = PrefixCache(64 << 20)
+    engine = Engine(model, max_batch=2, prefill_chunk=7, prefix_cache=cache)
+    try:
+        first = _submit(engine, FIRST, GREEDY).wait()
+        second, again = _submit(engine, SECOND, GREEDY), _submit(engine, FIRST, GREEDY)
+        second_result, again_result = second.wait(), again.wait()
+    finally:
+        engine.stop()
+    assert first.cached_prompt_tokens == 0
+    assert second_result.cached_prompt_tokens == len(COMMON)
+    assert again_result.cached_prompt_tokens == len(FIRST) - 1
+    assert second_result.token_ids == generate(model, SECOND, GREEDY).token_ids
+    assert again_result.token_ids == first.token_ids
+
+
+def _kv(model: Model, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
+    kv = model.lm.new_cache(1, 256)
+    _, features = model.lm.forward_with_features(
+        ForwardBatch(torch.tensor([prompt]), [0], [0]), kv, False
+    )
+    return kv, features[0]
+
+
+def test_store_keeps_the_longest_prompt_and_the_budget(tiny_model: Model) -> None:
+    kv, features = _kv(tiny_model, FIRST)
+    one = PrefixCache(1 << 30)
+    one.store(FIRST[:20], kv, 0, features[:20])
+    one.store(FIRST, kv, 0, features)
+    assert len(one) == 1, "a kept prompt that the new one extends is dropped"
+    one.store(FIRST[:30], kv, 0, features[:30])
+    assert len(one) == 1, "a prompt a kept one covers is not kept again"
+    hit = one.lookup(FIRST)
+    assert hit is not None and hit.length == len(FIRST) - 1  # the last token is forwarded
+    assert one.lookup([99, 98, 97]) is None
+    size = one.stats.stored_bytes
+    tight = PrefixCache(size + size // 2)  # room for one prompt of this size, not two
+    tight.store(FIRST, kv, 0, features)
+    other = [3] * len(FIRST)
+    tight.store(other, kv, 0, features)
+    assert len(tight) == 1 and tight.lookup(FIRST) is None, "the least recent one goes"
+    assert tight.stats.stored_bytes <= tight.budget_bytes
+    off = PrefixCache(0)
+    off.store(FIRST, kv, 0, features)
+    assert len(off) == 0 and off.lookup(FIRST) is None
+    with pytest.raises(ValueError, match="budget"):
+        PrefixCache(-1)
