@@ -117,21 +117,18 @@ class PrefixCache:
         if n < 2 or features.shape[0] != n:
             return
         ids = torch.tensor(prompt_ids, dtype=torch.int64)
-        for key, entry in list(self._entries.items()):
-            common = _common_prefix(ids, entry.token_ids)
+        keys, values = cache.keys[:, slot, :, :n], cache.values[:, slot, :, :n]
+        size = sum(t.numel() * t.element_size() for t in (ids, keys, values, features))
+        if size > self.budget_bytes:
+            return
+        for key, kept in list(self._entries.items()):
+            common = _common_prefix(ids, kept.token_ids)
             if common == n:  # already covered by a longer (or equal) kept prompt
                 self._entries.move_to_end(key)
                 return
-            if common == entry.token_ids.numel():
+            if common == kept.token_ids.numel():
                 self._drop(key)
-        entry = CachedPrompt(
-            ids,
-            cache.keys[:, slot, :, :n].clone(),
-            cache.values[:, slot, :, :n].clone(),
-            features.detach().clone(),
-        )
-        if entry.nbytes > self.budget_bytes:
-            return
+        entry = CachedPrompt(ids, keys.clone(), values.clone(), features.detach().clone())
         while self._entries and self.stats.stored_bytes + entry.nbytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
         self._entries[self._next_key] = entry

@@ -47,6 +47,12 @@ class Metrics:
         self.prompt_tokens = Counter(
             "specserve_prompt_tokens", "Prompt tokens processed.", ["deployment"], registry=r
         )
+        self.cached_prompt_tokens = Counter(
+            "specserve_prompt_tokens_cached",
+            "Prompt tokens whose KV came from the prefix cache (not prefilled again).",
+            ["deployment"],
+            registry=r,
+        )
         self.generation_tokens = Counter(
             "specserve_generation_tokens", "Tokens generated.", ["deployment"], registry=r
         )
@@ -152,6 +158,7 @@ class Metrics:
         if result is None:
             return
         self.prompt_tokens.labels(deployment).inc(result.prompt_tokens)
+        self.cached_prompt_tokens.labels(deployment).inc(result.cached_prompt_tokens)
         self.generation_tokens.labels(deployment).inc(len(result.token_ids))
         self.verify_steps.labels(deployment).inc(result.stats.target_steps)
         self.ttft.labels(deployment).observe(result.time_to_first_token)

@@ -336,9 +336,12 @@ def test_n_choices_are_independent_and_seeded(client: openai.OpenAI) -> None:
     assert [c.index for c in done.choices] == [0, 1] and done.usage.completion_tokens == 12
 
 
-def test_a_shared_prompt_start_is_reported_as_cached_tokens(client: openai.OpenAI) -> None:
+def test_a_shared_prompt_start_is_reported_as_cached_tokens(
+    server: RunningServer, client: openai.OpenAI
+) -> None:
     """The prefix cache (on by default, engine/prefix_cache.py): a request that opens like
-    an earlier one reports the reused positions in ``usage.prompt_tokens_details``."""
+    an earlier one reports the reused positions in ``usage.prompt_tokens_details`` and in
+    the ``specserve_prompt_tokens_cached`` counter."""
     system = {"role": "system", "content": "You rewrite code. Keep every unchanged line. " * 3}
 
     def chat(content: str) -> Any:
@@ -354,6 +357,10 @@ def test_a_shared_prompt_start_is_reported_as_cached_tokens(client: openai.OpenA
     again = chat("second file")
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
     assert again.choices[0].message.content == second.choices[0].message.content
+    metrics = httpx.get(server.base_url + "/metrics").text
+    line = 'specserve_prompt_tokens_cached_total{deployment="tiny-plain"} '
+    counted = float(metrics.split(line)[1].split()[0])
+    assert counted >= cached + again.usage.prompt_tokens_details.cached_tokens
 
 
 # -- penalties and logit_bias ----------------------------------------------------------------------
