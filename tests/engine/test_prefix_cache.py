@@ -3,6 +3,8 @@ it produces changes — the same logits, bit for bit, and the same tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -34,9 +36,16 @@ def q4k_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     return model
 
 
-@pytest.fixture(params=["float32", "native-q4_k"])
-def model(request: pytest.FixtureRequest, tiny_model: Model, q4k_model: Model) -> Model:
-    return tiny_model if request.param == "float32" else q4k_model
+@pytest.fixture(scope="module")
+def bf16_model(tiny_gguf: Path) -> Model:
+    """The tiny Llama in bfloat16: rows independent of the row count, unlike float32's CPU
+    GEMMs (tests/unit/test_kv_cache.py), so a hit must give the same bits."""
+    return load_model(str(tiny_gguf), dtype="bfloat16", progress=False)
+
+
+@pytest.fixture(params=["bfloat16", "native-q4_k"])
+def model(request: pytest.FixtureRequest, bf16_model: Model, q4k_model: Model) -> Model:
+    return bf16_model if request.param == "bfloat16" else q4k_model
 
 
 def _prefill_logits(model: Model, prompt: list[int], cache: PrefixCache | None) -> torch.Tensor:
