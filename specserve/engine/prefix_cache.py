@@ -1,10 +1,11 @@
 """Prompt prefixes reused across requests: the KV of recent prompts, found by their token ids.
 
 Requests to one deployment often open alike: the chat template's system message, then a
-fixed instruction ("Fix the bug in this function ...") before the part that changes. After
-a prompt's prefill the engine keeps the keys and values of its positions (and the target's
-features there, which EAGLE drafters read) in a byte-bounded, least-recently-used store. A
-later prompt copies the KV of its longest common prefix with any kept prompt into its own
+fixed instruction ("Fix the bug in this function ...") before the part that changes; a chat's
+next turn repeats the conversation so far. After a prompt's prefill, and again when its
+request finishes (prompt and output), the engine keeps the keys and values of its positions
+(and the target's features there, which EAGLE drafters read) in a byte-bounded,
+least-recently-used store. A later prompt copies the KV of its longest common prefix with any kept prompt into its own
 cache slot and prefills only the rest (at least its last token, whose logits pick the first
 output token). vLLM's automatic prefix caching and llama.cpp's ``cache_prompt`` do the same.
 

@@ -82,6 +82,8 @@ class Job:
     leader: Job | None = None
     prompt_logits: torch.Tensor | None = None  # [V] of the last prompt position
     prompt_features: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # With a prefix cache: the target's features of each decode step's kept positions
+    output_features: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -328,6 +330,7 @@ class Engine:
             self._decode_step(decoding)
         for job in active:
             if job.seq is not None and job.seq.done:
+                self._keep_sequence(job)
                 with self._cond:
                     if job in self._active:
                         self._release(job)
@@ -415,15 +418,24 @@ class Engine:
             self._deliver(job, seq.start(logits[0, -1]))
 
     def _keep_prompt(self, job: Job) -> None:
-        """A prefilled prompt into the prefix cache; its features stay with the job only
-        for followers' EAGLE drafters."""
+        """A prefilled prompt into the prefix cache (requests with the same opening need not
+        wait for this one to finish)."""
         seq = job.seq
         if self.prefix_cache is None or seq is None or job.slot is None:
             return
         features = torch.cat([f for _, f in job.prompt_features])
         self.prefix_cache.store(seq.prompt_ids, self.cache, job.slot, features)
-        if not seq.source.feature_readers:
-            job.prompt_features = []
+
+    def _keep_sequence(self, job: Job) -> None:
+        """A finished request's prompt and output into the prefix cache (all but the last
+        token, whose KV no forward wrote): a chat's next turn repeats both."""
+        seq = job.seq
+        if self.prefix_cache is None or seq is None or job.slot is None or job.cancelled:
+            return
+        ids = seq.all_ids[:-1]
+        features = [f for _, f in job.prompt_features] + job.output_features
+        if features and sum(f.shape[0] for f in features) == len(ids):
+            self.prefix_cache.store(ids, self.cache, job.slot, torch.cat(features))
 
     def _decode_step(self, jobs: list[Job]) -> None:
         seqs = [job.seq for job in jobs if job.seq is not None]
@@ -451,7 +463,10 @@ class Engine:
         for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
             before = len(seq.out)
             self._deliver(job, seq.accept(logits[b, : len(feed)], features[b, : len(feed)]))
-            emitted += max(1, len(seq.out) - before)  # an EOS still counts as one token
+            kept = len(seq.out) - before  # the positions whose KV this step wrote for good
+            if self.prefix_cache is not None and kept:
+                job.output_features.append(features[b, :kept].clone())
+            emitted += max(1, kept)  # an EOS still counts as one token
         if proposing:
             guard.observe(width > 1, emitted, seconds)
 

@@ -138,3 +138,23 @@ def test_store_keeps_the_longest_prompt_and_the_budget(tiny_model: Model) -> Non
     assert len(off) == 0 and off.lookup(FIRST) is None
     with pytest.raises(ValueError, match="budget"):
         PrefixCache(-1)
+
+
+@pytest.mark.parametrize("speculation", [SpeculationConfig(), NGRAM], ids=["plain", "ngram"])
+def test_a_finished_request_is_kept_with_its_output_for_the_next_turn(
+    model: Model, speculation: SpeculationConfig
+) -> None:
+    """A chat's next turn repeats the last prompt and answer: the engine keeps both (the KV
+    its decode steps wrote, verify forwards of several tokens included), and the next turn's
+    prefill starts after them with the same logits, bit for bit, as a whole prefill."""
+    cache = PrefixCache(64 << 20)
+    engine = Engine(model, max_batch=2, prefix_cache=cache)
+    try:
+        turn = _submit(engine, FIRST, GREEDY, speculation=speculation).wait()
+        follow = [*FIRST, *turn.token_ids, 21, 22, 23]
+        second = _submit(engine, follow, GREEDY).wait()
+    finally:
+        engine.stop()
+    assert second.cached_prompt_tokens == len(FIRST) + len(turn.token_ids) - 1
+    assert second.token_ids == generate(model, follow, GREEDY).token_ids
+    assert torch.equal(_prefill_logits(model, follow, cache), _prefill_logits(model, follow, None))
