@@ -7,7 +7,8 @@ request finishes (prompt and output), the engine keeps the keys and values of it
 (and the target's features there, which EAGLE drafters read) in a byte-bounded,
 least-recently-used store. A later prompt copies the KV of its longest common prefix with
 any kept prompt into its own cache slot and prefills only the rest (at least its last token,
-whose logits pick the first output token). vLLM's automatic prefix caching and llama.cpp's ``cache_prompt`` do the same.
+whose logits pick the first output token). vLLM's automatic prefix caching and llama.cpp's
+``cache_prompt`` do the same.
 
 Lossless: the kept KV are the very values a prefill of those tokens writes. Every row of a
 forward computes the same bits whatever else is in the forward (the kernels' batch
