@@ -158,3 +158,20 @@ def test_a_finished_request_is_kept_with_its_output_for_the_next_turn(
     assert second.cached_prompt_tokens == len(FIRST) + len(turn.token_ids) - 1
     assert second.token_ids == generate(model, follow, GREEDY).token_ids
     assert torch.equal(_prefill_logits(model, follow, cache), _prefill_logits(model, follow, None))
+
+
+def test_a_hit_restores_the_features_that_eagle_heads_read(model: Model) -> None:
+    """EAGLE heads draft from the target's features of earlier positions: a hit hands over
+    the kept ones, the same bits as a whole prefill computes (recorded, as for training)."""
+    cache = PrefixCache(64 << 20)
+    cached, whole = Engine(model, prefix_cache=cache), Engine(model)
+    try:
+        _submit(cached, FIRST, GREEDY).wait()
+        hit = _submit(cached, SECOND, GREEDY, record_features=True).wait()
+        alone = _submit(whole, SECOND, GREEDY, record_features=True).wait()
+    finally:
+        cached.stop()
+        whole.stop()
+    assert hit.cached_prompt_tokens == len(COMMON)
+    assert hit.features is not None and alone.features is not None
+    assert torch.equal(hit.features, alone.features)
