@@ -138,6 +138,12 @@ class Metrics:
         self.waiting = Gauge(
             "specserve_waiting_requests", "Requests queued for a slot.", ["model"], registry=r
         )
+        self.prefix_cache_bytes = Gauge(
+            "specserve_prefix_cache_bytes",
+            "Memory held by kept prompts' KV (the prefix cache), of --prefix-cache-mb.",
+            ["model"],
+            registry=r,
+        )
 
     def watch_engine(self, name: str, engine: Engine) -> None:
         """Export an engine's step latencies and queue sizes under ``model=name``."""
@@ -150,6 +156,9 @@ class Metrics:
         engine.stats.step_listeners.append(on_step)
         self.running.labels(name).set_function(lambda: engine.stats.running)
         self.waiting.labels(name).set_function(lambda: engine.stats.waiting)
+        cache = engine.prefix_cache
+        if cache is not None:
+            self.prefix_cache_bytes.labels(name).set_function(lambda: cache.stats.stored_bytes)
 
     def record_request(
         self, deployment: str, endpoint: str, outcome: str, result: GenerationResult | None

@@ -361,6 +361,8 @@ def test_a_shared_prompt_start_is_reported_as_cached_tokens(
     line = 'specserve_prompt_tokens_cached_total{deployment="tiny-plain"} '
     counted = float(metrics.split(line)[1].split()[0])
     assert counted >= cached + again.usage.prompt_tokens_details.cached_tokens
+    held = metrics.split("specserve_prefix_cache_bytes{")[1].split("\n")[0]
+    assert float(held.split()[-1]) > 0
 
 
 # -- penalties and logit_bias ----------------------------------------------------------------------
