@@ -55,6 +55,7 @@ from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.model.catalog import resolve
 from specserve.model.loader import Model, load_model
 from specserve.model.transformer import ForwardBatch
+from specserve.server.served import EngineOptions
 from specserve.speculative.config import PLAIN, SpeculationConfig, speculation_for_drafter
 from specserve.speculative.sampling import SamplingParams
 
@@ -145,7 +146,7 @@ class PreviousPrompt:
         self.features = model.lm.forward_with_features(batch, self.kv, False)[1][0]
 
     def cache(self) -> PrefixCache:
-        cache = PrefixCache(256 * MIB)  # the server's default
+        cache = PrefixCache(EngineOptions.prefix_cache_mb * MIB)  # the server's default
         cache.store(self.ids, self.kv, 0, self.features)
         return cache
 
