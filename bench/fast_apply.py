@@ -51,9 +51,9 @@ from bench.common import (
 )
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
-from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.model.catalog import resolve
 from specserve.model.loader import Model, load_model
+from specserve.model.prefix_cache import MIB, PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.server.served import EngineOptions
 from specserve.speculative.config import PLAIN, SpeculationConfig, speculation_for_drafter

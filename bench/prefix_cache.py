@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS_DIR, machine_info, set_threads, shared_dir, write_json
-from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.engine.result import GenerationResult
 from specserve.engine.scheduler import Engine
 from specserve.model.loader import Model, load_model
+from specserve.model.prefix_cache import MIB, PrefixCache
 from specserve.speculative.sampling import SamplingParams
 
 MODEL = "qwen2.5-coder-1.5b-instruct"

@@ -13,11 +13,11 @@ from collections.abc import Sequence as Ids
 
 import torch
 
-from specserve.engine.prefix_cache import PrefixCache
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import KVCache
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.draft_length import StepCosts

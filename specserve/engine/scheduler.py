@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.engine.batch_policy import SpeculationGuard, choose_width
-from specserve.engine.prefix_cache import PrefixCache
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.draft_length import StepCosts
@@ -145,7 +145,7 @@ class Engine:
     ) -> None:
         """``start``: run in a thread of its own; else the caller runs `run_engines` (one
         compute thread for several engines sharing ``condition``). ``prefix_cache``: prompts
-        start their prefill after the longest prefix kept there (engine/prefix_cache.py)."""
+        start their prefill after the longest prefix kept there (model/prefix_cache.py)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT

@@ -8,6 +8,7 @@ deployment; it can never name a file path.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,9 +17,9 @@ from typing import Any
 
 from specserve.deployments.rules import EffectiveDrafter
 from specserve.deployments.store import Deployment
-from specserve.engine.prefix_cache import MIB, PrefixCache
 from specserve.engine.scheduler import Engine
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import MIB, PrefixCache
 from specserve.server.errors import model_not_found
 from specserve.speculative.config import SpeculationConfig, speculation_for_drafter
 
@@ -105,6 +106,9 @@ def load_deployments(
         target = model(deployment.model)
         drafter = deployment.effective_drafter()
         speculation = speculation_for_drafter(**drafter.fields(), target=target, load=model)
+        if speculation.draft_model is not None and options.prefix_cache_mb > 0:
+            draft_cache = PrefixCache(options.prefix_cache_mb * MIB)
+            speculation = dataclasses.replace(speculation, draft_prefix_cache=draft_cache)
         if deployment.model not in engines:
             engines[deployment.model] = Engine(
                 target,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from specserve.model.catalog import shipped_drafter
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import PrefixCache
 from specserve.speculative.eagle_head import EagleHead
 from specserve.speculative.head_artifact import is_drafter_dir, load_drafter
 from specserve.speculative.limits import MAX_DRAFT_TOKEN_COUNT, MAX_NGRAM_LENGTH
@@ -39,6 +40,8 @@ class SpeculationConfig:
     # Under a grammar, propose the tokens it forces as drafts (free: no drafter runs, and the
     # target accepts them with certainty). Off only for plain decoding (--no-speculation).
     forced_drafts: bool = True
+    # The draft model's own prefix cache (its prompts' KV), shared by the deployment's requests
+    draft_prefix_cache: PrefixCache | None = None
 
     def __post_init__(self) -> None:
         if self.method not in (None, "ngram", "draft_model", "eagle"):

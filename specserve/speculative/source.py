@@ -75,7 +75,10 @@ class ProposalSource:
         elif speculation.draft_model is not None:
             check_models_share_vocabulary(target, speculation.draft_model)
             drafter = DraftModelProposer(
-                speculation.draft_model, params, max_len + speculation.draft_token_count
+                speculation.draft_model,
+                params,
+                max_len + speculation.draft_token_count,
+                prefix_cache=speculation.draft_prefix_cache,
             )
         if drafter is not None:
             self.entries.append((drafter, LengthTuner(speculation.draft_token_count, costs)))

@@ -339,7 +339,7 @@ def test_n_choices_are_independent_and_seeded(client: openai.OpenAI) -> None:
 def test_a_shared_prompt_start_is_reported_as_cached_tokens(
     server: RunningServer, client: openai.OpenAI
 ) -> None:
-    """The prefix cache (on by default, engine/prefix_cache.py): a request that opens like
+    """The prefix cache (on by default, model/prefix_cache.py): a request that opens like
     an earlier one reports the reused positions in ``usage.prompt_tokens_details`` and in
     the ``specserve_prompt_tokens_cached`` counter."""
     system = {"role": "system", "content": "You rewrite code. Keep every unchanged line. " * 3}

@@ -3,6 +3,7 @@ it produces changes — the same logits, bit for bit, and the same tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from specserve.engine.generate import generate
-from specserve.engine.prefix_cache import PrefixCache
 from specserve.engine.scheduler import Engine
 from specserve.model.kv_cache import KVCache
 from specserve.model.loader import Model, load_model
+from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import SpeculationConfig
 from specserve.speculative.sampling import SamplingParams
@@ -175,3 +176,18 @@ def test_a_hit_restores_the_features_that_eagle_heads_read(model: Model) -> None
     assert hit.cached_prompt_tokens == len(COMMON)
     assert hit.features is not None and alone.features is not None
     assert torch.equal(hit.features, alone.features)
+
+
+def test_a_draft_model_prefills_after_its_own_prefix_cache(model: Model) -> None:
+    """The draft model keeps its prompts' KV too: the second prompt's drafter prefill starts
+    after the shared opening, and its drafts (so the acceptance counts) stay the same."""
+    plain_drafter = SpeculationConfig("draft_model", 4, draft_model=model, adaptive=False)
+    alone = generate(model, SECOND, GREEDY, speculation=plain_drafter)
+    drafter_cache = PrefixCache(64 << 20)
+    cached = dataclasses.replace(plain_drafter, draft_prefix_cache=drafter_cache)
+    generate(model, FIRST, GREEDY, speculation=cached)
+    reused = generate(model, SECOND, GREEDY, speculation=cached)
+    assert drafter_cache.stats.reused_tokens == len(COMMON)
+    assert reused.token_ids == alone.token_ids
+    assert reused.stats.as_dict() == alone.stats.as_dict()
+    assert alone.stats.as_dict()["by_method"]["draft_model"]["accepted"] > 0

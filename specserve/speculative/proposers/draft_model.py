@@ -8,6 +8,7 @@ import torch
 
 from specserve.model import vocab
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.grammar import apply_mask
 from specserve.speculative.proposers.base import Proposal, SequenceContext, register
@@ -41,8 +42,10 @@ class DraftModelProposer:
         params: SamplingParams,
         max_len: int,
         generator: torch.Generator | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.draft = draft
+        self.prefix_cache = prefix_cache
         self.params = params
         self.cache = draft.lm.new_cache(1, max_len)
         self.synced = 0
@@ -55,10 +58,22 @@ class DraftModelProposer:
 
     def prefill(self, prompt_ids: list[int]) -> None:
         """Process the prompt with the draft model alongside the target's prefill, so the
-        decode phase (and the measured draft cost) only pays for drafting."""
-        if len(prompt_ids) > 1:  # the last prompt token is fed with the first drafts
-            self._forward(prompt_ids[:-1], 0)
-            self.synced = len(prompt_ids) - 1
+        decode phase (and the measured draft cost) only pays for drafting; after the longest
+        prefix its prefix cache keeps, if it has one."""
+        ids = prompt_ids[:-1]  # the last prompt token is fed with the first drafts
+        if not ids:
+            return
+        cache = self.prefix_cache
+        hit = cache.lookup(prompt_ids) if cache is not None else None  # at most len(ids)
+        start = 0
+        if cache is not None and hit is not None:
+            cache.restore(hit, self.cache, 0)
+            start = hit.length
+        if start < len(ids):
+            self._forward(ids[start:], start)
+        if cache is not None:  # no features: a draft model's are read by nothing
+            cache.store(ids, self.cache, 0, torch.empty(len(ids), 0))
+        self.synced = len(ids)
 
     def propose(self, context: SequenceContext, k: int) -> Proposal:
         ids = context.all_ids
