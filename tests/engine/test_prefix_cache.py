@@ -17,6 +17,7 @@ from specserve.model.loader import Model, load_model
 from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import SpeculationConfig
+from specserve.speculative.proposers.draft_model import DraftModelProposer
 from specserve.speculative.sampling import SamplingParams
 from tests.engine.test_scheduler import _submit
 from tests.tiny import TinySpec, write_tiny_gguf
@@ -180,14 +181,22 @@ def test_a_hit_restores_the_features_that_eagle_heads_read(model: Model) -> None
 
 def test_a_draft_model_prefills_after_its_own_prefix_cache(model: Model) -> None:
     """The draft model keeps its prompts' KV too: the second prompt's drafter prefill starts
-    after the shared opening, and its drafts (so the acceptance counts) stay the same."""
-    plain_drafter = SpeculationConfig("draft_model", 4, draft_model=model, adaptive=False)
-    alone = generate(model, SECOND, GREEDY, speculation=plain_drafter)
-    drafter_cache = PrefixCache(64 << 20)
-    cached = dataclasses.replace(plain_drafter, draft_prefix_cache=drafter_cache)
+    after the shared opening, with the same KV bits as a whole prefill, and the request's
+    output and acceptance counts stay the same."""
+    cache = PrefixCache(64 << 20)
+    DraftModelProposer(model, GREEDY, 256, prefix_cache=cache).prefill(FIRST)
+    hit = DraftModelProposer(model, GREEDY, 256, prefix_cache=cache)
+    hit.prefill(SECOND)
+    whole = DraftModelProposer(model, GREEDY, 256)
+    whole.prefill(SECOND)
+    assert cache.stats.reused_tokens == len(COMMON) and hit.synced == whole.synced
+    n = len(SECOND) - 1
+    assert torch.equal(hit.cache.keys[:, :, :, :n], whole.cache.keys[:, :, :, :n])
+    assert torch.equal(hit.cache.values[:, :, :, :n], whole.cache.values[:, :, :, :n])
+    drafter = SpeculationConfig("draft_model", 4, draft_model=model, adaptive=False)
+    alone = generate(model, SECOND, GREEDY, speculation=drafter)
+    cached = dataclasses.replace(drafter, draft_prefix_cache=PrefixCache(64 << 20))
     generate(model, FIRST, GREEDY, speculation=cached)
     reused = generate(model, SECOND, GREEDY, speculation=cached)
-    assert drafter_cache.stats.reused_tokens == len(COMMON)
     assert reused.token_ids == alone.token_ids
     assert reused.stats.as_dict() == alone.stats.as_dict()
-    assert alone.stats.as_dict()["by_method"]["draft_model"]["accepted"] > 0
