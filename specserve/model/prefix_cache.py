@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -30,19 +31,36 @@ from specserve.model.kv_cache import KVCache
 MIB = 1024 * 1024
 
 
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys, values and target features of consecutive positions (copies, never changed)."""
+
+    keys: torch.Tensor  # [layers, kv_heads, T, head_dim]
+    values: torch.Tensor
+    features: torch.Tensor  # [T, C]
+
+    @property
+    def length(self) -> int:
+        return self.features.shape[0]
+
+
 @dataclass
 class CachedPrompt:
-    """One kept prompt: its ids and, for its positions, keys/values and target features."""
+    """One kept prompt: its ids and its positions' KV and features, in segments. A prompt
+    kept again with more tokens (its output, at the end of its request) shares the earlier
+    segments and copies only the new positions."""
 
     token_ids: torch.Tensor  # [P] int64
-    keys: torch.Tensor  # [layers, kv_heads, P, head_dim]
-    values: torch.Tensor
-    features: torch.Tensor  # [P, C]
+    segments: list[Segment]
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.token_ids, self.keys, self.values, self.features)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        parts = [self.token_ids] + [t for g in self.segments for t in (g.keys, g.values)]
+        return _nbytes(*parts, *(g.features for g in self.segments))
 
 
 @dataclass
@@ -52,9 +70,16 @@ class PrefixHit:
     entry: CachedPrompt
     length: int
 
-    @property
+    @cached_property
     def features(self) -> torch.Tensor:
-        return self.entry.features[: self.length]
+        """The target features ``[length, C]`` of the hit's positions."""
+        segments = self.entry.segments
+        whole = (
+            segments[0].features
+            if len(segments) == 1
+            else torch.cat([g.features for g in segments])
+        )
+        return whole[: self.length]
 
 
 @dataclass
@@ -104,33 +129,44 @@ class PrefixCache:
 
     def restore(self, hit: PrefixHit, cache: KVCache, slot: int) -> None:
         """Write the hit's keys and values into positions ``0 .. hit.length`` of ``slot``."""
-        n = hit.length
-        cache.keys[:, slot, :, :n] = hit.entry.keys[:, :, :n]
-        cache.values[:, slot, :, :n] = hit.entry.values[:, :, :n]
+        start = 0
+        for segment in hit.entry.segments:
+            n = min(segment.length, hit.length - start)
+            if n <= 0:
+                break
+            cache.keys[:, slot, :, start : start + n] = segment.keys[:, :, :n]
+            cache.values[:, slot, :, start : start + n] = segment.values[:, :, :n]
+            start += n
 
     def store(
         self, prompt_ids: Ids[int], cache: KVCache, slot: int, features: torch.Tensor
     ) -> None:
         """Keep the KV of a prefilled prompt (all of ``slot``'s first ``len(prompt_ids)``
-        positions) and its features ``[len(prompt_ids), C]``. Kept prompts that are prefixes
-        of this one are dropped (this one covers them); nothing is kept when a kept prompt
+        positions) and its features ``[len(prompt_ids), C]``. A kept prompt that this one
+        extends is replaced by it, sharing its segments; nothing is kept when a kept prompt
         already covers this one, or when it alone exceeds the budget."""
         n = len(prompt_ids)
         if n < 2 or features.shape[0] != n:
             return
         ids = torch.tensor(prompt_ids, dtype=torch.int64)
         keys, values = cache.keys[:, slot, :, :n], cache.values[:, slot, :, :n]
-        size = sum(t.numel() * t.element_size() for t in (ids, keys, values, features))
-        if size > self.budget_bytes:
+        if _nbytes(ids, keys, values, features) > self.budget_bytes:
             return
+        shared: list[Segment] = []
         for key, kept in list(self._entries.items()):
             common = _common_prefix(ids, kept.token_ids)
             if common == n:  # already covered by a longer (or equal) kept prompt
                 self._entries.move_to_end(key)
                 return
-            if common == kept.token_ids.numel():
+            if common == kept.token_ids.numel():  # extended by this one: replaced
+                if common > sum(g.length for g in shared):  # share the longest one's
+                    shared = kept.segments
                 self._drop(key)
-        entry = CachedPrompt(ids, keys.clone(), values.clone(), features.detach().clone())
+        done = sum(g.length for g in shared)
+        new = Segment(
+            keys[:, :, done:].clone(), values[:, :, done:].clone(), features[done:].detach().clone()
+        )
+        entry = CachedPrompt(ids, [*shared, new])
         while self._entries and self.stats.stored_bytes + entry.nbytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
         self._entries[self._next_key] = entry

@@ -135,6 +135,20 @@ def test_store_keeps_the_longest_prompt_and_the_budget(tiny_model: Model) -> Non
     tight.store(other, kv, 0, features)
     assert len(tight) == 1 and tight.lookup(FIRST) is None, "the least recent one goes"
     assert tight.stats.stored_bytes <= tight.budget_bytes
+    grown = PrefixCache(1 << 30)
+    grown.store(FIRST[:30], kv, 0, features[:30])
+    first_part = grown.lookup(FIRST)
+    grown.store(FIRST, kv, 0, features)  # the same prompt with more tokens, as at its end
+    hit = grown.lookup(FIRST)
+    assert first_part is not None and hit is not None and len(grown) == 1
+    assert hit.entry.segments[0] is first_part.entry.segments[0], "only new positions copied"
+    assert grown.stats.stored_bytes == hit.entry.nbytes
+    restored = tiny_model.lm.new_cache(1, 256)
+    grown.restore(hit, restored, 0)
+    n = len(FIRST) - 1
+    assert torch.equal(restored.keys[:, :, :, :n], kv.keys[:, :, :, :n])
+    assert torch.equal(restored.values[:, :, :, :n], kv.values[:, :, :, :n])
+    assert torch.equal(hit.features, features[:n])
     off = PrefixCache(0)
     off.store(FIRST, kv, 0, features)
     assert len(off) == 0 and off.lookup(FIRST) is None
