@@ -67,12 +67,8 @@ def _prefill(
 ) -> torch.Tensor:
     """The prompt into slot 0 of ``cache`` (after the prefix cache's longest hit, if any);
     returns the last prompt position's logits."""
-    hit = prefix_cache.lookup(seq.prompt_ids) if prefix_cache is not None else None
-    start = 0
-    if prefix_cache is not None and hit is not None:
-        prefix_cache.restore(hit, cache, 0)
-        seq.add_prompt_features(0, hit.features)
-        seq.cached_prompt_tokens = start = hit.length
+    hit = seq.restore_prefix(prefix_cache, cache, 0) if prefix_cache is not None else None
+    start = 0 if hit is None else hit.length
     prompt = torch.tensor([seq.prompt_ids[start:]])
     batch = ForwardBatch(prompt, [0], [start])
     logits, features = model.lm.forward_with_features(batch, cache, False)

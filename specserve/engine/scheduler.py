@@ -359,13 +359,10 @@ class Engine:
         if self.prefix_cache is None or job.leader is not None or seq is None:
             return
         assert job.slot is not None
-        hit = self.prefix_cache.lookup(seq.prompt_ids)
-        if hit is None:
-            return
-        self.prefix_cache.restore(hit, self.cache, job.slot)
-        seq.add_prompt_features(0, hit.features)
-        job.prompt_features.append((0, hit.features))
-        job.prefilled = seq.cached_prompt_tokens = hit.length
+        hit = seq.restore_prefix(self.prefix_cache, self.cache, job.slot)
+        if hit is not None:
+            job.prompt_features.append((0, hit.features))
+            job.prefilled = hit.length
 
     def _can_share_prefill(self, job: Job) -> bool:
         leader = job.leader

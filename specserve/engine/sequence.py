@@ -20,7 +20,9 @@ import torch
 
 from specserve.engine.output import TextAssembler
 from specserve.engine.result import GenerationResult
+from specserve.model.kv_cache import KVCache
 from specserve.model.loader import Model
+from specserve.model.prefix_cache import PrefixCache, PrefixHit
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.draft_length import StepCosts
 from specserve.speculative.limits import MAX_LOOKUP_DRAFT
@@ -142,6 +144,18 @@ class Sequence:
         """Target features ``[T, C]`` of prompt positions ``start..`` (for EAGLE drafters)."""
         self.source.add_features(start, features)
         self._keep_features(start, features)
+
+    def restore_prefix(
+        self, prefix_cache: PrefixCache, cache: KVCache, slot: int
+    ) -> PrefixHit | None:
+        """Before the prefill: the longest prompt prefix ``prefix_cache`` keeps, copied into
+        ``slot`` of ``cache`` with its features; the prefill then starts at ``hit.length``."""
+        hit = prefix_cache.lookup(self.prompt_ids)
+        if hit is not None:
+            prefix_cache.restore(hit, cache, slot)
+            self.add_prompt_features(0, hit.features)
+            self.cached_prompt_tokens = hit.length
+        return hit
 
     def start(self, last_prompt_logits: torch.Tensor) -> str:
         """After the prefill: pick the first token from the last prompt position's logits."""

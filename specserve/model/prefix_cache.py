@@ -84,7 +84,6 @@ class PrefixHit:
 
 @dataclass
 class PrefixCacheStats:
-    lookups: int = 0
     hits: int = 0
     reused_tokens: int = 0  # prompt tokens whose prefill a hit saved
     stored_bytes: int = 0
@@ -110,7 +109,6 @@ class PrefixCache:
     def lookup(self, prompt_ids: Ids[int]) -> PrefixHit | None:
         """The kept prompt sharing the longest prefix with ``prompt_ids``, that length capped
         at ``len(prompt_ids) - 1`` (the last prompt token is always forwarded)."""
-        self.stats.lookups += 1
         limit = len(prompt_ids) - 1
         if limit < 1 or not self._entries:
             return None
@@ -172,10 +170,6 @@ class PrefixCache:
         self._entries[self._next_key] = entry
         self._next_key += 1
         self.stats.stored_bytes += entry.nbytes
-
-    def clear(self) -> None:
-        for key in list(self._entries):
-            self._drop(key)
 
     def _drop(self, key: int) -> None:
         self.stats.stored_bytes -= self._entries.pop(key).nbytes

@@ -10,8 +10,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from specserve.engine.generate import generate
+from specserve.engine.generate import _prefill, generate
 from specserve.engine.scheduler import Engine
+from specserve.engine.sequence import Sequence
 from specserve.model.kv_cache import KVCache
 from specserve.model.loader import Model, load_model
 from specserve.model.prefix_cache import PrefixCache
@@ -51,19 +52,10 @@ def model(request: pytest.FixtureRequest, bf16_model: Model, q4k_model: Model) -
 
 
 def _prefill_logits(model: Model, prompt: list[int], cache: PrefixCache | None) -> torch.Tensor:
-    """Last-position logits of ``prompt``'s prefill, after the cache's hit if there is one."""
-    kv = model.lm.new_cache(1, 256)
-    start = 0
-    hit = cache.lookup(prompt) if cache is not None else None
-    if cache is not None and hit is not None:
-        cache.restore(hit, kv, 0)
-        start = hit.length
-    batch = ForwardBatch(torch.tensor([prompt[start:]]), [0], [start])
-    logits, features = model.lm.forward_with_features(batch, kv, False)
-    if cache is not None:
-        kept = features[0] if hit is None else torch.cat([hit.features, features[0]])
-        cache.store(prompt, kv, 0, kept)
-    return logits[0, -1]
+    """Last-position logits of ``prompt``'s prefill (generate's own), after the cache's hit if
+    there is one; the prompt is kept in the cache afterwards."""
+    seq = Sequence(model, prompt, GREEDY)
+    return _prefill(model, seq, model.lm.new_cache(1, 256), cache)
 
 
 def test_a_hit_gives_the_same_logits_bit_for_bit(model: Model) -> None:
