@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -50,6 +51,7 @@ class EngineReplica:
         options: EngineOptions,
         threads: int,
         stream_interval: float = 0.0,
+        record_traffic: str | None = None,
     ) -> None:
         from specserve.server.run import _start_compute_thread
 
@@ -57,8 +59,12 @@ class EngineReplica:
         self.stream_interval = stream_interval
         self.served = _start_compute_thread([deployment], dtype, options, threads)
         self.metrics = Metrics()
-        # No API key and a generous body limit here: the ingress checks both first.
-        self.app = create_app(self.served, ServerSettings(max_body_bytes=1 << 30), self.metrics)
+        # No API key and a generous body limit here: the ingress checks both first. The
+        # traffic log is written here, where each request is parsed: every replica on a
+        # machine appends to that machine's file (`TrafficLog` writes whole lines).
+        traffic = Path(record_traffic) if record_traffic else None
+        settings = ServerSettings(max_body_bytes=1 << 30, record_traffic=traffic)
+        self.app = create_app(self.served, settings, self.metrics)
         self.replica = serve.get_replica_context().replica_id.unique_id
         # On the replica's event loop: Serve's handles in throughput-optimized mode
         # (`ray_run.fast_path_env`) work only there, not from threads of their own.

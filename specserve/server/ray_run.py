@@ -198,11 +198,13 @@ def deploy(
     serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
     relay_only: dict[str, Any] = {"num_cpus": 0}  # they relay; the engines compute
     hub = serve.deployment(name="MetricsHub", ray_actor_options=relay_only)(MetricsHub)
+    # Replicas run in directories of Ray's own: a relative log path is made absolute here.
+    traffic = str(settings.record_traffic.resolve()) if settings.record_traffic else None
     engines = {}
     for d in deployments:
         found = replica_options(d, options, threads, scaling)
         engine = serve.deployment(name=engine_name(d.id), **found)(EngineReplica)
-        engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval)
+        engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval, traffic)
     ingress_class = serve.ingress()(Ingress)
     ingress = serve.deployment(
         name="Ingress", ray_actor_options=relay_only, max_ongoing_requests=INGRESS_MAX_ONGOING

@@ -124,8 +124,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--stream-interval-ms needs --ray (without Ray each event goes out alone)")
     elif args.stream_interval_ms < 0:
         raise ValueError(f"--stream-interval-ms must be >= 0, not {args.stream_interval_ms:g}")
-    if args.ray and args.record_traffic:
-        raise ValueError("--record-traffic is not supported with --ray yet")
     if args.ray:  # before the database and the models: a missing Ray fails fast
         from specserve.server.ray_run import import_ray
 

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,7 +56,14 @@ def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
 
 
 @pytest.fixture(scope="module")
-def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def traffic_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray-traffic") / "traffic.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base_url(
+    printable: Model, traffic_log: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     store = DeploymentStore(tmp_path_factory.mktemp("ray-db") / "deployments.db")
     model = str(printable.path)
     create_deployment(store, model, DrafterFlags(), id="tiny", replicas=ReplicaSettings(2, 2))
@@ -72,7 +80,7 @@ def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
             dtype="float32",
             options=OPTIONS,
             threads=1,
-            settings=ServerSettings(),
+            settings=ServerSettings(record_traffic=traffic_log),
             host="127.0.0.1",
             port=port,
             scaling=FAST_SCALING,
@@ -120,6 +128,18 @@ def test_requests_spread_over_replicas_and_equal_single_process(
     assert len({r.headers[REPLICA_HEADER] for r in replies}) == 2
     health = _health(base_url)
     assert health["status"] == "ok" and health["replicas"]["tiny"] == {"RUNNING": 2}
+
+
+def test_every_replica_records_its_traffic_in_one_log(base_url: str, traffic_log: Path) -> None:
+    prompts = [f"logged {i} the cat" for i in range(12)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _complete(base_url, p, max_tokens=2), prompts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert len({r.headers[REPLICA_HEADER] for r in replies}) == 2  # both replicas wrote
+    rows = [json.loads(line) for line in traffic_log.read_text().splitlines()]  # whole lines
+    logged = [row["prompt"] for row in rows if row["prompt"].startswith("logged ")]
+    assert sorted(logged) == sorted(prompts)  # each request once, from whichever replica
+    assert all(row["deployment"] == "tiny" for row in rows if row["prompt"] in prompts)
 
 
 def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> None:
