@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from specserve.model.loader import Model, load_model
-from tests.tiny import write_tiny_gguf
+from tests.tiny import TinySpec, write_tiny_gguf
 
 torch.set_num_threads(2)
 
@@ -19,6 +20,15 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_gguf: Path) -> Model:
     return load_model(str(tiny_gguf), dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def native_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """A tiny Q4_K GGUF on the native runtime (the real models' path)."""
+    path = tmp_path_factory.mktemp("native") / "tiny-q4_k.gguf"
+    model = load_model(str(write_tiny_gguf(path, TinySpec(linear_type=Q.Q4_K))), progress=False)
+    assert model.lm.native_plans() is not None
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,9 @@ class StepLog:
             r.kind == "decode" and r.batch_size >= 2 and r.tokens > r.batch_size
             for r in self.records
         ), [(r.kind, r.batch_size, r.tokens) for r in self.records]
+
+    def assert_packed_rows(self) -> None:
+        """At least one decode step packed rows of different lengths (no padding computed)."""
+        assert any(
+            r.kind == "decode" and r.packed and r.tokens % r.batch_size for r in self.records
+        ), [(r.kind, r.batch_size, r.tokens, r.packed) for r in self.records]

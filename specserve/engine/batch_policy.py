@@ -1,7 +1,10 @@
-"""How much a batch speculates: its width, and a guard on realized throughput.
+"""How much a batch speculates: its drafts per row, and a guard on realized throughput.
 
-In a batch every row pays for the longest row (padding), so the engine picks one width per
-step from the rows' acceptance estimates and the measured cost of that batch size and width.
+On the native runtime a batch's forward is packed: each row carries only its own tokens, a
+step costs what its total token count costs, and `choose_drafts` keeps, over all rows, the
+drafts most likely to be accepted, as many as pay. Elsewhere every row pays for the longest
+row (padding), so the engine picks one width per step (`choose_width`) from the rows'
+acceptance estimates and the measured cost of that batch size and width.
 Estimates drift (contexts grow, a measured width goes stale), so a guard also compares the
 throughput actually realized — tokens emitted per second of forward — by speculative and
 plain steps of each batch size, and runs plain steps while they are faster, probing the
@@ -40,6 +43,33 @@ def choose_width(seqs: Seq[Sequence], costs: StepCosts) -> int:
         if rate > best_rate:
             best, best_rate = width, rate
     return best
+
+
+def choose_drafts(seqs: Seq[Sequence], costs: StepCosts) -> list[int]:
+    """Drafts each row keeps in a packed forward: the most expected tokens per second.
+
+    ``costs`` prices a forward by its total tokens. For each total, the best choice keeps
+    the drafts with the largest gains (a row's gains never grow along it, so that is a
+    prefix of every row); the totals are then compared by rate. A lone sequence and
+    fixed-length (``adaptive=False``) rows keep all their drafts.
+    """
+    tuned = [len(seqs) > 1 and seq.source.adaptive for seq in seqs]
+    keep = [0 if tuned[row] else seq.drafts for row, seq in enumerate(seqs)]
+    gains = [
+        (gain, row) for row, seq in enumerate(seqs) if tuned[row] for gain in seq.draft_gains()
+    ]
+    gains.sort(key=lambda g: -g[0])  # stable: a row's own drafts stay in order
+    tokens = len(seqs) + sum(sum(seqs[row].draft_gains()[:k]) for row, k in enumerate(keep))
+    total = len(seqs) + sum(keep)
+    best_rate, chosen = tokens / costs.estimate(total), 0
+    for i, (gain, _) in enumerate(gains):
+        tokens, total = tokens + gain, total + 1
+        rate = tokens / costs.estimate(total)
+        if rate > best_rate:
+            best_rate, chosen = rate, i + 1
+    for _, row in gains[:chosen]:
+        keep[row] += 1
+    return keep
 
 
 @dataclass

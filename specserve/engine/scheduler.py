@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.engine.batch_policy import SpeculationGuard, choose_width
+from specserve.engine.batch_policy import SpeculationGuard, choose_drafts, choose_width
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
@@ -93,8 +93,9 @@ class StepRecord:
 
     kind: str  # "prefill" or "decode"
     batch_size: int
-    tokens: int  # positions forwarded (padding included)
+    tokens: int  # positions forwarded (padding included, unless packed)
     seconds: float
+    packed: bool = False  # rows of their own lengths, no padding computed
 
 
 @dataclass
@@ -162,6 +163,8 @@ class Engine:
         # batch-of-one table, the choice of a batch's width the table of its size.
         self.costs: dict[int, StepCosts] = {}
         self.guards: dict[int, SpeculationGuard] = {}  # by batch size
+        # Packed forwards (native runtime, several rows): seconds by total tokens.
+        self.token_costs = StepCosts()
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Job] = deque()
@@ -390,9 +393,11 @@ class Engine:
     def costs_for(self, batch_size: int) -> StepCosts:
         return self.costs.setdefault(batch_size, StepCosts(rows=batch_size))
 
-    def _record(self, kind: str, batch_size: int, tokens: int, seconds: float) -> None:
+    def _record(
+        self, kind: str, batch_size: int, tokens: int, seconds: float, packed: bool = False
+    ) -> None:
         self.stats.steps += 1
-        record = StepRecord(kind, batch_size, tokens, seconds)
+        record = StepRecord(kind, batch_size, tokens, seconds, packed)
         for listener in self.stats.step_listeners:
             listener(record)
 
@@ -443,30 +448,49 @@ class Engine:
         proposing = any(seq.drafts for seq in seqs)
         fixed = any(not seq.source.adaptive for seq in seqs)  # --fixed-length: as asked
         speculate = proposing and (fixed or guard.allows_speculation())
-        width = choose_width(seqs, self.costs_for(len(seqs))) if speculate else 1
-        feeds = [seq.truncate(width - 1) for seq in seqs]
+        packed = len(seqs) > 1 and self.model.lm.packs_rows(self.cache)
+        feeds = self._feeds(seqs, speculate, packed)
         width = max(len(f) for f in feeds)
         # Padding repeats a row's last token; its logits are ignored, its cache writes land
-        # past the row's own positions and are overwritten before they are ever read.
+        # past the row's own positions and are overwritten before they are ever read (a
+        # packed forward computes none of it).
         rows = [f + [f[-1]] * (width - len(f)) for f in feeds]
         slots = [job.slot for job in jobs if job.slot is not None]
         starts = [seq.position for seq in seqs]
+        lengths = [len(f) for f in feeds]
         began = time.perf_counter()
-        batch = ForwardBatch(torch.tensor(rows), slots, starts)
+        batch = ForwardBatch(torch.tensor(rows), slots, starts, lengths if packed else None)
         logits, features = self.model.lm.forward_with_features(batch, self.cache)
         seconds = time.perf_counter() - began
-        self.costs_for(len(rows)).observe(width, seconds)
-        self._record("decode", len(rows), width * len(rows), seconds)
+        tokens = sum(lengths) if packed else width * len(rows)
+        if packed:
+            self.token_costs.observe(tokens, seconds)
+        else:
+            self.costs_for(len(rows)).observe(width, seconds)
+            logits, features = logits.flatten(0, 1), features.flatten(0, 1)  # row b at b * width
+        self._record("decode", len(rows), tokens, seconds, packed)
+        sizes = lengths if packed else [width] * len(rows)
+        firsts = [0, *itertools.accumulate(sizes)][:-1]  # each row's first output position
         emitted = 0
-        for b, (job, seq, feed) in enumerate(zip(jobs, seqs, feeds, strict=True)):
+        for job, seq, n, at in zip(jobs, seqs, lengths, firsts, strict=True):
             before = len(seq.out)
-            self._deliver(job, seq.accept(logits[b, : len(feed)], features[b, : len(feed)]))
+            self._deliver(job, seq.accept(logits[at : at + n], features[at : at + n]))
             kept = len(seq.out) - before  # the positions whose KV this step wrote for good
             if self.prefix_cache is not None and kept:
-                job.output_features.append(features[b, :kept].clone())
+                job.output_features.append(features[at : at + kept].clone())
             emitted += max(1, kept)  # an EOS still counts as one token
         if proposing:
-            guard.observe(width > 1, emitted, seconds)
+            guard.observe(tokens > len(rows), emitted, seconds)
+
+    def _feeds(self, seqs: list[Sequence], speculate: bool, packed: bool) -> list[list[int]]:
+        """Each row's tokens for this step: its last token and the drafts it keeps."""
+        if not speculate:
+            return [seq.truncate(0) for seq in seqs]
+        if packed:  # each row carries only its own tokens: drafts chosen row by row
+            keep = choose_drafts(seqs, self.token_costs)
+            return [seq.truncate(k) for seq, k in zip(seqs, keep, strict=True)]
+        width = choose_width(seqs, self.costs_for(len(seqs)))
+        return [seq.truncate(width - 1) for seq in seqs]
 
     @staticmethod
     def _deliver(job: Job, piece: str) -> None:

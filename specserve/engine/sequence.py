@@ -199,6 +199,10 @@ class Sequence:
         """Tokens the pending step emits in expectation if it keeps only ``drafts`` drafts."""
         return self.source.expected_tokens(min(drafts, self.drafts))
 
+    def draft_gains(self) -> list[float]:
+        """What each pending draft adds to the step's expected tokens, in order."""
+        return self.source.draft_gains(self.drafts)
+
     def truncate(self, drafts: int) -> list[int]:
         """Keep only the first ``drafts`` drafts (lossless: fewer drafts, same verifier)."""
         proposal = self._proposal

@@ -8,7 +8,7 @@ dtype (bfloat16 for int4/bf16, float32 for fp32). Attention is computed in float
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,15 @@ class ForwardBatch:
 
     Row b's tokens sit at positions ``starts[b] .. starts[b] + T - 1`` of cache slot
     ``slots[b]``; rows with fewer real tokens are padded (their extra logits are ignored).
+    With ``lengths`` (row b's real tokens are its first ``lengths[b]``) the forward is
+    *packed*: it returns the real positions only, row after row (``[sum(lengths), ...]``),
+    and the native runtime computes nothing for the padding.
     """
 
     tokens: torch.Tensor  # [B, T] int64
     slots: list[int]
     starts: list[int]
+    lengths: list[int] | None = None
 
 
 def rope_tables(base: float, head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,12 +294,27 @@ class CausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         """Every layer in native code (``Block.native_plan``): x ``[B, T, C]`` float32."""
         B, T, C = x.shape
+        lengths = [T] * B if batch.lengths is None else batch.lengths
         if max(batch.slots) >= cache.num_slots or min(batch.slots) < 0:
             raise ValueError(f"cache slot out of range (cache has {cache.num_slots})")
-        rows = x.reshape(B * T, C).contiguous()
-        slots = torch.tensor(batch.slots, dtype=torch.int64).repeat_interleave(T)
-        offsets = torch.arange(T, dtype=torch.int64)
-        positions = (torch.tensor(batch.starts, dtype=torch.int64)[:, None] + offsets).reshape(-1)
+        rows = x.reshape(-1, C).contiguous()  # B * T rows, or the packed rows
+        counts = torch.tensor(lengths, dtype=torch.int64)
+        slots = torch.tensor(batch.slots, dtype=torch.int64).repeat_interleave(counts)
+        positions = torch.cat(
+            [torch.arange(s, s + n) for s, n in zip(batch.starts, lengths, strict=True)]
+        )
+        self._run_native_layers(rows, slots, positions, cache, plans)
+        return rows if batch.lengths is not None else rows.view(B, T, C)
+
+    def _run_native_layers(
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        plans: list[tuple],
+    ) -> None:
+        """``rows`` ``[M, C]`` through every layer, in place; row i at (slot, position) i."""
         cfg = self.config
         native = native_module()
         keys, values = cache.keys, cache.values
@@ -304,10 +323,9 @@ class CausalLM(torch.nn.Module):
             scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
             kv = (keys[layer].data_ptr(), values[layer].data_ptr())
             native.layer_forward(
-                rows.data_ptr(), B * T, slots.data_ptr(), positions.data_ptr(),
+                rows.data_ptr(), rows.shape[0], slots.data_ptr(), positions.data_ptr(),
                 (*dims, *scalars, *weights, *tables, *kv), parts,
             )  # fmt: skip
-        return rows.view(B, T, C)
 
     @torch.inference_mode()
     def forward_with_features(
@@ -324,12 +342,22 @@ class CausalLM(torch.nn.Module):
         end = max(batch.starts) + T
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        x = self.embed(tokens)
-        if self.config.embedding_scale != 1.0:
-            # Gemma scales in the weights' dtype, as the reference implementation does.
-            x = x * torch.tensor(self.config.embedding_scale, dtype=self.dtype).float()
         plans = self.native_plans()
-        if plans is not None and cache.keys.dtype == torch.float32:
+        native = plans is not None and cache.keys.dtype == torch.float32
+        if batch.lengths is not None:
+            packed = self._packed_index(batch)
+            if not native:  # the padded forward, then its real rows
+                logits, features = self.forward_with_features(replace(batch, lengths=None), cache)
+                return logits.flatten(0, 1)[packed], features.flatten(0, 1)[packed]
+            tokens = tokens.flatten()[packed][None]  # [1, M]: the real tokens only
+        x = self._embed_scaled(tokens)
+        if native:
+            assert plans is not None
+            if batch.lengths is not None:
+                logits, features = self._finish(
+                    self._native_layers(x, batch, cache, plans)[None], True
+                )
+                return logits[0], features[0]
             return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # [B, T]
@@ -345,6 +373,27 @@ class CausalLM(torch.nn.Module):
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
         return self._finish(x, all_logits)
+
+    def _embed_scaled(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        if self.config.embedding_scale != 1.0:
+            # Gemma scales in the weights' dtype, as the reference implementation does.
+            x = x * torch.tensor(self.config.embedding_scale, dtype=self.dtype).float()
+        return x
+
+    @staticmethod
+    def _packed_index(batch: ForwardBatch) -> torch.Tensor:
+        """Indices of the real positions in the flattened ``[B * T]`` rows, row after row."""
+        assert batch.lengths is not None and len(batch.lengths) == len(batch.slots)
+        T = batch.tokens.shape[1]
+        if not all(1 <= n <= T for n in batch.lengths):
+            raise ValueError(f"row lengths must be in 1..{T}, got {batch.lengths}")
+        return torch.cat([torch.arange(b * T, b * T + n) for b, n in enumerate(batch.lengths)])
+
+    def packs_rows(self, cache: KVCache) -> bool:
+        """Whether a packed forward (``ForwardBatch.lengths``) skips the padding's compute:
+        the native runtime does; the PyTorch layers compute the padded batch and drop it."""
+        return self.native_plans() is not None and cache.keys.dtype == torch.float32
 
     def native_plans(self) -> list[tuple] | None:
         """Each layer's native arguments when every layer runs natively (computed once)."""

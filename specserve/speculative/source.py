@@ -133,15 +133,21 @@ class ProposalSource:
         """Expected tokens from a step keeping the first ``k`` drafts of this step's parts,
         and the probability that all ``k`` are kept: 1 + a1 + a1 a2 + ..., each position's
         rate from the tuner of the proposer that drafted it."""
-        tokens, survive, left = 1.0, 1.0, k
+        curve = self._survival(k)
+        return 1.0 + sum(curve), (curve[-1] if curve else 1.0)
+
+    def _survival(self, k: int) -> list[float]:
+        """a1, a1 a2, ...: the probability that each of the first ``k`` drafts is kept (fewer
+        where this step's parts drafted fewer)."""
+        out, survive, left = [], 1.0, k
         for _, tuner, drafted in self._parts:
             for rate in tuner.acceptance.rates()[: min(drafted, left)]:
                 survive *= rate
-                tokens += survive
+                out.append(survive)
             left -= drafted
             if left <= 0:
                 break
-        return tokens, survive
+        return out
 
     def add_features(self, start: int, features: torch.Tensor) -> None:
         """Target features of positions ``start..``: EAGLE drafters draft from them."""
@@ -151,6 +157,13 @@ class ProposalSource:
     def expected_tokens(self, k: int) -> float:
         """Expected tokens from a step keeping ``k`` drafts of the last proposal."""
         return self._chain(k)[0]
+
+    def draft_gains(self, k: int) -> list[float]:
+        """What each of the last proposal's first ``k`` drafts adds to the step's expected
+        tokens (non-increasing); a draft no tuner priced (a token a grammar forces) adds
+        what the one before it did."""
+        curve = self._survival(k)
+        return curve + [curve[-1] if curve else 1.0] * (k - len(curve))
 
     def observe(self, proposed: int, accepted: int) -> None:
         """Feed the verification of the last proposal's first ``proposed`` drafts back to the

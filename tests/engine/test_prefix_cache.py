@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from specserve.engine.generate import _prefill, generate
 from specserve.engine.scheduler import Engine
@@ -21,7 +20,6 @@ from specserve.speculative.config import SpeculationConfig
 from specserve.speculative.proposers.draft_model import DraftModelProposer
 from specserve.speculative.sampling import SamplingParams
 from tests.engine.test_scheduler import _submit
-from tests.tiny import TinySpec, write_tiny_gguf
 
 COMMON = [7, 8, 9, 10, 11, 12] * 7  # 42 tokens: crosses no 64-position block, then does
 FIRST = COMMON + list(range(40, 70))
@@ -31,12 +29,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def q4k_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    """A tiny Q4_K GGUF on the native runtime (the real models' path)."""
-    path = tmp_path_factory.mktemp("prefix") / "tiny-q4_k.gguf"
-    model = load_model(str(write_tiny_gguf(path, TinySpec(linear_type=Q.Q4_K))), progress=False)
-    assert model.lm.native_plans() is not None
-    return model
+def q4k_model(native_model: Model) -> Model:
+    return native_model
 
 
 @pytest.fixture(scope="module")

@@ -67,11 +67,15 @@ def _submit(engine: Engine, prompt: list[int], params: SamplingParams, **kw: obj
         (SamplingParams(temperature=0.25, top_k=4, seed=7, max_tokens=24, ignore_eos=True), FIXED),
     ],
 )
+@pytest.mark.parametrize("fmt", ["float32", "native"])
 def test_batched_requests_equal_each_alone(
-    tiny_model: Model, params: SamplingParams, speculation: SpeculationConfig
+    request: pytest.FixtureRequest, fmt: str, params: SamplingParams, speculation: SpeculationConfig
 ) -> None:
-    alone = [generate(tiny_model, p, params, speculation=speculation) for p in _prompts()]
-    engine = Engine(tiny_model, max_batch=3, prefill_chunk=16)
+    """Padded batches (float32) and packed ones (the native runtime: each row only its own
+    tokens) give each request what it gives alone."""
+    model: Model = request.getfixturevalue("tiny_model" if fmt == "float32" else "native_model")
+    alone = [generate(model, p, params, speculation=speculation) for p in _prompts()]
+    engine = Engine(model, max_batch=3, prefill_chunk=16)
     steps = StepLog(engine)
     try:
         waiters = [_submit(engine, p, params, speculation=speculation) for p in _prompts()]
@@ -86,13 +90,17 @@ def test_batched_requests_equal_each_alone(
     if speculation.method is not None:
         steps.assert_batched_drafts()
         assert_engaged_overall(results, speculation.method)
+        if fmt == "native":
+            steps.assert_packed_rows()
 
 
-def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
+@pytest.mark.parametrize("fmt", ["float32", "native"])
+def test_prediction_in_a_batch_is_fully_accepted(request: pytest.FixtureRequest, fmt: str) -> None:
+    model: Model = request.getfixturevalue("tiny_model" if fmt == "float32" else "native_model")
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     prompt = list(range(40, 52))
-    plain = generate(tiny_model, prompt, params)
-    engine = Engine(tiny_model, max_batch=2)
+    plain = generate(model, prompt, params)
+    engine = Engine(model, max_batch=2)
     steps = StepLog(engine)
     try:
         other = _submit(engine, list(range(60, 70)), params, speculation=NGRAM)
@@ -109,6 +117,8 @@ def test_prediction_in_a_batch_is_fully_accepted(tiny_model: Model) -> None:
     counts = result.stats.by_method["prediction"]
     assert counts.accepted == counts.proposed
     steps.assert_batched_drafts()
+    if fmt == "native":
+        steps.assert_packed_rows()
 
 
 def test_cancel_frees_the_slot_for_the_next_request(tiny_model: Model) -> None:

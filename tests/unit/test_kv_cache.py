@@ -90,6 +90,38 @@ def test_batch_of_different_lengths_equals_each_alone(q4_gguf: Path, fmt: str) -
 
 
 @pytest.mark.parametrize("fmt", _formats())
+def test_packed_rows_equal_each_alone(q4_gguf: Path, fmt: str) -> None:
+    """A packed forward (rows of 5, 1 and 3 real tokens, no padding computed where the
+    runtime allows) returns each row's real positions, bit-identical to the row alone; the
+    native runtime leaves the cache past a row's real tokens as it was (zeros)."""
+    model = _load_or_skip(q4_gguf, fmt)
+    prompts = [list(range(5, 25)), list(range(50, 57)), list(range(100, 112))]
+    feeds = [[7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    alone = []
+    for prompt, feed in zip(prompts, feeds, strict=True):
+        cache = model.lm.new_cache()
+        _forward(model, cache, prompt, 0)
+        _poison(cache, 0, len(prompt), len(feed))
+        alone.append(_forward(model, cache, feed, len(prompt)))
+    cache = model.lm.new_cache(num_slots=4)
+    for slot, prompt, feed in zip([2, 0, 3], prompts, feeds, strict=True):
+        _forward(model, cache, prompt, 0, slot)
+        _poison(cache, slot, len(prompt), len(feed))
+    rows = torch.tensor([f + [f[-1]] * (5 - len(f)) for f in feeds])
+    lengths = [len(f) for f in feeds]
+    batch = ForwardBatch(rows, [2, 0, 3], [len(p) for p in prompts], lengths)
+    logits, features = model.lm.forward_with_features(batch, cache)
+    assert logits.shape[0] == features.shape[0] == sum(lengths)
+    packed = torch.split(logits, lengths)
+    for b in range(3):
+        assert torch.equal(packed[b], alone[b]), (fmt, b)
+    if model.lm.packs_rows(cache):  # the padding was never computed, so never written
+        assert not cache.keys[:, 0, :, len(prompts[1]) + 1 :].any()
+    with pytest.raises(ValueError, match="row lengths"):
+        model.lm(ForwardBatch(rows, [2, 0, 3], [30, 30, 30], [5, 0, 3]), cache)
+
+
+@pytest.mark.parametrize("fmt", _formats())
 def test_k_token_forward_matches_single_steps_on_tiny(q4_gguf: Path, fmt: str) -> None:
     """A k-token forward on a cache whose k positions hold NaN (it must write them itself)
     gives bit-identical logits to k single steps, in every execution format."""
