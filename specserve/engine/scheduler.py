@@ -160,11 +160,11 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
         # Seconds per forward by batch size and width: the sequences' own tuners read the
-        # batch-of-one table, the choice of a batch's width the table of its size.
+        # batch-of-one table, the choice of a padded batch's width the table of its size. A
+        # packed forward costs about what one sequence's forward of as many tokens costs, so
+        # packed steps share the batch-of-one table, by their total tokens.
         self.costs: dict[int, StepCosts] = {}
         self.guards: dict[int, SpeculationGuard] = {}  # by batch size
-        # Packed forwards (native runtime, several rows): seconds by total tokens.
-        self.token_costs = StepCosts()
         self.stats = EngineStats()
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Job] = deque()
@@ -464,7 +464,7 @@ class Engine:
         seconds = time.perf_counter() - began
         tokens = sum(lengths) if packed else width * len(rows)
         if packed:
-            self.token_costs.observe(tokens, seconds)
+            self.costs_for(1).observe(tokens, seconds)
         else:
             self.costs_for(len(rows)).observe(width, seconds)
             logits, features = logits.flatten(0, 1), features.flatten(0, 1)  # row b at b * width
@@ -487,7 +487,7 @@ class Engine:
         if not speculate:
             return [seq.truncate(0) for seq in seqs]
         if packed:  # each row carries only its own tokens: drafts chosen row by row
-            keep = choose_drafts(seqs, self.token_costs)
+            keep = choose_drafts(seqs, self.costs_for(1))
             return [seq.truncate(k) for seq, k in zip(seqs, keep, strict=True)]
         width = choose_width(seqs, self.costs_for(len(seqs)))
         return [seq.truncate(width - 1) for seq in seqs]
