@@ -143,10 +143,13 @@ class Engine:
         condition: threading.Condition | None = None,
         start: bool = True,
         prefix_cache: PrefixCache | None = None,
+        packed_batches: bool = True,
     ) -> None:
         """``start``: run in a thread of its own; else the caller runs `run_engines` (one
         compute thread for several engines sharing ``condition``). ``prefix_cache``: prompts
-        start their prefill after the longest prefix kept there (model/prefix_cache.py)."""
+        start their prefill after the longest prefix kept there (model/prefix_cache.py).
+        ``packed_batches``: where the runtime allows, a batch's rows carry only their own
+        tokens (False pads them to one width, as other runtimes do: for comparisons)."""
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT
@@ -158,6 +161,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
+        self.packed_batches = packed_batches
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
         # Seconds per forward by batch size and width: the sequences' own tuners read the
         # batch-of-one table, the choice of a padded batch's width the table of its size. A
@@ -448,7 +452,7 @@ class Engine:
         proposing = any(seq.drafts for seq in seqs)
         fixed = any(not seq.source.adaptive for seq in seqs)  # --fixed-length: as asked
         speculate = proposing and (fixed or guard.allows_speculation())
-        packed = len(seqs) > 1 and self.model.lm.packs_rows(self.cache)
+        packed = len(seqs) > 1 and self.packed_batches and self.model.lm.packs_rows(self.cache)
         feeds = self._feeds(seqs, speculate, packed)
         width = max(len(f) for f in feeds)
         # Padding repeats a row's last token; its logits are ignored, its cache writes land
