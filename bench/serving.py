@@ -3,7 +3,7 @@
 Starts the real server (`python -m specserve serve`, SmolLM2-135M-Instruct, or ``--model``)
 with two deployments of the same model — ``spec`` (its default drafter: n-gram, self-tuned) and
 ``plain`` (``--no-speculation``) — and drives it with N client threads using the official
-`openai` client (streaming, greedy). For each concurrency the two deployments run in turns
+`openai` client (streaming, greedy, prefix cache off). For each concurrency the two deployments run in turns
 on the same prompts, so machine noise hits both alike. Reported: throughput (generated
 tokens / wall time), request latency and time to first token (p50 / p95), tokens per target
 step, and whether every speculative output equalled the plain one.
@@ -64,6 +64,9 @@ def start_server(
         specserve_cli("deployment", "create", model, "--id", name, *flags, env=env)
     command = [sys.executable, "-m", "specserve", "serve", "--port", str(port)]
     command += ["--threads", str(threads), "--max-batch", str(max_batch), "--log-level", "warning"]
+    # The deployments take turns on the same prompts: with a prefix cache, the second to run
+    # would find every prompt prefilled by the first (bench/prefix_cache.py measures that).
+    command += ["--prefix-cache-mb", "0"]
     server = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
