@@ -4,9 +4,9 @@ Starts the real server (`python -m specserve serve`, SmolLM2-135M-Instruct, or `
 with two deployments of the same model — ``spec`` (its default drafter: n-gram, self-tuned) and
 ``plain`` (``--no-speculation``) — and drives it with N client threads using the official
 `openai` client (streaming, greedy, prefix cache off). For each concurrency the two
-deployments run in turns on the same prompts, so machine noise hits both alike. Reported: throughput (generated
-tokens / wall time), request latency and time to first token (p50 / p95), tokens per target
-step, and whether every speculative output equalled the plain one.
+deployments run in turns on the same prompts, so machine noise hits both alike. Reported:
+throughput (generated tokens / wall time), request latency and time to first token (p50 /
+p95), tokens per target step, and whether every speculative output equalled the plain one.
 
     python -m bench.serving [--prompts 16] [--max-tokens 128] [--concurrency 1,2,4,8]
 
