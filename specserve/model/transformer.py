@@ -342,22 +342,11 @@ class CausalLM(torch.nn.Module):
         end = max(batch.starts) + T
         if end > cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        plans = self.native_plans()
-        native = plans is not None and cache.keys.dtype == torch.float32
+        plans = self.native_plans() if cache.keys.dtype == torch.float32 else None
         if batch.lengths is not None:
-            packed = self._packed_index(batch)
-            if not native:  # the padded forward, then its real rows
-                logits, features = self.forward_with_features(replace(batch, lengths=None), cache)
-                return logits.flatten(0, 1)[packed], features.flatten(0, 1)[packed]
-            tokens = tokens.flatten()[packed][None]  # [1, M]: the real tokens only
+            return self._forward_packed(batch, cache, plans)
         x = self._embed_scaled(tokens)
-        if native:
-            assert plans is not None
-            if batch.lengths is not None:
-                logits, features = self._finish(
-                    self._native_layers(x, batch, cache, plans)[None], True
-                )
-                return logits[0], features[0]
+        if plans is not None:
             return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # [B, T]
@@ -373,6 +362,19 @@ class CausalLM(torch.nn.Module):
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
         return self._finish(x, all_logits)
+
+    def _forward_packed(
+        self, batch: ForwardBatch, cache: KVCache, plans: list[tuple] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[M, V]`` and features ``[M, C]`` of the real positions only (``M`` =
+        ``sum(batch.lengths)``), row after row; natively nothing else is computed."""
+        index = self._packed_index(batch)
+        if plans is None:  # the PyTorch layers: the padded forward, then its real rows
+            logits, features = self.forward_with_features(replace(batch, lengths=None), cache)
+            return logits.flatten(0, 1)[index], features.flatten(0, 1)[index]
+        x = self._embed_scaled(batch.tokens.flatten()[index][None])  # [1, M, C]
+        logits, features = self._finish(self._native_layers(x, batch, cache, plans)[None], True)
+        return logits[0], features[0]
 
     def _embed_scaled(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -393,7 +395,7 @@ class CausalLM(torch.nn.Module):
     def packs_rows(self, cache: KVCache) -> bool:
         """Whether a packed forward (``ForwardBatch.lengths``) skips the padding's compute:
         the native runtime does; the PyTorch layers compute the padded batch and drop it."""
-        return self.native_plans() is not None and cache.keys.dtype == torch.float32
+        return cache.keys.dtype == torch.float32 and self.native_plans() is not None
 
     def native_plans(self) -> list[tuple] | None:
         """Each layer's native arguments when every layer runs natively (computed once)."""
