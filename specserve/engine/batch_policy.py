@@ -72,6 +72,20 @@ def choose_drafts(seqs: Seq[Sequence], costs: StepCosts) -> list[int]:
     return keep
 
 
+def batch_feeds(
+    seqs: Seq[Sequence], costs: StepCosts, speculate: bool, packed: bool
+) -> list[list[int]]:
+    """Each row's tokens for a step: its last token and the drafts it keeps. ``costs``: by
+    total tokens for a packed batch, by width for a padded one of this size."""
+    if not speculate:
+        return [seq.truncate(0) for seq in seqs]
+    if packed:  # each row carries only its own tokens: drafts chosen row by row
+        keep = choose_drafts(seqs, costs)
+        return [seq.truncate(k) for seq, k in zip(seqs, keep, strict=True)]
+    width = choose_width(seqs, costs)
+    return [seq.truncate(width - 1) for seq in seqs]
+
+
 @dataclass
 class SpeculationGuard:
     """For one batch size: realized tokens/s of speculative vs plain steps (moving averages)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.engine.batch_policy import SpeculationGuard, choose_drafts, choose_width
+from specserve.engine.batch_policy import SpeculationGuard, batch_feeds
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
@@ -453,7 +453,8 @@ class Engine:
         fixed = any(not seq.source.adaptive for seq in seqs)  # --fixed-length: as asked
         speculate = proposing and (fixed or guard.allows_speculation())
         packed = len(seqs) > 1 and self.packed_batches and self.model.lm.packs_rows(self.cache)
-        feeds = self._feeds(seqs, speculate, packed)
+        costs = self.costs_for(1 if packed else len(seqs))  # see self.costs
+        feeds = batch_feeds(seqs, costs, speculate, packed)
         width = max(len(f) for f in feeds)
         # Padding repeats a row's last token; its logits are ignored, its cache writes land
         # past the row's own positions and are overwritten before they are ever read (a
@@ -485,16 +486,6 @@ class Engine:
             emitted += max(1, kept)  # an EOS still counts as one token
         if proposing:
             guard.observe(tokens > len(rows), emitted, seconds)
-
-    def _feeds(self, seqs: list[Sequence], speculate: bool, packed: bool) -> list[list[int]]:
-        """Each row's tokens for this step: its last token and the drafts it keeps."""
-        if not speculate:
-            return [seq.truncate(0) for seq in seqs]
-        if packed:  # each row carries only its own tokens: drafts chosen row by row
-            keep = choose_drafts(seqs, self.costs_for(1))
-            return [seq.truncate(k) for seq, k in zip(seqs, keep, strict=True)]
-        width = choose_width(seqs, self.costs_for(len(seqs)))
-        return [seq.truncate(width - 1) for seq in seqs]
 
     @staticmethod
     def _deliver(job: Job, piece: str) -> None:
