@@ -1,12 +1,17 @@
-"""An editor's apply request while chats run: packed batches against padded ones.
+"""An editor's apply request while chats run: packed batches and short prefill chunks.
 
 Each HumanEvalFix fix (the buggy function as the Predicted Output) is submitted to the
 server's engine together with ``--chats`` Spec-Bench chat requests, all with the coder
-model's default drafter (n-gram, plus the prediction on the apply request), greedy. The same
-batch then runs on an engine whose rows are padded to one width per step (every row pays
-for the longest; what the engine did before packing, and what runtimes without packed
-forwards still do), in alternating order per fix. Reported: the apply request's latency, the
-whole batch's throughput, and whether both engines produced the same outputs.
+model's default drafter (n-gram, plus the prediction on the apply request), greedy, on three
+engines in turn (rotating the order per fix):
+
+- ``padded``: rows padded to one width per step, 512-token prefill chunks (the engine
+  before packing; what runtimes without packed forwards do);
+- ``packed``: each row only its own tokens, 512-token prefill chunks;
+- ``packed + 64``: packed, and 64-token prefill chunks while others decode (the default).
+
+Reported: the apply request's latency, the whole batch's throughput, and whether every
+engine produced the same outputs.
 
     python -m bench.apply_under_load [--fixes 6] [--chats 3] [--max-tokens 128]
 """
@@ -30,12 +35,17 @@ from bench.common import (
 from bench.fast_apply import TARGET, load_tasks
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Engine
+from specserve.engine.scheduler import PREFILL_CHUNK, PREFILL_CHUNK_BESIDE_DECODES, Engine
 from specserve.model.loader import Model, load_model
 from specserve.speculative.config import SpeculationConfig, speculation_for_drafter
 from specserve.speculative.sampling import SamplingParams
 
-HEADERS = ["fix", "apply s packed", "apply s padded", "speed-up", "batch tok/s packed", "padded"]
+ENGINES = {  # name -> (packed_batches, prefill chunk while others decode)
+    "padded": (False, PREFILL_CHUNK),
+    "packed": (True, PREFILL_CHUNK),
+    "packed + 64": (True, PREFILL_CHUNK_BESIDE_DECODES),
+}
+HEADERS = ["fix", *(f"apply s, {name}" for name in ENGINES), "speed-up", "batch tok/s"]
 
 
 def run_batch(
@@ -43,10 +53,13 @@ def run_batch(
     requests: list[tuple[list[int], list[int] | None]],
     speculation: SpeculationConfig,
     max_tokens: int,
-    packed: bool,
+    engine_kind: str,
 ) -> dict[str, Any]:
     """All requests at once on a fresh engine, stepped here; the first is the apply."""
-    engine = Engine(model, max_batch=8, start=False, packed_batches=packed)
+    packed, busy_chunk = ENGINES[engine_kind]
+    engine = Engine(
+        model, max_batch=8, start=False, packed_batches=packed, prefill_chunk_busy=busy_chunk
+    )
     done: dict[int, tuple[GenerationResult, float]] = {}
     began = time.perf_counter()
 
@@ -94,23 +107,23 @@ def main() -> None:
         for p in sample_prompts(args.chats)
     ]
     rows, runs = [], []
+    names = list(ENGINES)
     for n, task in enumerate(load_tasks(args.fixes, 0, 0)):
         prompt = model.tokenizer.encode_chat([{"role": "user", "content": task["text"]}])
         prediction = model.tokenizer.encode(task["prediction"], add_special_tokens=False)
         requests: list[tuple[list[int], list[int] | None]] = [(prompt, prediction)]
         requests += [(chat, None) for chat in chats]
-        order = [True, False] if n % 2 == 0 else [False, True]
+        order = names[n % len(names) :] + names[: n % len(names)]
         measured = {
-            packed: run_batch(model, requests, speculation, args.max_tokens, packed)
-            for packed in order
+            kind: run_batch(model, requests, speculation, args.max_tokens, kind) for kind in order
         }
-        same = measured[True].pop("outputs") == measured[False].pop("outputs")
-        runs.append({"task": task["id"], "packed": measured[True], "padded": measured[False]})
-        runs[-1]["same_outputs"] = same
-        a, b = measured[True], measured[False]
-        speedup = b["apply_seconds"] / a["apply_seconds"]
-        rows.append([task["id"], a["apply_seconds"], b["apply_seconds"], f"{speedup:.2f}x"])
-        rows[-1] += [a["tokens_per_second"], b["tokens_per_second"]]
+        outputs = [measured[kind].pop("outputs") for kind in names]
+        same = all(o == outputs[0] for o in outputs)
+        runs.append({"task": task["id"], **measured, "same_outputs": same})
+        first, last = measured[names[0]], measured[names[-1]]
+        speedup = first["apply_seconds"] / last["apply_seconds"]
+        rows.append([task["id"], *(measured[k]["apply_seconds"] for k in names), f"{speedup:.2f}x"])
+        rows[-1].append(" / ".join(str(measured[k]["tokens_per_second"]) for k in names))
         print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], f"same={same}", flush=True)
     summary = _summary(runs)
     table = markdown_table(HEADERS, rows)
@@ -135,18 +148,20 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def total(kind: str, key: str) -> float:
         return sum(run[kind][key] for run in runs)
 
-    ratios = [run["padded"]["apply_seconds"] / run["packed"]["apply_seconds"] for run in runs]
-    return {
-        "apply_speedup_median": round(statistics.median(ratios), 3),
-        "apply_seconds_packed": round(total("packed", "apply_seconds"), 2),
-        "apply_seconds_padded": round(total("padded", "apply_seconds"), 2),
-        "batch_throughput_ratio": round(
-            (total("packed", "tokens") / total("packed", "batch_seconds"))
-            / (total("padded", "tokens") / total("padded", "batch_seconds")),
-            3,
-        ),
-        "same_outputs": f"{sum(run['same_outputs'] for run in runs)}/{len(runs)}",
+    summary: dict[str, Any] = {
+        f"apply_seconds ({kind})": round(total(kind, "apply_seconds"), 2) for kind in ENGINES
     }
+    summary |= {
+        f"batch_tokens_per_second ({kind})": round(
+            total(kind, "tokens") / total(kind, "batch_seconds"), 1
+        )
+        for kind in ENGINES
+    }
+    first, *_, last = ENGINES
+    ratios = [run[first]["apply_seconds"] / run[last]["apply_seconds"] for run in runs]
+    summary["apply_speedup_median (padded -> packed + 64)"] = round(statistics.median(ratios), 3)
+    summary["same_outputs"] = f"{sum(run['same_outputs'] for run in runs)}/{len(runs)}"
+    return summary
 
 
 if __name__ == "__main__":

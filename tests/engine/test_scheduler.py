@@ -225,3 +225,22 @@ def test_a_follower_prefills_itself_when_its_leader_is_cancelled(tiny_model: Mod
     while not follower.done.is_set():
         engine.step()
     assert follower.wait().token_ids == generate(tiny_model, prompt, params).token_ids
+
+
+def test_a_prompt_beside_decodes_is_prefilled_in_short_chunks(native_model: Model) -> None:
+    """On the native runtime a prompt that arrives while another sequence decodes is
+    prefilled ``prefill_chunk_busy`` tokens at a time, so the decoding one waits a short
+    forward between its steps; alone, a prompt takes the long chunks. Outputs: as alone."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = [list(range(5, 45)), list(range(50, 110))]
+    alone = [generate(native_model, p, params).token_ids for p in prompts]
+    engine = Engine(native_model, max_batch=2, start=False, prefill_chunk=100, prefill_chunk_busy=8)
+    steps = StepLog(engine)
+    first = _submit(engine, prompts[0], params)
+    engine.step()  # its whole prompt in one chunk: nothing else runs
+    second = _submit(engine, prompts[1], params)
+    while not (first.done.is_set() and second.done.is_set()):
+        engine.step()
+    prefills = [r.tokens for r in steps.records if r.kind == "prefill"]
+    assert prefills == [40] + [8] * 7 + [4], prefills
+    assert [first.wait().token_ids, second.wait().token_ids] == alone
