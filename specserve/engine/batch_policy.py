@@ -55,11 +55,10 @@ def choose_drafts(seqs: Seq[Sequence], costs: StepCosts) -> list[int]:
     """
     tuned = [len(seqs) > 1 and seq.source.adaptive for seq in seqs]
     keep = [0 if tuned[row] else seq.drafts for row, seq in enumerate(seqs)]
-    gains = [
-        (gain, row) for row, seq in enumerate(seqs) if tuned[row] for gain in seq.draft_gains()
-    ]
+    row_gains = [seq.draft_gains() for seq in seqs]
+    gains = [(gain, row) for row, g in enumerate(row_gains) if tuned[row] for gain in g]
     gains.sort(key=lambda g: -g[0])  # stable: a row's own drafts stay in order
-    tokens = len(seqs) + sum(sum(seqs[row].draft_gains()[:k]) for row, k in enumerate(keep))
+    tokens = len(seqs) + sum(sum(g[:k]) for g, k in zip(row_gains, keep, strict=True))
     total = len(seqs) + sum(keep)
     best_rate, chosen = tokens / costs.estimate(total), 0
     for i, (gain, _) in enumerate(gains):

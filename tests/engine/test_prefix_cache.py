@@ -29,11 +29,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def q4k_model(native_model: Model) -> Model:
-    return native_model
-
-
-@pytest.fixture(scope="module")
 def bf16_model(tiny_gguf: Path) -> Model:
     """The tiny Llama in bfloat16: rows independent of the row count, unlike float32's CPU
     GEMMs (tests/unit/test_kv_cache.py), so a hit must give the same bits."""
@@ -41,8 +36,8 @@ def bf16_model(tiny_gguf: Path) -> Model:
 
 
 @pytest.fixture(params=["bfloat16", "native-q4_k"])
-def model(request: pytest.FixtureRequest, bf16_model: Model, q4k_model: Model) -> Model:
-    return bf16_model if request.param == "bfloat16" else q4k_model
+def model(request: pytest.FixtureRequest, bf16_model: Model, native_model: Model) -> Model:
+    return bf16_model if request.param == "bfloat16" else native_model
 
 
 def _prefill_logits(model: Model, prompt: list[int], cache: PrefixCache | None) -> torch.Tensor:
