@@ -220,6 +220,7 @@ def run_once(
         "text": result.text,
         "seconds": total,
         "decode_seconds": result.decode_seconds,
+        "decode_tokens": result.decode_tokens,  # after the prefill's (it may verify drafts)
         "stats": result.stats.as_dict(),
         "prediction": prediction,
         "cached_tokens": result.cached_prompt_tokens,
@@ -242,7 +243,7 @@ def task_row(
         "tokens": len(mid["token_ids"]),
         "seconds": mid["seconds"],
         "decode_seconds": mid["decode_seconds"],
-        "decode_tokens": len(mid["token_ids"]) - 1,
+        "decode_tokens": mid["decode_tokens"],
         "prompt_tokens": len(task["prompt_ids"]),
         "cached_tokens": mid["cached_tokens"],
         "runs_seconds": [round(t["seconds"], 4) for t in tries],

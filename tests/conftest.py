@@ -32,6 +32,19 @@ def native_model(tmp_path_factory: pytest.TempPathFactory) -> Model:
 
 
 @pytest.fixture(scope="session")
+def bf16_model(tiny_gguf: Path) -> Model:
+    """The tiny Llama in bfloat16: rows independent of the row count, unlike float32's CPU
+    GEMMs (tests/unit/test_kv_cache.py)."""
+    return load_model(str(tiny_gguf), dtype="bfloat16", progress=False)
+
+
+@pytest.fixture(params=["bfloat16", "native-q4_k"])
+def exact_model(request: pytest.FixtureRequest, bf16_model: Model, native_model: Model) -> Model:
+    """Each format whose rows come out the same bits whatever else a forward computes."""
+    return bf16_model if request.param == "bfloat16" else native_model
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Model:
     """The real SmolLM2-135M-Instruct in the default format, shared by all slow tests."""
     return load_model("smollm2-135m-instruct", progress=False)

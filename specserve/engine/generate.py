@@ -13,6 +13,7 @@ from collections.abc import Sequence as Ids
 
 import torch
 
+from specserve.engine.prefill import PrefillChunk, prefill_chunk, start_sequence
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import KVCache
@@ -47,8 +48,7 @@ def generate(
     seq = Sequence(model, prompt_ids, params, speculation, prediction_ids, costs)
     cache = model.lm.new_cache(1, seq.max_len)
     lm = model.lm
-    logits = _prefill(model, seq, cache, prefix_cache)
-    piece = seq.start(logits)
+    piece = start_sequence(seq, _prefill(model, seq, cache, prefix_cache))
     while True:
         if on_text and piece:
             on_text(piece)
@@ -64,16 +64,14 @@ def generate(
 
 def _prefill(
     model: Model, seq: Sequence, cache: KVCache, prefix_cache: PrefixCache | None
-) -> torch.Tensor:
-    """The prompt into slot 0 of ``cache`` (after the prefix cache's longest hit, if any);
-    returns the last prompt position's logits."""
+) -> PrefillChunk:
+    """The prompt into slot 0 of ``cache`` (after the prefix cache's longest hit, if any)
+    in one chunk, which verifies the prediction's first drafts too (engine/prefill.py)."""
     hit = seq.restore_prefix(prefix_cache, cache, 0) if prefix_cache is not None else None
     start = 0 if hit is None else hit.length
-    prompt = torch.tensor([seq.prompt_ids[start:]])
-    batch = ForwardBatch(prompt, [0], [start])
-    logits, features = model.lm.forward_with_features(batch, cache, False)
-    seq.add_prompt_features(start, features[0])
+    chunk = prefill_chunk(model.lm, cache, 0, seq, start, len(seq.prompt_ids))
     if prefix_cache is not None:
-        kept = features[0] if hit is None else torch.cat([hit.features, features[0]])
+        kept = chunk.prompt_features
+        kept = kept if hit is None else torch.cat([hit.features, kept])
         prefix_cache.store(seq.prompt_ids, cache, 0, kept)
-    return logits[0, -1]
+    return chunk

@@ -26,8 +26,15 @@ class GenerationResult:
     # one per token of token_ids, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None
     cached_prompt_tokens: int = 0  # prompt positions reused from the prefix cache
+    # tokens out with the first (from the prefill: 1, or more when it verified drafts)
+    first_tokens: int = 1
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens the decode steps emitted (after the prefill's)."""
+        return len(self.token_ids) - self.first_tokens
 
     @property
     def decode_tokens_per_second(self) -> float:
-        steps = len(self.token_ids) - 1  # the first token comes from the prefill
+        steps = self.decode_tokens
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.engine.batch_policy import SpeculationGuard, batch_feeds
+from specserve.engine.prefill import prefill_chunk, start_sequence
 from specserve.engine.result import GenerationResult
 from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
@@ -149,13 +150,16 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         packed_batches: bool = True,
         prefill_chunk_busy: int = PREFILL_CHUNK_BESIDE_DECODES,
+        drafts_in_prefill: bool = True,
     ) -> None:
         """``start``: run in a thread of its own; else the caller runs `run_engines` (one
         compute thread for several engines sharing ``condition``). ``prefix_cache``: prompts
         start their prefill after the longest prefix kept there (model/prefix_cache.py).
         ``packed_batches``: where the runtime allows, a batch's rows carry only their own
         tokens (False pads them to one width, as other runtimes do: for comparisons).
-        ``prefill_chunk_busy``: the native runtime's prefill chunk while others decode."""
+        ``prefill_chunk_busy``: the native runtime's prefill chunk while others decode.
+        ``drafts_in_prefill``: a prompt's last chunk verifies its prediction's first drafts
+        (engine/prefill.py; False gives them a forward of their own: for comparisons)."""
         if max_batch < 1 or max_queue < 0 or min(prefill_chunk, prefill_chunk_busy) < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         room = model.max_context - PADDING_ROOM - MAX_DRAFT_TOKEN_COUNT
@@ -169,6 +173,7 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.packed_batches = packed_batches
         self.prefill_chunk_busy = prefill_chunk_busy
+        self.drafts_in_prefill = drafts_in_prefill
         self.cache = model.lm.new_cache(max_batch, self.context_limit + PADDING_ROOM)
         # Seconds per forward by batch size and width: the sequences' own tuners read the
         # batch-of-one table, the choice of a padded batch's width the table of its size. A
@@ -417,21 +422,22 @@ class Engine:
     def _prefill_chunk(self, job: Job, chunk: int) -> None:
         seq = job.seq
         assert seq is not None and job.slot is not None
-        end = min(job.prefilled + chunk, len(seq.prompt_ids))
-        tokens = torch.tensor([seq.prompt_ids[job.prefilled : end]])
+        start, end = job.prefilled, min(job.prefilled + chunk, len(seq.prompt_ids))
         began = time.perf_counter()
-        batch = ForwardBatch(tokens, [job.slot], [job.prefilled])
-        logits, features = self.model.lm.forward_with_features(batch, self.cache, False)
-        self._record("prefill", 1, tokens.shape[1], time.perf_counter() - began)
-        seq.add_prompt_features(job.prefilled, features[0])
+        done = prefill_chunk(
+            self.model.lm, self.cache, job.slot, seq, start, end, self.drafts_in_prefill
+        )
+        self._record("prefill", 1, done.features.shape[0], time.perf_counter() - began)
         if seq.source.feature_readers or self.prefix_cache is not None:
-            job.prompt_features.append((job.prefilled, features[0]))  # followers', kept
+            job.prompt_features.append((start, done.prompt_features))  # followers', kept
         job.prefilled = end
         if end == len(seq.prompt_ids):
             self._keep_prompt(job)
             job.started = True
-            job.prompt_logits = logits[0, -1]
-            self._deliver(job, seq.start(logits[0, -1]))
+            job.prompt_logits = done.last_prompt_logits
+            self._deliver(job, start_sequence(seq, done))
+            if self.prefix_cache is not None and done.feed is not None:
+                job.output_features.append(done.output_features(seq).clone())
 
     def _keep_prompt(self, job: Job) -> None:
         """A prefilled prompt into the prefix cache (requests with the same opening need not

@@ -124,9 +124,11 @@ class Sequence:
         self.cached_prompt_tokens = 0  # prompt positions whose KV came from a prefix cache
         self.finish_reason: str | None = None  # "stop" or "length" once done
         self.first_token_at: float | None = None
+        self.first_tokens = 0  # tokens out with the first (several: drafts the prefill verified)
         self.finished_at: float | None = None
         self._proposal: Proposal | None = None
         self._from_drafter = 0  # drafts of the pending proposal that the drafter made
+        self._source_prefilled = False  # whether the proposers have seen the prompt
         # (start, features [T, C] bf16) of every position whose features the target computed,
         # kept when asked (training data for EAGLE heads: no second forward needed)
         self._features: list[tuple[int, torch.Tensor]] | None = [] if record_features else None
@@ -161,9 +163,38 @@ class Sequence:
         """After the prefill: pick the first token from the last prompt position's logits."""
         logits = self.rules.shape(last_prompt_logits[None], [])
         token = pick_token(logits[0], self.params, self.sample_gen)
-        self.source.prefill(self.prompt_ids)
+        self._prefill_source()
         self.first_token_at = time.perf_counter()
-        return self._emit([token], logits)
+        piece = self._emit([token], logits)
+        self.first_tokens = len(self.out)
+        return piece
+
+    def first_feed(self) -> list[int] | None:
+        """Before the prefill's last chunk of a request with a prediction: the feed ``[last
+        prompt token, *drafts]`` of its first step (the prediction's drafts, continued as in
+        any step), which that chunk then carries and verifies (`start_verified`: no forward
+        of their own); None without a prediction or drafts (then `start`)."""
+        if self.source.prediction is None:
+            return None
+        self._prefill_source()
+        feed = self.next_feed()
+        if len(feed) > 1:
+            return feed
+        self._proposal = None
+        return None
+
+    def start_verified(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> str:
+        """After a prefill whose last chunk carried `first_feed`: verify its drafts with the
+        logits (and features) of the feed's positions, as `accept` does a step's."""
+        self.first_token_at = time.perf_counter()
+        piece = self.accept(logits, features)
+        self.first_tokens = len(self.out)
+        return piece
+
+    def _prefill_source(self) -> None:
+        if not self._source_prefilled:
+            self.source.prefill(self.prompt_ids)
+            self._source_prefilled = True
 
     def next_feed(self) -> list[int]:
         """The tokens of this sequence's next forward: the last token and up to k drafts."""
@@ -297,6 +328,7 @@ class Sequence:
             token_ids=list(self.out),
             prompt_tokens=len(self.prompt_ids),
             cached_prompt_tokens=self.cached_prompt_tokens,
+            first_tokens=self.first_tokens,
             finish_reason=self.finish_reason or "cancelled",
             time_to_first_token=first - self.submitted_at,
             decode_seconds=end - first,

@@ -333,9 +333,12 @@ class CausalLM(torch.nn.Module):
         batch: ForwardBatch,
         cache: KVCache,
         all_logits: bool = True,
+        last_logits: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits as `forward`, and the features ``[B, T, C]`` of every position: the last
-        hidden states before the final norm, float32 — what EAGLE-style drafters read."""
+        """Logits as `forward` (or ``[B, n, V]`` of the last ``last_logits`` = n positions),
+        and the features ``[B, T, C]`` of every position: the last hidden states before the
+        final norm, float32 — what EAGLE-style drafters read."""
+        rows = last_logits if last_logits is not None else (None if all_logits else 1)
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"
         T = tokens.shape[1]
@@ -347,7 +350,7 @@ class CausalLM(torch.nn.Module):
             return self._forward_packed(batch, cache, plans)
         x = self._embed_scaled(tokens)
         if plans is not None:
-            return self._finish(self._native_layers(x, batch, cache, plans), all_logits)
+            return self._finish(self._native_layers(x, batch, cache, plans), rows)
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # [B, T]
         read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
@@ -361,7 +364,7 @@ class CausalLM(torch.nn.Module):
                 x = block(x, batch, cache, rope_local, sliding, self.dtype)
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
-        return self._finish(x, all_logits)
+        return self._finish(x, rows)
 
     def _forward_packed(
         self, batch: ForwardBatch, cache: KVCache, plans: list[tuple] | None
@@ -373,7 +376,7 @@ class CausalLM(torch.nn.Module):
             logits, features = self.forward_with_features(replace(batch, lengths=None), cache)
             return logits.flatten(0, 1)[index], features.flatten(0, 1)[index]
         x = self._embed_scaled(batch.tokens.flatten()[index][None])  # [1, M, C]
-        logits, features = self._finish(self._native_layers(x, batch, cache, plans)[None], True)
+        logits, features = self._finish(self._native_layers(x, batch, cache, plans)[None], None)
         return logits[0], features[0]
 
     def _embed_scaled(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -407,9 +410,10 @@ class CausalLM(torch.nn.Module):
         return self._plans
 
     def _finish(
-        self, features: torch.Tensor, all_logits: bool
+        self, features: torch.Tensor, rows: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final norm and LM head over the last hidden states ``[B, T, C]``."""
-        x = features if all_logits else features[:, -1:]
+        """The final norm and LM head over the last hidden states ``[B, T, C]`` (of the last
+        ``rows`` positions only, when given)."""
+        x = features if rows is None else features[:, -rows:]
         x = F.rms_norm(x, self.output_norm.shape, self.output_norm, self.config.rms_norm_eps)
         return self.lm_head(x.to(self.dtype)).float(), features

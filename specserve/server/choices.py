@@ -68,6 +68,7 @@ def merge_results(results: Sequence[GenerationResult]) -> GenerationResult:
         token_ids=[t for r in results for t in r.token_ids],
         prompt_tokens=first.prompt_tokens,
         cached_prompt_tokens=first.cached_prompt_tokens,
+        first_tokens=sum(r.first_tokens for r in results),
         finish_reason=first.finish_reason,
         time_to_first_token=min(r.time_to_first_token for r in results),
         decode_seconds=max(r.decode_seconds for r in results),

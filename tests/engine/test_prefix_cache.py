@@ -4,7 +4,6 @@ it produces changes — the same logits, bit for bit, and the same tokens."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from specserve.engine.generate import _prefill, generate
 from specserve.engine.scheduler import Engine
 from specserve.engine.sequence import Sequence
 from specserve.model.kv_cache import KVCache
-from specserve.model.loader import Model, load_model
+from specserve.model.loader import Model
 from specserve.model.prefix_cache import PrefixCache
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import SpeculationConfig
@@ -28,23 +27,17 @@ NGRAM = SpeculationConfig("ngram", 4, ngram_length=2, adaptive=False)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def bf16_model(tiny_gguf: Path) -> Model:
-    """The tiny Llama in bfloat16: rows independent of the row count, unlike float32's CPU
-    GEMMs (tests/unit/test_kv_cache.py), so a hit must give the same bits."""
-    return load_model(str(tiny_gguf), dtype="bfloat16", progress=False)
-
-
-@pytest.fixture(params=["bfloat16", "native-q4_k"])
-def model(request: pytest.FixtureRequest, bf16_model: Model, native_model: Model) -> Model:
-    return bf16_model if request.param == "bfloat16" else native_model
+@pytest.fixture
+def model(exact_model: Model) -> Model:
+    """bfloat16 and native Q4_K: a hit must give the same bits."""
+    return exact_model
 
 
 def _prefill_logits(model: Model, prompt: list[int], cache: PrefixCache | None) -> torch.Tensor:
     """Last-position logits of ``prompt``'s prefill (generate's own), after the cache's hit if
     there is one; the prompt is kept in the cache afterwards."""
     seq = Sequence(model, prompt, GREEDY)
-    return _prefill(model, seq, model.lm.new_cache(1, 256), cache)
+    return _prefill(model, seq, model.lm.new_cache(1, 256), cache).last_prompt_logits
 
 
 def test_a_hit_gives_the_same_logits_bit_for_bit(model: Model) -> None:

@@ -97,9 +97,9 @@ def test_a_draft_model_continues_a_prediction_and_output_stays_plain(tiny_model:
     )
     assert result.token_ids == plain.token_ids
     stats = result.stats.by_method["prediction"]
-    # The first token comes from the prefill; the first step drafted the prediction's other
-    # 9 tokens and 4 more from the model, and the target kept all 13.
-    assert len(stats.proposed_per_position) == 13 and stats.accepted_per_position[12] >= 1
+    # The prefill's last chunk verified the first step (engine/prefill.py): the prediction's
+    # 10 tokens and 4 more from the model, and the target kept all 14.
+    assert len(stats.proposed_per_position) == 14 and stats.accepted_per_position[13] >= 1
 
 
 def test_mixed_drafts_with_an_imperfect_drafter_stay_lossless(

@@ -97,7 +97,9 @@ def test_batched_requests_equal_each_alone(
 @pytest.mark.parametrize("fmt", ["float32", "native"])
 def test_prediction_in_a_batch_is_fully_accepted(request: pytest.FixtureRequest, fmt: str) -> None:
     model: Model = request.getfixturevalue("tiny_model" if fmt == "float32" else "native_model")
-    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    # Longer than the prefill's drafts cover (at most 64: engine/prefill.py), so that decode
+    # steps carry the rest of the prediction beside the other request.
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
     prompt = list(range(40, 52))
     plain = generate(model, prompt, params)
     engine = Engine(model, max_batch=2)
