@@ -13,8 +13,9 @@ it comes, a `<tool_call>` block becomes `delta.tool_calls` once it closes.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from specserve.engine.result import GenerationResult
@@ -56,25 +57,51 @@ class ChoiceStream:
 async def stream_events(
     call: Call, plan: Plan, include_usage: bool, jobs: Sequence[Job], relay: Relay
 ) -> AsyncIterator[str]:
-    """The SSE body of a streamed request; a client that leaves cancels every choice."""
+    """The SSE body of a streamed request; a client that leaves cancels every choice.
+
+    A chat's opening chunks (each choice's ``role``) go out with the first event after them,
+    not alone: they carry no text, and behind Ray each write the replica sends costs about
+    a millisecond of CPU (docs/ray.md). No text waits for them.
+    """
     created = int(time.time())
+    opening = ""
+    if call.kind == "chat":
+        role = {"role": "assistant"}
+        opening = "".join(
+            _event(call, created, [delta_choice("chat", i, role)]) for i in range(len(jobs))
+        )
+    # Closed with this generator (a client that leaves): its cleanup frees the sequences now.
+    async with contextlib.aclosing(
+        _events(call, created, include_usage, jobs, relay, plan)
+    ) as events:
+        async for chunk in events:
+            yield opening + chunk
+            opening = ""
 
-    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        chunk = stream_chunk(call.kind, call.request_id, created, call.served.id, choices)
-        return sse({**chunk, **extra})
 
+def _event(call: Call, created: int, choices: list[dict[str, Any]], **extra: Any) -> str:
+    chunk = stream_chunk(call.kind, call.request_id, created, call.served.id, choices)
+    return sse({**chunk, **extra})
+
+
+async def _events(
+    call: Call,
+    created: int,
+    include_usage: bool,
+    jobs: Sequence[Job],
+    relay: Relay,
+    plan: Plan,
+) -> AsyncGenerator[str, None]:
+    """`stream_events` after the opening chunks."""
     streams = [ChoiceStream(call.kind, i, plan) for i in range(len(jobs))]
     results: dict[int, GenerationResult] = {}
     finished = False
     try:
-        if call.kind == "chat":
-            for i in range(len(jobs)):
-                yield event([delta_choice("chat", i, {"role": "assistant"})])
         while len(results) < len(jobs):
             item = await relay.queue.get()
             if isinstance(item.payload, str):
                 for choice in streams[item.index].text(item.payload):
-                    yield event([choice])
+                    yield _event(call, created, [choice])
                 continue
             done = item.payload
             if done.error is not None or done.result is None:
@@ -85,13 +112,13 @@ async def stream_events(
                 break
             result = results[item.index] = done.result
             for choice in streams[item.index].end(result):
-                yield event([choice])
+                yield _event(call, created, [choice])
         else:
             finished = True
             ordered = [results[i] for i in range(len(jobs))]
             call.record("ok", merge_results(ordered))
             if include_usage:
-                yield event([], usage=usage(ordered, call.served))
+                yield _event(call, created, [], usage=usage(ordered, call.served))
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client disconnected mid-stream: free the sequences now
