@@ -6,10 +6,11 @@ event loop never waits on model compute. Each iteration it
 1. drops cancelled requests (a client that disconnected) and admits waiting ones into free
    slots — sequences join and leave between steps;
 2. prefills one chunk of the oldest admitted prompt (long prompts do not stall the others),
-   starting after the longest prefix its prefix cache keeps, if it has one;
+   starting after the longest prefix its prefix cache keeps, if it has one; the last chunk
+   also verifies a prediction's first drafts (engine/prefill.py);
 3. runs one decode step for every sequence past its prefill: each contributes its last token
-   plus its own drafts (its own proposers, its own self-tuned length), rows are padded to the
-   longest feed, and one target forward verifies them all.
+   plus its own drafts (its own proposers, its own self-tuned length), rows are packed (the
+   native runtime) or padded to the longest feed, and one target forward verifies them all.
 
 Rows of one forward do not influence each other (row-independent GEMMs, per-row attention
 over position blocks), so a request's tokens do not depend on what it was batched with.
