@@ -7,6 +7,7 @@ a prediction equal to the output is then the output, token for token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -24,7 +25,7 @@ from specserve.deployments.store import DeploymentStore
 from specserve.engine.generate import generate
 from specserve.engine.prompt_file import load_prompts
 from specserve.model.loader import Model, load_model
-from specserve.server.app import ServerSettings
+from specserve.server.app import ServerSettings, create_app
 from specserve.server.served import EngineOptions, load_deployments
 from specserve.speculative.proposers.prediction import PredictionStats
 from specserve.speculative.sampling import SamplingParams
@@ -366,3 +367,49 @@ def test_a_prediction_that_is_not_utf8_gets_a_400(server: RunningServer) -> None
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "prediction.content" and "lone surrogate" in error["message"]
+
+
+async def _body_messages(app: object, path: str, body: dict[str, object]) -> list[bytes]:
+    """The bodies of the app's ASGI ``http.response.body`` messages, one per write."""
+    sent: list[bytes] = []
+    payload = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+    }  # fmt: skip
+    delivered = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        if not delivered.is_set():
+            delivered.set()
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect
+        return {}
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            sent.append(bytes(message["body"]))  # type: ignore[arg-type]
+
+    await app(scope, receive, send)  # type: ignore[operator]
+    return sent
+
+
+def test_a_chat_stream_opens_with_its_first_text(server: RunningServer) -> None:
+    """The role chunk goes out in the same write as the first text, never alone (behind Ray
+    each write is an item that costs CPU): the events are those of a stream, in order."""
+    app = create_app(server.served, ServerSettings())
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "the cat sat"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+    }
+    writes = asyncio.run(_body_messages(app, "/v1/chat/completions", body))
+    first = [json.loads(e.removeprefix("data: ")) for e in writes[0].decode().split("\n\n") if e]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert first[1]["choices"][0]["delta"]["content"]
+    events = b"".join(writes).decode().split("\n\n")
+    assert events[-2] == "data: [DONE]" and events[-1] == ""
