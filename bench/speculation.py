@@ -117,6 +117,7 @@ def _row(
     same: bool,
     stats: dict[str, Any] | None,
     prediction: Any = None,
+    first_tokens: int = 1,  # out with the first token (more: drafts the prefill verified)
 ) -> dict[str, Any]:
     steps = stats["target_steps"] if stats else 0  # unknown for peers
     generated = stats["generated"] if stats else 0
@@ -125,7 +126,7 @@ def _row(
         "prompt": i,
         "method": method,
         "new_tokens": len(tokens),
-        "decode_tokens": len(tokens) - 1,
+        "decode_tokens": len(tokens) - first_tokens,
         "decode_seconds": decode_s,
         "total_seconds": total_s,
         "target_steps": steps,
@@ -150,6 +151,7 @@ def _result_row(
         same,
         result.stats.as_dict(),
         prediction,
+        result.first_tokens,
     )
 
 

@@ -79,6 +79,7 @@ class Measurement:
     proposed_per_position: list[int]  # drafts proposed at draft position 1, 2, ...
     accepted_per_position: list[int]  # of those, accepted by the target
     identical_to_plain: bool  # output tokens equal plain's on this prompt
+    first_tokens: int = 1  # out with the first token (more when the prefill verified drafts)
 
 
 @dataclass

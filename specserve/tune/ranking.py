@@ -56,18 +56,20 @@ class _PerPrompt:
     tokens: np.ndarray
     decode_seconds: np.ndarray
     total_seconds: np.ndarray
+    decode_tokens: np.ndarray  # after those that came out with the first
 
 
 def _per_prompt(measurements: Sequence[Measurement]) -> _PerPrompt:
     sums: dict[int, list[float]] = {}
     for m in measurements:
-        row = sums.setdefault(m.prompt_index, [0.0, 0.0, 0.0])
+        row = sums.setdefault(m.prompt_index, [0.0, 0.0, 0.0, 0.0])
         row[0] += m.tokens
         row[1] += m.decode_seconds
         row[2] += m.total_seconds
+        row[3] += m.tokens - m.first_tokens
     prompts = tuple(sorted(sums))
-    table = np.array([sums[p] for p in prompts], dtype=np.float64).reshape(-1, 3)
-    return _PerPrompt(prompts, table[:, 0], table[:, 1], table[:, 2])
+    table = np.array([sums[p] for p in prompts], dtype=np.float64).reshape(-1, 4)
+    return _PerPrompt(prompts, table[:, 0], table[:, 1], table[:, 2], table[:, 3])
 
 
 def _ratio(
@@ -192,11 +194,12 @@ def _speedups(
 ) -> tuple[float, float, float, float]:
     """(decode speedup, its 95% interval's low and high end, end-to-end speedup); the
     interval is NaN when no resample gives a finite ratio."""
-    speedup = float(_ratio(mine.tokens, mine.decode_seconds, plain.tokens, plain.decode_seconds))
+    mine_decode, plain_decode = mine.decode_tokens, plain.decode_tokens
+    speedup = float(_ratio(mine_decode, mine.decode_seconds, plain_decode, plain.decode_seconds))
     e2e = float(_ratio(mine.tokens, mine.total_seconds, plain.tokens, plain.total_seconds))
     boot = _ratio(
-        mine.tokens[draws], mine.decode_seconds[draws],
-        plain.tokens[draws], plain.decode_seconds[draws],
+        mine_decode[draws], mine.decode_seconds[draws],
+        plain_decode[draws], plain.decode_seconds[draws],
     )  # fmt: skip
     if np.isnan(boot).all():
         return speedup, math.nan, math.nan, e2e

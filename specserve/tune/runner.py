@@ -64,6 +64,7 @@ def _record(name: str, index: int, result: GenerationResult, identical: bool) ->
         proposed_per_position=positions.proposed_per_position,
         accepted_per_position=positions.accepted_per_position,
         identical_to_plain=identical,
+        first_tokens=result.first_tokens,
     )
 
 
