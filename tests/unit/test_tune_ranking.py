@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -105,6 +106,14 @@ def test_speedup_is_a_ratio_of_sums_not_a_mean_of_ratios() -> None:
     (first, _) = rank([PLAIN, NGRAM], ms)
     assert first.speedup == pytest.approx((110 / 7.0) / (110 / 11.0))
     assert first.end_to_end_speedup == pytest.approx((110 / 7.2) / (110 / 11.2))
+
+
+def test_decode_speedup_counts_only_the_tokens_after_the_prefills() -> None:
+    """A prediction's first step rides in the prefill (engine/prefill.py): the tokens that
+    came out with the first are not the decode phase's, whose seconds do not include them."""
+    with_prediction = dataclasses.replace(measure(NGRAM, 0, 101, 5.0), first_tokens=21)
+    (first, _) = rank([PLAIN, NGRAM], [measure(PLAIN, 0, 101, 10.0), with_prediction])
+    assert first.speedup == pytest.approx((80 / 5.0) / (100 / 10.0))
 
 
 def test_plain_wins_when_every_candidate_is_slower() -> None:
