@@ -33,6 +33,9 @@ log = logging.getLogger("specserve.ray")
 APP = "specserve"  # the one Serve application: ingress, metrics hub, every deployment's engines
 REPLICA_HEADER = "x-specserve-replica"  # which replica answered (debugging, tests)
 METRICS_PUSH_SECONDS = 1.0  # how often a replica sends its metrics to the hub
+# A response's start waits for its first chunk at most this long (a stream's first text
+# comes after the prompt's prefill), so that clients and proxies see the headers in time.
+START_ALONE_AFTER_S = 1.0
 METRICS_STALE_SECONDS = 15.0  # a replica silent this long is gone (dead or scaled down)
 
 
@@ -126,14 +129,16 @@ async def call_asgi(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     interval: float = 0.0,
+    start_alone_after: float = START_ALONE_AFTER_S,
 ) -> AsyncIterator[dict[str, Any] | bytes]:
     """Call an ASGI app with a complete request body; yield the response start with the
     body's first chunk as ``{"status", "headers", "body"}`` (one item: each costs a Ray
-    message), then the rest of the body, each item no sooner than ``interval`` seconds after
-    the one before (what arrives in between is joined to it; a chunk that comes later than
-    that goes out at once). When the caller stops reading (its client went away, or the
-    replica is stopping), the app sees ``http.disconnect``, which frees the sequence as a
-    disconnect does without Ray."""
+    message; alone, with an empty body, if no chunk comes within ``start_alone_after``
+    seconds: a long prefill), then the rest of the body, each item no sooner than
+    ``interval`` seconds after the one before (what arrives in between is joined to it; a
+    chunk that comes later than that goes out at once). When the caller stops reading (its
+    client went away, or the replica is stopping), the app sees ``http.disconnect``, which
+    frees the sequence as a disconnect does without Ray."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = asyncio.Event()
     delivered = False
@@ -159,7 +164,7 @@ async def call_asgi(
 
     task = asyncio.create_task(run())
     try:
-        async with contextlib.aclosing(_items(messages, interval)) as items:
+        async with contextlib.aclosing(_items(messages, interval, start_alone_after)) as items:
             async for item in items:
                 yield item
     finally:
@@ -171,13 +176,17 @@ async def call_asgi(
 
 
 async def _items(
-    messages: asyncio.Queue[dict[str, Any] | None], interval: float
+    messages: asyncio.Queue[dict[str, Any] | None], interval: float, start_alone_after: float
 ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
     """The app's ASGI messages as `call_asgi` yields them (see there)."""
     start: dict[str, Any] | None = None  # the response's start, until its first chunk
     sent_at = 0.0  # when the last item went out
-    while (message := await messages.get()) is not None:
-        if message["type"] == "http.response.start":
+    while (message := await _next(messages, start, start_alone_after)) is not None:
+        if message == _START_ALONE:  # a long prefill: the client gets its headers now
+            assert start is not None
+            yield {**start, "body": b""}
+            start, sent_at = None, time.monotonic()
+        elif message["type"] == "http.response.start":
             pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
             start = {"status": message["status"], "headers": pairs}
         elif message["type"] == "http.response.body":
@@ -191,6 +200,24 @@ async def _items(
                 return
     if start is not None:  # the app ended without a body message
         yield {**start, "body": b""}
+
+
+_START_ALONE: dict[str, Any] = {"type": "start alone"}  # `_next`'s "send the start now"
+
+
+async def _next(
+    messages: asyncio.Queue[dict[str, Any] | None],
+    start: dict[str, Any] | None,
+    start_alone_after: float,
+) -> dict[str, Any] | None:
+    """The app's next message; while a response's start waits for its first chunk, at most
+    ``start_alone_after`` seconds, then `_START_ALONE`."""
+    if start is None:
+        return await messages.get()
+    try:
+        return await asyncio.wait_for(messages.get(), start_alone_after)
+    except TimeoutError:
+        return _START_ALONE
 
 
 async def _body_until(

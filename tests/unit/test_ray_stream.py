@@ -39,3 +39,22 @@ def test_events_within_the_interval_are_joined() -> None:
 def test_no_interval_sends_each_event_alone() -> None:
     start, *body = asyncio.run(_items(0.0))
     assert start["body"] == b"a" and body == [b"b", b"c", b"d", b"e"]
+
+
+async def _late_first_chunk(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await asyncio.sleep(0.3)  # a long prefill
+    await send({"type": "http.response.body", "body": b"a", "more_body": False})
+
+
+def test_the_start_goes_alone_when_the_first_chunk_is_late() -> None:
+    """The client gets its headers after ``start_alone_after``, not after the prefill."""
+
+    async def items() -> list[Any]:
+        call = call_asgi(_late_first_chunk, "POST", "/", b"", [], b"", start_alone_after=0.05)
+        return [item async for item in call]
+
+    start, *body = asyncio.run(items())
+    assert start == {"status": 200, "headers": [], "body": b""} and body == [b"a"]
+    assert asyncio.run(_items(0.15))[0]["body"] == b"a"  # an early chunk still rides along
