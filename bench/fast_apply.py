@@ -143,7 +143,7 @@ class PreviousPrompt:
         self.ids = ids
         self.kv = model.lm.new_cache(1, len(ids))
         batch = ForwardBatch(torch.tensor([ids]), [0], [0])
-        self.features = model.lm.forward_with_features(batch, self.kv, False)[1][0]
+        self.features = model.lm.forward_with_features(batch, self.kv, last_logits=1)[1][0]
 
     def cache(self) -> PrefixCache:
         cache = PrefixCache(EngineOptions.prefix_cache_mb * MIB)  # the server's default

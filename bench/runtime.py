@@ -138,14 +138,14 @@ class Forwards:
     def reset(self, max_len: int) -> None:
         self.cache = self.lm.new_cache(1, max_len)
 
-    def __call__(self, ids: list[int], start: int, all_logits: bool = True) -> Any:
+    def __call__(self, ids: list[int], start: int, last_logits: int | None = None) -> Any:
         tokens = torch.tensor([ids])  # (1, T)
-        return self.lm(ForwardBatch(tokens, [0], [start]), self.cache, all_logits)  # (1, T|1, V)
+        return self.lm(ForwardBatch(tokens, [0], [start]), self.cache, last_logits)  # (1, T|n, V)
 
     def decode(self, prompt: list[int], steps: int) -> float:
         """Seconds for ``steps`` greedy one-token steps after ``prompt`` (prefill untimed)."""
         self.reset(len(prompt) + steps + 1)
-        token = int(self(prompt, 0, all_logits=False)[0, -1].argmax())
+        token = int(self(prompt, 0, last_logits=1)[0, -1].argmax())
         begin = time.perf_counter()
         for position in range(len(prompt), len(prompt) + steps):
             token = int(self([token], position)[0, -1].argmax())
@@ -170,7 +170,7 @@ def specserve_forwards(fwd: Forwards, ids: list[int], s: Settings) -> dict[str, 
     """One forward over k new tokens after ``len(ids)`` cached ones; the ks take turns."""
     context = s.prompt_tokens
     fwd.reset(context + max(s.ks))
-    fwd(ids[:context], 0, all_logits=False)
+    fwd(ids[:context], 0, last_logits=1)
     new = ids[context:]
     calls = {str(k): partial(fwd, new[:k], context) for k in s.ks}
     stats = time_in_turns(calls, s.repeats, s.warmup)
@@ -184,7 +184,7 @@ def profile_step(fwd: Forwards, ids: list[int], steps: int, top: int = 8) -> dic
     from torch.profiler import ProfilerActivity, profile
 
     fwd.reset(len(ids) + 1)
-    fwd(ids, 0, all_logits=False)
+    fwd(ids, 0, last_logits=1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         begin = time.perf_counter()
         for _ in range(steps):

@@ -284,10 +284,11 @@ class CausalLM(torch.nn.Module):
         self,
         batch: ForwardBatch,
         cache: KVCache,
-        all_logits: bool = True,
+        last_logits: int | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, T, V]`` (or ``[B, 1, V]`` for the last position) in float32."""
-        return self.forward_with_features(batch, cache, all_logits)[0]
+        """Logits ``[B, T, V]`` in float32 (``[B, n, V]``: the last ``last_logits`` = n
+        positions only)."""
+        return self.forward_with_features(batch, cache, last_logits)[0]
 
     def _native_layers(
         self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, plans: list[tuple]
@@ -332,13 +333,11 @@ class CausalLM(torch.nn.Module):
         self,
         batch: ForwardBatch,
         cache: KVCache,
-        all_logits: bool = True,
         last_logits: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits as `forward` (or ``[B, n, V]`` of the last ``last_logits`` = n positions),
         and the features ``[B, T, C]`` of every position: the last hidden states before the
         final norm, float32 — what EAGLE-style drafters read."""
-        rows = last_logits if last_logits is not None else (None if all_logits else 1)
         tokens = batch.tokens
         assert tokens.ndim == 2, "tokens must be [B, T]"
         T = tokens.shape[1]
@@ -350,7 +349,7 @@ class CausalLM(torch.nn.Module):
             return self._forward_packed(batch, cache, plans)
         x = self._embed_scaled(tokens)
         if plans is not None:
-            return self._finish(self._native_layers(x, batch, cache, plans), rows)
+            return self._finish(self._native_layers(x, batch, cache, plans), last_logits)
         offsets = torch.arange(T, device=tokens.device)
         positions = torch.tensor(batch.starts, device=tokens.device)[:, None] + offsets  # [B, T]
         read_len = round_up_to_block(end)  # see POSITION_BLOCK: exactness across T
@@ -364,7 +363,7 @@ class CausalLM(torch.nn.Module):
                 x = block(x, batch, cache, rope_local, sliding, self.dtype)
             else:
                 x = block(x, batch, cache, rope, causal, self.dtype)
-        return self._finish(x, rows)
+        return self._finish(x, last_logits)
 
     def _forward_packed(
         self, batch: ForwardBatch, cache: KVCache, plans: list[tuple] | None

@@ -182,7 +182,7 @@ async def _items(
     start: dict[str, Any] | None = None  # the response's start, until its first chunk
     sent_at = 0.0  # when the last item went out
     while (message := await _next(messages, start, start_alone_after)) is not None:
-        if message == _START_ALONE:  # a long prefill: the client gets its headers now
+        if message is _START_ALONE:  # a long prefill: the client gets its headers now
             assert start is not None
             yield {**start, "body": b""}
             start, sent_at = None, time.monotonic()

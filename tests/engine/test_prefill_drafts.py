@@ -38,7 +38,7 @@ def test_feed_rows_in_the_prefill_equal_a_step_of_their_own(exact_model: Model) 
     )
     apart = lm.new_cache(1, 128)
     first, prompt_features = lm.forward_with_features(
-        ForwardBatch(torch.tensor([PROMPT]), [0], [0]), apart, False
+        ForwardBatch(torch.tensor([PROMPT]), [0], [0]), apart, last_logits=1
     )
     step, step_features = lm.forward_with_features(
         ForwardBatch(torch.tensor([drafts]), [0], [len(PROMPT)]), apart

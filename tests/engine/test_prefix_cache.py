@@ -86,7 +86,7 @@ def test_the_engine_reuses_prefixes_in_chunks_and_outputs_stay_the_same(model: M
 def _kv(model: Model, prompt: list[int]) -> tuple[KVCache, torch.Tensor]:
     kv = model.lm.new_cache(1, 256)
     _, features = model.lm.forward_with_features(
-        ForwardBatch(torch.tensor([prompt]), [0], [0]), kv, False
+        ForwardBatch(torch.tensor([prompt]), [0], [0]), kv, last_logits=1
     )
     return kv, features[0]
 

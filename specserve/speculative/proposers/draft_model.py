@@ -54,7 +54,7 @@ class DraftModelProposer:
 
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
         batch = ForwardBatch(torch.tensor([tokens]), [0], [start])
-        return self.draft.lm(batch, self.cache, all_logits=False)[0, -1]  # [V]
+        return self.draft.lm(batch, self.cache, last_logits=1)[0, -1]  # [V]
 
     def prefill(self, prompt_ids: list[int]) -> None:
         """Process the prompt with the draft model alongside the target's prefill, so the
