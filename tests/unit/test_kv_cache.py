@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,19 @@ def test_k_token_forward_matches_single_steps_on_smollm2(smollm2: Model) -> None
         f"{agree} equal argmax"
     )
     assert identical == total
+
+
+def _onednn_isa_after_import(env: dict[str, str]) -> str:
+    code = "import os, specserve; print(os.environ['ONEDNN_MAX_CPU_ISA'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_importing_specserve_keeps_onednn_off_amx_unless_the_user_chose() -> None:
+    """oneDNN's AMX bfloat16 kernels round a row differently with the row count (seen on an
+    Emerald Rapids machine by test_prefill_drafts' bfloat16 case), so the package caps oneDNN
+    at AVX-512 with BF16 before any model runs; a value the user set is left alone."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    assert _onednn_isa_after_import(env) == "AVX512_CORE_BF16"
+    assert _onednn_isa_after_import({**env, "ONEDNN_MAX_CPU_ISA": "AVX2"}) == "AVX2"
