@@ -20,6 +20,7 @@ setup(
                     "layout.h",
                     "pool.h",
                     "kernel_generic.inc",
+                    "kernel_avx2.inc",
                     "kernel_avx512.inc",
                     "layer_body.inc",
                     "attention_avx512.inc",

@@ -118,6 +118,42 @@ def test_rows_are_bit_identical_whatever_the_batch(qtype: Q, each_isa: list[str]
         assert torch.equal(rows, first), isa
 
 
+# Where each type's quantized weight codes sit in its GGUF block, and the byte that makes
+# them extreme: largest codes, or Q8_0's -128 (whose sign trick has the largest products).
+CODE_BYTES = {
+    Q.Q4_0: (slice(2, 18), 0xFF),
+    Q.Q4_1: (slice(4, 20), 0xFF),
+    Q.Q5_0: (slice(2, 22), 0xFF),
+    Q.Q8_0: (slice(2, 34), 0x80),
+    Q.Q4_K: (slice(16, 144), 0xFF),
+    Q.Q5_K: (slice(16, 176), 0xFF),
+    Q.Q6_K: (slice(0, 192), 0xFF),
+}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_extreme_codes_do_not_saturate_any_path(qtype: Q, each_isa: list[str]) -> None:
+    """All weight codes at their extreme and activations at +-127 in every position: the
+    largest integer sums the kernels can meet. The AVX2 path adds 16-bit partial sums
+    (vpmaddubsw saturates at 32767), so one group too many in a run would show here."""
+    codes, byte = CODE_BYTES[qtype]
+    raw = random_raw(qtype, 32, 512, seed=5)
+    blocks = raw.reshape(32, 512 // (32 if qtype not in K_QUANTS else 256), -1)
+    blocks[..., codes] = byte
+    layer = PackedLinear([packing.pack(packing.decompose(raw, qtype, 512))])
+    weights = dequantize(raw, qtype).astype(np.float64)
+    x = torch.ones(4, 512)
+    x[1] = -1
+    x[2, ::2] = -1  # alternating signs: no cancellation hides a saturated sum in row 0 or 1
+    x[3] = torch.linspace(-1, 1, 512)
+    exact = quantize_rows_reference(x.numpy()).astype(np.float64) @ weights.T
+    bound = SUM_TOLERANCE * (np.abs(quantize_rows_reference(x.numpy())) @ np.abs(weights.T))
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        y = layer(x).numpy()
+        assert np.all(np.abs(y - exact) <= bound), (isa, np.abs(y - exact).max())
+
+
 def test_thread_count_does_not_change_results() -> None:
     native = native_module()
     layer, _ = packed_linear(Q.Q4_K, 256, 512)

@@ -96,7 +96,7 @@ SPECSERVE_QUANTIZE_BODY
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 SPECSERVE_QUANTIZE_BODY
-#include "kernel_generic.inc"
+#include "kernel_avx2.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -157,15 +157,13 @@ static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_
     avx512::tile_rows(pw, t, *job.rows, r0, static_cast<int>(r1 - r0), job.out, job.ldo);
     return;
   }
+  if (job.isa == AVX2) {
+    avx2::tile_rows(pw, t, *job.rows, r0, static_cast<int>(r1 - r0), job.out, job.ldo);
+    return;
+  }
 #endif
   for (int64_t r = r0; r < r1; r += kMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, r1 - r));
-#if defined(__x86_64__)
-    if (job.isa == AVX2) {
-      avx2::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
-      continue;
-    }
-#endif
     generic::tile_rows(pw, t, *job.rows, r, rows, job.out, job.ldo);
   }
 }
