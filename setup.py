@@ -24,6 +24,7 @@ setup(
                     "kernel_avx512.inc",
                     "layer_body.inc",
                     "attention_avx512.inc",
+                    "attention_avx2.inc",
                 )
             ],
             # No -march: each ISA path is compiled by target pragmas and chosen at run time.

@@ -64,7 +64,9 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+#define SPECSERVE_ATTENTION_AVX2 1
 #include "layer_body.inc"
+#undef SPECSERVE_ATTENTION_AVX2
 }  // namespace avx2
 #pragma GCC pop_options
 
