@@ -114,7 +114,9 @@ static const char* kIsaNames[] = {"generic", "avx2", "avx512"};
 static bool isa_supported(int isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (isa == AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AVX2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   if (isa == AVX512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
