@@ -142,9 +142,9 @@ def test_extreme_codes_do_not_saturate_any_path(qtype: Q, each_isa: list[str]) -
     blocks[..., codes] = byte
     layer = PackedLinear([packing.pack(packing.decompose(raw, qtype, 512))])
     weights = dequantize(raw, qtype).astype(np.float64)
-    x = torch.ones(4, 512)
+    x = torch.ones(4, 512)  # rows 0 and 1: every product of one sign, the largest sums
     x[1] = -1
-    x[2, ::2] = -1  # alternating signs: no cancellation hides a saturated sum in row 0 or 1
+    x[2, ::2] = -1  # rows 2 and 3: mixed signs
     x[3] = torch.linspace(-1, 1, 512)
     exact = quantize_rows_reference(x.numpy()).astype(np.float64) @ weights.T
     bound = SUM_TOLERANCE * (np.abs(quantize_rows_reference(x.numpy())) @ np.abs(weights.T))
