@@ -22,6 +22,7 @@ setup(
                     "kernel_generic.inc",
                     "kernel_avx2.inc",
                     "kernel_avx512.inc",
+                    "kernel_dispatch.inc",
                     "layer_body.inc",
                     "attention_avx512.inc",
                     "attention_avx2.inc",
