@@ -27,7 +27,7 @@ MODELS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2
 
 def forward(model: Model, cache: object, tokens: Sequence[int], start: int) -> torch.Tensor:
     batch = ForwardBatch(torch.tensor([list(tokens)]), [0], [start])
-    return model.lm(batch, cache)[0]  # type: ignore[arg-type]
+    return model.lm(batch, cache)[0]
 
 
 def check_prompt(model: Model, prompt: list[int], max_k: int) -> dict[str, int]:

@@ -44,7 +44,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -106,8 +106,11 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str) -> Settings:
-        data = json.loads(text)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        data: dict[str, Any] = json.loads(text)
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**fields)
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
@@ -172,7 +175,7 @@ def specserve_forwards(fwd: Forwards, ids: list[int], s: Settings) -> dict[str, 
     fwd.reset(context + max(s.ks))
     fwd(ids[:context], 0, last_logits=1)
     new = ids[context:]
-    calls = {str(k): partial(fwd, new[:k], context) for k in s.ks}
+    calls: dict[str, Callable[[], object]] = {str(k): partial(fwd, new[:k], context) for k in s.ks}
     stats = time_in_turns(calls, s.repeats, s.warmup)
     return {"position": context, "all_logits": True, **forward_costs(stats)}
 
@@ -478,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = goals(results)
     if s.rounds > 1:
         judge_by_round(found, [goals(r) for r in rounds])
-    peer = next((e["llama.cpp"] for e in results.values() if "build" in e.get("llama.cpp", {})), {})
+    peer: dict[str, Any] = next(
+        (e["llama.cpp"] for e in results.values() if "build" in e.get("llama.cpp", {})), {}
+    )
     payload = {
         "benchmark": "runtime",
         "machine": machine_info(s.threads),
