@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "peak_timing.h"
+
 namespace {
 
 constexpr int kBlocks = 48;
@@ -33,10 +35,6 @@ alignas(64) int8_t g_x[kRows * kBlocks * 32];
 alignas(64) float g_dx[kRows * kBlocks], g_dxs[kRows * kBlocks];
 alignas(64) float g_sums[kRows * 8];
 volatile float g_sink;
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 __m256i broadcast4(const int8_t* p) {
   int32_t four;
@@ -126,16 +124,6 @@ double kernel_shape(long reps) {
   for (float v : g_sums) sum += v;
   g_sink = sum;
   return double(reps) * kBlocks * 8 * kRows / s / 1e9;
-}
-
-template <class F>
-double best_of(F f, long reps) {
-  double best = 0;
-  for (int i = 0; i < 5; i++) {
-    const double v = f(reps);
-    best = v > best ? v : best;
-  }
-  return best;
 }
 
 }  // namespace

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "peak_timing.h"
+
 namespace {
 
 constexpr int kBlocks = 48;
@@ -25,10 +27,6 @@ alignas(64) float g_scales[kBlocks * 3 * 32];
 alignas(64) int8_t g_x[8 * kBlocks * 32];
 alignas(64) float g_dx[8 * kBlocks], g_dxs[8 * kBlocks];
 volatile float g_sink;
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 double register_fed(long reps) {
   constexpr int MR = 4, NT = 3;
@@ -90,16 +88,6 @@ double kernel_shape(long reps) {
   for (auto& a : acc) sum += _mm512_reduce_add_ps(a);
   g_sink = sum;
   return double(reps) * kBlocks * 8 * R / s / 1e9;
-}
-
-template <class F>
-double best_of(F f, long reps) {
-  double best = 0;
-  for (int i = 0; i < 5; i++) {
-    const double v = f(reps);
-    best = v > best ? v : best;
-  }
-  return best;
 }
 
 }  // namespace
