@@ -1,6 +1,6 @@
 """OpenAI tool calling: request checks, template rendering (a handwritten Hermes template,
 and Qwen2.5-Coder's own when its GGUF is present), parsing the calls out of the text, the
-stream against the whole parse at every split, and the llguidance grammars."""
+stream against the whole parse at every split (the grammars: test_tool_grammar.py)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import models
 
-from specserve.model.catalog import QWEN_CODER_0_5B, QWEN_CODER_1_5B
+from specserve.model.catalog import QWEN_CODER_0_5B
 from specserve.model.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, render_chat_template
-from specserve.model.fetch import models_dir
-from specserve.model.gguf_file import GGUFFile
 from specserve.model.tokenizer import Tokenizer
-from specserve.server.tool_grammar import check_grammar, rebase_refs, tool_call_grammar
 from specserve.server.tool_parser import (
     ToolCallStream,
     new_call_id,
@@ -28,29 +25,13 @@ from specserve.server.tool_parser import (
     tool_finish_reason,
 )
 from specserve.server.tools import (
-    FunctionTool,
     ToolChoice,
     ToolError,
     template_messages,
     template_supports_tools,
     validate_tool_request,
 )
-from tests.real_tokenizers import smollm2_gguf_path
-
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"$ref": "#/$defs/unit"}},
-            "required": ["city"],
-            "$defs": {"unit": {"enum": ["celsius", "fahrenheit"]}},
-        },
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters: takes none
+from tests.unit.tool_samples import BERGEN, OSLO, TIME, WEATHER, qwen_metadata
 
 # A conversation with one round of two parallel calls, as an OpenAI client sends it back.
 CONVERSATION = [
@@ -97,10 +78,6 @@ def counter_ids() -> Callable[[], str]:
     """Deterministic call ids, so a stream and a whole parse can be compared."""
     numbers = itertools.count()
     return lambda: f"call_{next(numbers)}"
-
-
-def call_text(name: str, arguments: str) -> str:
-    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
 # -- request checks ---------------------------------------------------------------------------
@@ -247,20 +224,6 @@ def test_hermes_template_renders_tools_calls_and_responses() -> None:
     )
 
 
-def qwen_metadata(filename: str) -> dict[str, Any]:
-    path = models_dir() / filename
-    if not path.is_file():
-        pytest.skip(f"{path} is not downloaded")
-    return GGUFFile(path).metadata
-
-
-@pytest.fixture(scope="module")
-def qwen_tokenizer() -> Tokenizer:
-    """Qwen2.5-Coder-1.5B-Instruct's tokenizer and template, from its GGUF (~1 s)."""
-    filename = QWEN_CODER_1_5B.filename
-    return Tokenizer.from_gguf_metadata(qwen_metadata(filename), filename)
-
-
 # Qwen's template shows the call format inside a Python-style string; the 1.5B GGUF's copy
 # escapes the braces as "{{...}}", which reaches the prompt as is (the 0.5B's does not).
 QWEN_SYSTEM = (
@@ -313,8 +276,6 @@ def test_qwen_drafter_template_writes_single_braces() -> None:
 
 # -- parsing ----------------------------------------------------------------------------------
 
-OSLO = call_text("get_weather", '{"city": "Oslo"}')
-BERGEN = call_text("get_weather", '{"city": "Bergen", "unit": "celsius"}')
 MALFORMED = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"\n</tool_call>'
 
 
@@ -452,115 +413,3 @@ def test_stream_holds_back_only_what_may_start_a_call() -> None:
     assert plain.feed("a <to") == [{"content": "a"}] and plain.feed("ol>") == [
         {"content": " <tool>"}
     ]
-
-
-# -- grammars ---------------------------------------------------------------------------------
-
-TOOLS = (
-    FunctionTool("get_weather", None, WEATHER["function"]["parameters"]),
-    FunctionTool("get_time"),
-)
-
-
-def test_auto_and_none_are_not_constrained() -> None:
-    assert tool_call_grammar(TOOLS, ToolChoice("auto"), True) is None
-    assert tool_call_grammar(TOOLS, ToolChoice("none"), True) is None
-
-
-def test_local_refs_move_under_the_arguments() -> None:
-    schema = {"$ref": "#", "properties": {"a": {"$ref": "#/$defs/x"}}, "const": {"$ref": "#"}}
-    assert rebase_refs(schema, "#/p") == {
-        "$ref": "#/p", "properties": {"a": {"$ref": "#/p/$defs/x"}}, "const": {"$ref": "#"},
-    }  # fmt: skip
-
-
-@pytest.mark.parametrize("tag_tokens", [True, False])
-@pytest.mark.parametrize(
-    "choice", [ToolChoice("required"), ToolChoice("function", "get_weather")], ids=str
-)
-@pytest.mark.parametrize("parallel", [True, False])
-def test_llguidance_compiles_the_grammars(
-    choice: ToolChoice, parallel: bool, tag_tokens: bool
-) -> None:
-    pytest.importorskip("llguidance")
-    tricky = FunctionTool("say", "# not a // comment", {
-        "type": "object", "properties": {"text": {"type": "string", "description": "# // \" }"}},
-    })  # fmt: skip
-    grammar = tool_call_grammar((*TOOLS, tricky), choice, parallel, tag_tokens=tag_tokens)
-    assert grammar is not None
-    check_grammar(grammar)
-
-
-def test_check_grammar_refuses_schemas_llguidance_cannot_compile() -> None:
-    pytest.importorskip("llguidance")
-    broken = FunctionTool("f", None, {"type": "object", "properties": {"x": {"type": "word"}}})
-    grammar = tool_call_grammar([broken], ToolChoice("required"), True)
-    assert grammar is not None
-    with pytest.raises(ToolError, match="cannot enforce tool_choice") as caught:
-        check_grammar(grammar)
-    assert caught.value.param == "tools"
-
-
-def llg_tokenizer(tokenizer: Tokenizer) -> Any:
-    llguidance = pytest.importorskip("llguidance")
-    backend = tokenizer.backend.to_str()
-    return llguidance.LLTokenizer(
-        backend, n_vocab=tokenizer.vocab_size, eos_token=list(tokenizer.eos_ids)
-    )
-
-
-def accepted(llg: Any, tokenizer: Tokenizer, grammar: str | None, text: str) -> bool:
-    """Whether the grammar takes `text`'s tokens and may end there (the model's EOS next)."""
-    import llguidance
-
-    assert grammar is not None
-    matcher = llguidance.LLMatcher(llg, grammar, log_level=0)
-    return matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False)) and (
-        matcher.is_accepting()
-    )
-
-
-def test_qwen_tokens_through_the_grammars(qwen_tokenizer: Tokenizer) -> None:
-    assert qwen_tokenizer.token_to_id("<tool_call>") is not None  # so tag_tokens=True
-    llg = llg_tokenizer(qwen_tokenizer)
-    required = tool_call_grammar(TOOLS, ToolChoice("required"), True)
-    assert required is not None
-    check_grammar(required, llg)
-    two = OSLO + "\n" + BERGEN
-    assert accepted(llg, qwen_tokenizer, required, OSLO)
-    assert accepted(llg, qwen_tokenizer, required, two)
-    assert accepted(llg, qwen_tokenizer, required, call_text("get_time", "{}"))
-    assert not accepted(llg, qwen_tokenizer, required, call_text("get_wether", '{"city": "Oslo"}'))
-    assert not accepted(llg, qwen_tokenizer, required, call_text("get_weather", '{"town": "X"}'))
-    assert not accepted(
-        llg, qwen_tokenizer, required, call_text("get_weather", '{"city": "Oslo", "unit": "K"}')
-    )
-    assert not accepted(llg, qwen_tokenizer, required, "Sure! " + OSLO)  # calls only
-    assert not accepted(llg, qwen_tokenizer, required, "")  # at least one
-    single = tool_call_grammar(TOOLS, ToolChoice("required"), False)
-    assert accepted(llg, qwen_tokenizer, single, OSLO)
-    assert not accepted(llg, qwen_tokenizer, single, two)
-    named = tool_call_grammar(TOOLS, ToolChoice("function", "get_time"), True)
-    assert accepted(llg, qwen_tokenizer, named, call_text("get_time", "{}"))
-    assert not accepted(llg, qwen_tokenizer, named, OSLO)
-    assert not accepted(llg, qwen_tokenizer, named, call_text("get_time", '{"x": 1}'))
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer() -> Tokenizer:
-    path = smollm2_gguf_path()
-    return Tokenizer.from_gguf_metadata(GGUFFile(path).metadata, str(path))
-
-
-def test_text_tags_for_a_vocabulary_without_them(smollm2_tokenizer: Tokenizer) -> None:
-    assert smollm2_tokenizer.token_to_id("<tool_call>") is None
-    llg = llg_tokenizer(smollm2_tokenizer)
-    tokens = tool_call_grammar(TOOLS, ToolChoice("required"), True)
-    assert tokens is not None
-    with pytest.raises(ToolError, match="tool_call"):  # the tag tokens do not exist here
-        check_grammar(tokens, llg)
-    grammar = tool_call_grammar(TOOLS, ToolChoice("required"), True, tag_tokens=False)
-    assert accepted(llg, smollm2_tokenizer, grammar, OSLO + "\n" + BERGEN)
-    assert not accepted(
-        llg, smollm2_tokenizer, grammar, call_text("get_wether", '{"city": "Oslo"}')
-    )
