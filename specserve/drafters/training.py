@@ -14,9 +14,7 @@ writes next: its agreement with the draft's argmax is the acceptance proxy we re
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,11 +23,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from specserve.drafters import checkpoint
+from specserve.drafters.checkpoint import trainable
 from specserve.speculative.eagle_head import CONTEXT, NO_DRAFT_ROW, EagleHead
 
 # Loss weights of EAGLE-1: the feature regression drives multi-token drafting (predicted
@@ -42,9 +40,6 @@ BETAS = (0.9, 0.95)
 WARMUP_FRACTION = 0.05  # linear warmup, then cosine decay to MIN_LR_FRACTION of lr
 MIN_LR_FRACTION = 0.1
 CHECKPOINT_EVERY = 500  # steps, besides the end of every epoch
-CHECKPOINT_JSON = "checkpoint.json"
-CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
-ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 Chunk = tuple[int, int, int]  # (sequence index, first position, end position)
 
 
@@ -307,58 +302,6 @@ def _lr_at(step: int, total: int, lr: float) -> float:
     return lr * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * cosine)
 
 
-def _params(head: EagleHead) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in head.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(
-    directory: Path, head: EagleHead, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Weights + AdamW moments in safetensors, progress in JSON; written through temporary
-    names, weights first, and cross-checked by step on resume."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{n}": p.detach().clone() for n, p in _params(head).items()}
-    for name, param in _params(head).items():
-        for key, value in optimizer.state.get(param, {}).items():
-            tensors[f"opt.{name}.{key}"] = value.detach().clone()
-    weights_tmp = directory / (CHECKPOINT_WEIGHTS + ".tmp")
-    save_file(tensors, str(weights_tmp), metadata={"step": str(state["step"])})
-    os.replace(weights_tmp, directory / CHECKPOINT_WEIGHTS)
-    json_tmp = directory / (CHECKPOINT_JSON + ".tmp")
-    json_tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(json_tmp, directory / CHECKPOINT_JSON)
-
-
-def _load_checkpoint(
-    directory: Path, head: EagleHead, optimizer: torch.optim.Optimizer, plan: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Restore head and optimizer from ``directory``; the saved progress, or None if there is
-    no checkpoint. Refuses a checkpoint of another training plan (data, seed, epochs...)."""
-    json_path = directory / CHECKPOINT_JSON
-    if not json_path.is_file():
-        return None
-    state: dict[str, Any] = json.loads(json_path.read_text())
-    if state["plan"] != plan:
-        raise ValueError(
-            f"{directory}: the checkpoint is of another training run ({state['plan']} != "
-            f"{plan}); resume with the same data and recipe, or start fresh without resume"
-        )
-    with safe_open(str(directory / CHECKPOINT_WEIGHTS), framework="pt") as handle:
-        if (handle.metadata() or {}).get("step") != str(state["step"]):
-            raise ValueError(f"{directory}: checkpoint files of different steps; start fresh")
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    head.load_state_dict({n[len("model.") :]: t for n, t in tensors.items() if n[:6] == "model."})
-    params = list(_params(head).items())
-    adam = {
-        index: {key: tensors[f"opt.{name}.{key}"] for key in ADAM_STATE}
-        for index, (name, _) in enumerate(params)
-        if f"opt.{name}.step" in tensors
-    }
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": adam, "param_groups": groups})
-    return state
-
-
 def _step(
     head: EagleHead,
     optimizer: torch.optim.Optimizer,
@@ -374,7 +317,7 @@ def _step(
         loss, metrics = eagle_loss(head, batch, recipe, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(_params(head).values(), CLIP_NORM)
+    torch.nn.utils.clip_grad_norm_(trainable(head).values(), CLIP_NORM)
     optimizer.step()
     return metrics
 
@@ -406,11 +349,11 @@ def train(
     plan_batches = [_epoch_batches(chunks, batch_tokens, seed, e) for e in range(epochs)]
     total_steps = sum(len(b) for b in plan_batches)
     plan = _plan(seed, epochs, len(chunks), lr, total_steps, batch_tokens, recipe)
-    optimizer = torch.optim.AdamW(_params(head).values(), lr=lr, betas=BETAS)
+    optimizer = torch.optim.AdamW(trainable(head).values(), lr=lr, betas=BETAS)
     state: dict[str, Any] = dict(plan=plan, epoch=0, batch=0, step=0, seconds=0.0, tokens=0.0)
     state.update(epoch_loss=[], epoch_accuracy=[], sums={})
     if resume and checkpoint_dir is not None:
-        state = _load_checkpoint(checkpoint_dir, head, optimizer, plan) or state
+        state = checkpoint.load(checkpoint_dir, head, optimizer, plan) or state
     bar = _progress_bar(sequences, chunks, epochs, int(state["tokens"]), progress)
     head.train()
     started = time.perf_counter() - state["seconds"]
@@ -426,10 +369,10 @@ def train(
             bar.update(int(metrics["tokens"]))
             bar.set_postfix(loss=f"{running['loss']:.3f}", acc=f"{running['accuracy']:.3f}")
             if checkpoint_dir is not None and state["step"] % CHECKPOINT_EVERY == 0:
-                _save_checkpoint(checkpoint_dir, head, optimizer, state)
+                checkpoint.save(checkpoint_dir, head, optimizer, state)
         _close_epoch(state, epoch)
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, head, optimizer, state)
+            checkpoint.save(checkpoint_dir, head, optimizer, state)
     bar.close()
     head.eval()
     return _summary(state, len(sequences))

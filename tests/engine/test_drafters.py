@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specserve.drafters import training
+from specserve.drafters import checkpoint, training
 from specserve.drafters.training import (
     Recipe,
     TrainingSequence,
@@ -389,17 +389,17 @@ def test_resume_continues_like_an_uninterrupted_run(
 
     # Interrupt mid-epoch 2 (checkpoints every 5 steps), then resume with a fresh head.
     monkeypatch.setattr(training, "CHECKPOINT_EVERY", 5)
-    save = training._save_checkpoint
+    save = checkpoint.save
 
     def save_then_stop(*args: object) -> None:
         save(*args)  # type: ignore[arg-type]
         if args[-1]["epoch"] == 1 and args[-1]["batch"] > 0:  # type: ignore[index]
             raise Interrupted
 
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
     with pytest.raises(Interrupted):
         train(small_head(seed=1), sequences, checkpoint_dir=tmp_path / "cut", **kwargs)
-    monkeypatch.setattr(training, "_save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "save", save)
     resumed = small_head(seed=1)  # same frozen tensors (the target's), other trainable ones:
     with torch.no_grad():  # everything trained must come from the checkpoint
         for param in resumed.parameters():
@@ -409,7 +409,7 @@ def test_resume_continues_like_an_uninterrupted_run(
     assert summary["epoch_loss"] == pytest.approx(expected["epoch_loss"], rel=1e-4)
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-5, rtol=1e-4)
-    state = json.loads((tmp_path / "cut" / training.CHECKPOINT_JSON).read_text())
+    state = json.loads((tmp_path / "cut" / checkpoint.CHECKPOINT_JSON).read_text())
     assert state["epoch"] == 2 and state["step"] == expected["steps"]
     with pytest.raises(ValueError, match="another training run"):
         train(small_head(), sequences, checkpoint_dir=tmp_path / "cut", **{**kwargs, "seed": 4})
