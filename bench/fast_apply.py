@@ -74,7 +74,8 @@ def load_tasks(fixes: int, open_tasks: int, spec_bench: int) -> list[dict[str, A
         json.loads(line)
         for line in (shared_dir() / "data" / "humanevalfix" / "humanevalpack_python.jsonl").open()
     ]
-    step = max(1, len(rows) // max(fixes, 1))
+    # fixes at multiples of step, open tasks half a step after them: never the same task
+    step = max(1, len(rows) // max(fixes, open_tasks, 1))
     tasks = []
     for row in rows[::step][:fixes]:
         code = row["declaration"] + row["buggy_solution"]
