@@ -17,8 +17,9 @@ plain step, so speculation stops by itself when it does not pay.
   draft pays: 65 tokens for one ~11-step forward beats 33 for a ~6-step one.
 
 Counts decay every step, so a sequence that changes character (copying, then free text)
-adapts. Every ``PROBE_INTERVAL`` steps spent at ``k = 0`` it probes again (a few positions
-for free drafters, one token for drafters that cost time per token), so a sequence that
+adapts. Every ``PROBE_INTERVAL`` steps spent at ``k = 0`` it probes again (for free drafters
+as many positions as a forward of at most ``PROBE_COST_STEPS`` steps verifies, up to
+``PROBE_FREE_DRAFTS``; one token for drafters that cost time per token), so a sequence that
 starts to repeat its input is noticed.
 """
 
@@ -41,8 +42,13 @@ POSITION_SHRINK = 2.0
 MARGINAL_COST_PRIOR = 0.06
 PROBE_INTERVAL = 16
 # A probe of a free drafter (n-gram, prediction) proposes at most this many tokens: enough
-# to see a copy start, cheap next to a 65-token forward (~11 steps on Qwen 1.5B).
+# to see a copy start, cheap next to a 65-token forward (~11 steps on Qwen 1.5B)...
 PROBE_FREE_DRAFTS = 8
+# ...and only as many as a forward of at most this many single steps verifies (at least
+# one): with a probe every PROBE_INTERVAL plain steps, probing text that is never copied
+# costs at most ~3% of plain decoding, also where wide forwards are dear (on an AVX2 CPU
+# a 9-token forward of the 1.5B costs ~3 steps, on AVX-512 ~2).
+PROBE_COST_STEPS = 1.5
 
 
 @dataclass
@@ -157,8 +163,17 @@ class LengthTuner:
                 self._plain_steps = 0
                 # Free drafts (n-gram, predictions) probe a few positions; a drafter that
                 # pays per token probes the first one, which is where a change shows first.
-                return min(self.max_k, PROBE_FREE_DRAFTS) if self.draft_cost == 0 else 1
+                return self.free_probe() if self.draft_cost == 0 else 1
         return best
+
+    def free_probe(self) -> int:
+        """A free drafter's probe: up to PROBE_FREE_DRAFTS drafts, fewer where verifying them
+        would cost more than PROBE_COST_STEPS single steps (but at least one)."""
+        budget = PROBE_COST_STEPS * self.costs.estimate(1)
+        k = min(self.max_k, PROBE_FREE_DRAFTS)
+        while k > 1 and self.costs.estimate(k + 1) > budget:
+            k -= 1
+        return k
 
     def choose_after(self, drafts: int, tokens: float, survive: float, room: int) -> int:
         """Drafts to add after ``drafts`` drafts of other proposers, from which a step expects

@@ -6,6 +6,7 @@ import pytest
 
 from specserve.speculative.draft_length import (
     MARGINAL_COST_PRIOR,
+    PROBE_COST_STEPS,
     PROBE_FREE_DRAFTS,
     Acceptance,
     LengthTuner,
@@ -94,7 +95,23 @@ def test_free_drafter_probes_a_few_positions() -> None:
     for _ in range(50):
         tuner.observe(proposed=8, accepted=0)
     picks = [tuner.choose() for _ in range(32)]
-    assert sorted(set(picks)) == [0, PROBE_FREE_DRAFTS]
+    # QWEN_MS: 4 tokens cost 1.36 steps, 5 tokens (interpolated) 1.51: 3 drafts fit 1.5 steps
+    assert sorted(set(picks)) == [0, 3]
+    assert picks.count(3) == 2  # every PROBE_INTERVAL (16) plain steps
+
+
+@pytest.mark.parametrize(
+    ("table", "probe"),
+    [
+        ({1: 20.0, 16: 22.0}, PROBE_FREE_DRAFTS),  # wide forwards nearly free: the full probe
+        ({1: 67.8, 8: 196.9}, 1),  # an AVX2 CPU's 1.5B (2 tokens: 1.27 steps, 3: 1.54)
+        ({1: 10.0, 2: 30.0}, 1),  # even one draft dearer than the budget: still one
+    ],
+)
+def test_probe_size_follows_the_measured_cost(table: dict[int, float], probe: int) -> None:
+    tuner = LengthTuner(64, _measured(table))
+    assert tuner.free_probe() == probe
+    assert tuner.costs.estimate(probe + 1) <= PROBE_COST_STEPS * table[1] / 1000 or probe == 1
 
 
 def test_a_continuation_is_priced_on_top_of_the_drafts_before_it() -> None:
