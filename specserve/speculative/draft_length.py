@@ -16,11 +16,11 @@ plain step, so speculation stops by itself when it does not pay.
   that the output copies exactly earns ~0.999 within a few steps, and then a 64-token
   draft pays: 65 tokens for one ~11-step forward beats 33 for a ~6-step one.
 
-Counts decay every step, so a sequence that changes character (copying, then free text)
-adapts. Every ``PROBE_INTERVAL`` steps spent at ``k = 0`` it probes again (for free drafters
-as many positions as a forward of at most ``PROBE_COST_STEPS`` steps verifies, up to
-``PROBE_FREE_DRAFTS``; one token for drafters that cost time per token), so a sequence that
-starts to repeat its input is noticed.
+Counts decay at every step that verifies the method's drafts, so a sequence that changes
+character (copying, then free text) adapts. Every ``PROBE_INTERVAL`` steps spent at ``k = 0``
+it probes again (for free drafters as many positions as a forward of at most
+``PROBE_COST_STEPS`` steps verifies, up to ``PROBE_FREE_DRAFTS``; one token for drafters that
+cost time per token), so a sequence that starts to repeat its input is noticed.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Acceptance:
     """One method's conditional acceptance per draft position, from decayed counts.
 
     ``trials[i]``: steps whose draft reached position ``i + 1`` with every draft before it
-    accepted; ``hits[i]``: those that accepted it too. Both decay every step.
+    accepted; ``hits[i]``: those that accepted it too. Both decay at every observation.
 
     >>> acc = Acceptance(4)
     >>> acc.observe(proposed=2, accepted=2)
