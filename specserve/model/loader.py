@@ -126,6 +126,7 @@ def load_model(
     else:
         tokenizer = Tokenizer.from_pretrained_dir(path)
     lm = build_model(source, fmt, max_len=max_len, progress=progress).to(device)
+    source.finished()
     if fmt == "gguf":
         use_native_threads()
     _release_freed_memory()

@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 from specserve.model.config import ModelConfig, config_from_gguf, config_from_hf
 from specserve.model.errors import ModelLoadError
 from specserve.model.gguf_file import GGUFFile, GGUFFormatError
+from specserve.model.packed_cache import PackedCache
 from specserve.model.packing import PACKED_TYPES, Packed, decompose, pack
 from specserve.model.quant import INT4_TYPES, Int4Groups, int4_groups
 
@@ -79,6 +80,10 @@ class WeightSource(Protocol):
         """The tensor in the native kernels' layout, if its type has a kernel."""
         ...
 
+    def finished(self) -> None:
+        """Called once the model is built from this source."""
+        ...
+
     def types_without_kernel(self) -> dict[str, str]:
         """Quantized matrices whose type has no native kernel: tensor name -> type name."""
         ...
@@ -113,6 +118,7 @@ class GGUFSource:
         self._tensors = file.tensors
         self.config = config_from_gguf(self.metadata, set(self._tensors), str(path))
         self._check_types()
+        self._cache = PackedCache.for_gguf(path)  # packed tensors from an earlier load
 
     def _check_types(self) -> None:
         for tensor in self._tensors.values():
@@ -201,6 +207,21 @@ class GGUFSource:
         tensor = self._tensors[name]
         if tensor.tensor_type not in PACKED_TYPES or len(tensor.shape) != 2:
             return None
+        cached = self._cache.get(name) if self._cache is not None else None
+        if cached is not None:
+            return cached
+        packed = self._pack(name)
+        if self._cache is not None:
+            self._cache.put(name, packed)
+        return packed
+
+    def finished(self) -> None:
+        """The model is built: keep what was packed for the next load."""
+        if self._cache is not None:
+            self._cache.save()
+
+    def _pack(self, name: str) -> Packed:
+        tensor = self._tensors[name]
         data, cols = np.asarray(tensor.data), int(tensor.shape[0])
         order = self._row_order(name, data.shape[0])
         if order is not None:  # Q/K rows are permuted per head
@@ -319,6 +340,9 @@ class SafetensorsSource:
 
     def raw_rows(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType, int] | None:
         return None
+
+    def finished(self) -> None:
+        pass
 
     def types_without_kernel(self) -> dict[str, str]:
         return {}  # float weights: the gguf format runs them as float32 matmuls
