@@ -8,6 +8,7 @@ the stale entries are overwritten then (gpt-fast's ``KVCache.update`` idea).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specserve.model.config import ModelConfig
@@ -23,6 +24,19 @@ def round_up_to_block(length: int) -> int:
     return -(-length // POSITION_BLOCK) * POSITION_BLOCK
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros that cost nothing until written, on CPU: numpy's large zeroed arrays are the
+    kernel's zero pages until touched, where ``torch.zeros`` writes every byte. A server's
+    cache (8 slots x 4096 positions: 1.9 GB for the 1.5B coder model) then neither delays
+    its start by seconds nor holds memory for positions no request has reached."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = int(np.prod(shape))
+    flat = np.zeros(count + 16, np.float32)
+    skip = (-flat.ctypes.data % 64) // 4  # start on a cache line, as torch's allocator does
+    return torch.from_numpy(flat[skip : skip + count].reshape(shape))
+
+
 class KVCache:
     """Keys/values of all layers: ``[layers, slots, kv_heads, max_len, head_dim]``."""
 
@@ -36,8 +50,8 @@ class KVCache:
     ) -> None:
         max_len = round_up_to_block(max_len)
         shape = (config.num_layers, num_slots, config.num_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = _zeros(shape, dtype, device)
+        self.values = _zeros(shape, dtype, device)
         self.num_slots = num_slots
         self.max_len = max_len
 
