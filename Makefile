@@ -75,6 +75,7 @@ lint: setup
 # says how to build them); the Qwen pair comes with `make models`.
 bench: setup models
 	$(PY) -m bench.runtime
+	$(PY) -m bench.startup
 	$(PY) -m bench.exactness
 	$(PY) -m bench.fast_apply
 	$(PY) -m bench.speculation

@@ -139,8 +139,11 @@ def stop_server(server: subprocess.Popen[bytes], ray_dir: Path) -> dict[str, Any
     }
 
 
-def wait_ready(server: subprocess.Popen[bytes], port: int, deployment: str, replicas: int) -> None:
-    """Until /health answers 200 (with --ray: and lists all the replicas as running)."""
+def wait_ready(
+    server: subprocess.Popen[bytes], port: int, deployment: str, replicas: int, poll_s: float = 0.5
+) -> None:
+    """Until /health answers 200 (with --ray: and lists all the replicas as running), asked
+    every ``poll_s`` seconds."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -151,5 +154,5 @@ def wait_ready(server: subprocess.Popen[bytes], port: int, deployment: str, repl
                 not replicas or reply.json()["running"].get(deployment) == replicas
             ):
                 return
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise RuntimeError(f"the server was not ready within {READY_TIMEOUT_S:.0f} s")
