@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from specserve.engine.job import StepRecord
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Engine, StepRecord
+from specserve.engine.scheduler import Engine
 
 
 def assert_engaged(result: GenerationResult, *methods: str) -> None:

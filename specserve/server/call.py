@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from specserve.engine.scheduler import EngineStoppedError
+from specserve.engine.job import EngineStoppedError
 from specserve.server.errors import APIError, invalid
 from specserve.server.metrics import Metrics
 from specserve.server.served import ServedDeployment

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from specserve.engine.job import EngineStoppedError, Job, QueueFullError
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import EngineStoppedError, Job, QueueFullError
 from specserve.server.call import Call, engine_error
 from specserve.server.choices import merge_results
 from specserve.server.errors import APIError, invalid

@@ -16,8 +16,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from specserve.engine.job import StepRecord
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Engine, StepRecord
+from specserve.engine.scheduler import Engine
 
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from specserve.engine.job import Job
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Engine, Job
+from specserve.engine.scheduler import Engine
 
 DISCONNECT_POLL_SECONDS = 0.25
 

@@ -18,8 +18,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
+from specserve.engine.job import Job
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Job
 from specserve.server.call import Call, engine_error
 from specserve.server.choices import merge_results
 from specserve.server.prepare import Plan

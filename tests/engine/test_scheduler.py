@@ -7,8 +7,9 @@ import threading
 import pytest
 
 from specserve.engine.generate import generate
+from specserve.engine.job import Job, QueueFullError
 from specserve.engine.result import GenerationResult
-from specserve.engine.scheduler import Engine, Job, QueueFullError
+from specserve.engine.scheduler import Engine
 from specserve.model.loader import Model
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.sampling import InvalidRequestError, SamplingParams
