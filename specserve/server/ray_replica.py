@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,25 @@ METRICS_PUSH_SECONDS = 1.0  # how often a replica sends its metrics to the hub
 # A response's start waits for its first chunk at most this long (a stream's first text
 # comes after the prompt's prefill), so that clients and proxies see the headers in time.
 START_ALONE_AFTER_S = 1.0
+# A replica's join interval grows with its open streams (`stream_interval_for`) up to this:
+# the items it sends per second then stay near 1 / --stream-interval-ms however many clients
+# stream, and no stream's text waits longer than this for its next item.
+STREAM_INTERVAL_CAP_S = 0.1
 METRICS_STALE_SECONDS = 15.0  # a replica silent this long is gone (dead or scaled down)
+
+
+def stream_interval_for(base: float, open_streams: int) -> float:
+    """The join interval of a replica with ``open_streams`` streams: ``base`` (the flag) per
+    stream, at most `STREAM_INTERVAL_CAP_S` (or ``base`` if that is larger); 0 stays 0.
+
+    Each item Ray carries costs the ingress and the replica about a millisecond of CPU on the
+    2-core VM, taken from the compute threads: 2 replicas x 1 thread at 8 streaming clients
+    gave 190-214 tok/s at a fixed 20 ms and 221-224 at 100 ms (docs/benchmarks.md).
+
+    >>> stream_interval_for(0.02, 1), stream_interval_for(0.02, 4), stream_interval_for(0.02, 8)
+    (0.02, 0.08, 0.1)
+    """
+    return min(base * max(1, open_streams), max(base, STREAM_INTERVAL_CAP_S))
 
 
 def engine_name(deployment_id: str) -> str:
@@ -60,6 +78,7 @@ class EngineReplica:
 
         self.deployment_id = deployment.id
         self.stream_interval = stream_interval
+        self.open_streams = 0  # requests this replica is answering now
         self.served = _start_compute_thread([deployment], dtype, options, threads)
         self.metrics = Metrics()
         # No API key and a generous body limit here: the ingress checks both first. The
@@ -80,10 +99,17 @@ class EngineReplica:
         with the body's first chunk, then the rest as it is produced (SSE events gathered
         over `stream_interval` seconds)."""
         request = (method, path, query, headers, body)
-        async for item in call_asgi(self.app, *request, interval=self.stream_interval):
-            if isinstance(item, dict):
-                item["headers"].append((REPLICA_HEADER, self.replica))
-            yield item
+        self.open_streams += 1
+        try:
+            async for item in call_asgi(self.app, *request, interval=self._interval):
+                if isinstance(item, dict):
+                    item["headers"].append((REPLICA_HEADER, self.replica))
+                yield item
+        finally:
+            self.open_streams -= 1
+
+    def _interval(self) -> float:
+        return stream_interval_for(self.stream_interval, self.open_streams)
 
     async def _push_metrics(self) -> None:
         hub: DeploymentHandle = serve.get_deployment_handle("MetricsHub", app_name=APP)
@@ -128,15 +154,16 @@ async def call_asgi(
     query: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
-    interval: float = 0.0,
+    interval: float | Callable[[], float] = 0.0,
     start_alone_after: float = START_ALONE_AFTER_S,
 ) -> AsyncIterator[dict[str, Any] | bytes]:
     """Call an ASGI app with a complete request body; yield the response start with the
     body's first chunk as ``{"status", "headers", "body"}`` (one item: each costs a Ray
     message; alone, with an empty body, if no chunk comes within ``start_alone_after``
     seconds: a long prefill), then the rest of the body, each item no sooner than
-    ``interval`` seconds after the one before (what arrives in between is joined to it; a
-    chunk that comes later than that goes out at once). When the caller stops reading (its
+    ``interval`` seconds after the one before (a number, or a function asked at each item;
+    what arrives in between is joined to it; a chunk that comes later than that goes out at
+    once). When the caller stops reading (its
     client went away, or the replica is stopping), the app sees ``http.disconnect``, which
     frees the sequence as a disconnect does without Ray."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -176,7 +203,9 @@ async def call_asgi(
 
 
 async def _items(
-    messages: asyncio.Queue[dict[str, Any] | None], interval: float, start_alone_after: float
+    messages: asyncio.Queue[dict[str, Any] | None],
+    interval: float | Callable[[], float],
+    start_alone_after: float,
 ) -> AsyncGenerator[dict[str, Any] | bytes, None]:
     """The app's ASGI messages as `call_asgi` yields them (see there)."""
     start: dict[str, Any] | None = None  # the response's start, until its first chunk
@@ -191,8 +220,9 @@ async def _items(
             start = {"status": message["status"], "headers": pairs}
         elif message["type"] == "http.response.body":
             data, more = _body_so_far(message, messages)
-            if start is None and more and interval > 0:
-                data, more = await _body_until(data, messages, sent_at + interval)
+            wait = interval() if callable(interval) else interval
+            if start is None and more and wait > 0:
+                data, more = await _body_until(data, messages, sent_at + wait)
             if start is not None or data:
                 yield data if start is None else {**start, "body": data}
                 start, sent_at = None, time.monotonic()

@@ -92,10 +92,10 @@ def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
         "--stream-interval-ms",
         type=float,
         metavar="MS",
-        help="with --ray: a replica sends a stream's events at most every MS milliseconds, "
-        "joining those produced in between (each item Ray carries costs CPU time); a "
-        "response's first event goes out at once; 0 = every event alone "
-        f"(default {DEFAULT_STREAM_INTERVAL_MS:g})",
+        help="with --ray: a replica sends a stream's events at most every MS milliseconds "
+        "per stream it has open (up to 100 ms), joining those produced in between (each item "
+        "Ray carries costs CPU time); a response's first event goes out at once; 0 = every "
+        f"event alone (default {DEFAULT_STREAM_INTERVAL_MS:g})",
     )
 
 

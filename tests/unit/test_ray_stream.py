@@ -4,13 +4,14 @@ joined into one item, the first goes out at once, and a late one is not held bac
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install 'specserve[ray]'")
 
-from specserve.server.ray_replica import call_asgi
+from specserve.server.ray_replica import STREAM_INTERVAL_CAP_S, call_asgi, stream_interval_for
 
 # (seconds after the previous event, body) of an SSE-like response; b"" ends it.
 EVENTS = [(0.0, b"a"), (0.01, b"b"), (0.01, b"c"), (0.01, b"d"), (0.6, b"e"), (0.01, b"")]
@@ -24,7 +25,7 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": body != b""})
 
 
-async def _items(interval: float) -> list[Any]:
+async def _items(interval: float | Callable[[], float]) -> list[Any]:
     return [item async for item in call_asgi(_app, "POST", "/", b"", [], b"", interval=interval)]
 
 
@@ -58,3 +59,24 @@ def test_the_start_goes_alone_when_the_first_chunk_is_late() -> None:
     start, *body = asyncio.run(items())
     assert start == {"status": 200, "headers": [], "body": b""} and body == [b"a"]
     assert asyncio.run(_items(0.15))[0]["body"] == b"a"  # an early chunk still rides along
+
+
+def test_the_interval_is_asked_at_each_item() -> None:
+    """A replica's interval follows its open streams while a stream runs: asked per item."""
+    asked: list[int] = []
+
+    def interval() -> float:
+        asked.append(1)
+        return 0.15 if len(asked) <= 2 else 0.0  # the start's item and b's wait; e's none
+
+    start, *body = asyncio.run(_items(interval))
+    assert start["body"] == b"a" and body == [b"bcd", b"e"]
+    assert len(asked) == 4  # at a, b, e and the closing empty chunk: each item's start
+
+
+def test_the_interval_grows_with_open_streams_up_to_the_cap() -> None:
+    assert stream_interval_for(0.02, 0) == stream_interval_for(0.02, 1) == 0.02
+    assert stream_interval_for(0.02, 3) == pytest.approx(0.06)
+    assert stream_interval_for(0.02, 50) == STREAM_INTERVAL_CAP_S
+    assert stream_interval_for(0.0, 8) == 0.0  # every event alone stays so
+    assert stream_interval_for(0.5, 8) == 0.5  # a flag above the cap is the user's choice
