@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import hashlib
 import json
 import logging
@@ -136,7 +137,7 @@ class PackedCache:
             logger.warning("cannot write the packed-weights cache %s (%s)", self.path, exc)
             return
         prefix = self.path.name.rsplit("-", 1)[0] + "-"
-        for old in self.path.parent.glob(f"{prefix}*.safetensors"):
+        for old in self.path.parent.glob(f"{glob.escape(prefix)}*.safetensors"):
             if old != self.path:
                 with contextlib.suppress(OSError):
                     old.unlink()

@@ -49,7 +49,8 @@ def stream_interval_for(base: float, open_streams: int) -> float:
 
     Each item Ray carries costs the ingress and the replica about a millisecond of CPU on the
     2-core VM, taken from the compute threads: 2 replicas x 1 thread at 8 streaming clients
-    gave 190-214 tok/s at a fixed 20 ms and 221-224 at 100 ms (docs/benchmarks.md).
+    gave 190-214 tok/s at a fixed 20 ms and 221-224 at 100 ms, by hand (docs/benchmarks.md
+    also has the benchmark's rounds, where an uneven split of requests hid it).
 
     >>> stream_interval_for(0.02, 1), stream_interval_for(0.02, 4), stream_interval_for(0.02, 8)
     (0.02, 0.08, 0.1)
@@ -97,7 +98,7 @@ class EngineReplica:
     ) -> AsyncIterator[dict[str, Any] | bytes]:
         """Run one HTTP request through the app: first ``{"status", "headers", "body"}``
         with the body's first chunk, then the rest as it is produced (SSE events gathered
-        over `stream_interval` seconds)."""
+        over `stream_interval_for` this replica's open streams)."""
         request = (method, path, query, headers, body)
         self.open_streams += 1
         try:
@@ -163,9 +164,9 @@ async def call_asgi(
     seconds: a long prefill), then the rest of the body, each item no sooner than
     ``interval`` seconds after the one before (a number, or a function asked at each item;
     what arrives in between is joined to it; a chunk that comes later than that goes out at
-    once). When the caller stops reading (its
-    client went away, or the replica is stopping), the app sees ``http.disconnect``, which
-    frees the sequence as a disconnect does without Ray."""
+    once). When the caller stops reading (its client went away, or the replica is
+    stopping), the app sees ``http.disconnect``, which frees the sequence as a disconnect
+    does without Ray."""
     messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     gone = asyncio.Event()
     delivered = False
