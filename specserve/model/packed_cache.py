@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 
 from specserve.model import packing
 from specserve.model.fetch import data_dir
-from specserve.model.packing import AFFINE16, BLK, K6, KAFFINE, SUPER, TILE, Packed
+from specserve.model.packing import Packed, packed_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +72,6 @@ def cache_path(gguf: Path) -> Path | None:
         f"{stat.st_size}:{stat.st_mtime_ns}:{_code_digest()}:{FORMAT}".encode()
     ).hexdigest()[:16]
     return cache_dir() / f"{gguf.stem}-{where}-{what}.safetensors"
-
-
-def expected_shapes(
-    mode: int, qbits: int, rows: int, cols: int
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """The shapes of a packed tensor's q, s and d arrays (native/layout.h)."""
-    tiles, blocks = -(-rows // TILE), cols // BLK
-    q_bytes = 512 if qbits == 8 else 256 + (qbits - 4) * 64
-    s_bytes = 64 if mode == AFFINE16 else 32
-    d_shape: tuple[int, ...] = (0,)
-    if mode in (KAFFINE, K6):
-        d_shape = (tiles, blocks // SUPER, 2 * TILE if mode == KAFFINE else TILE)
-    return (tiles, blocks, q_bytes), (tiles, blocks, s_bytes), d_shape
 
 
 class CacheFileError(Exception):
@@ -182,7 +169,7 @@ def _read(path: Path) -> dict[str, Packed]:
 
 
 def _tensor(handle: object, name: str, mode: int, qbits: int, rows: int, cols: int) -> Packed:
-    q_shape, s_shape, d_shape = expected_shapes(mode, qbits, rows, cols)
+    q_shape, s_shape, d_shape = packed_shapes(mode, qbits, rows, cols)
 
     def get(key: str) -> np.ndarray:
         # Copied out of the mapping: numpy backs large arrays with transparent huge pages,

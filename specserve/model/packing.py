@@ -196,6 +196,19 @@ class Packed:
         return self.q.shape[0]
 
 
+def packed_shapes(
+    mode: int, qbits: int, rows: int, cols: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The shapes `pack` gives a tensor's q, s and d arrays (native/layout.h)."""
+    tiles, blocks = -(-rows // TILE), cols // BLK
+    q_bytes = 512 if qbits == 8 else 256 + (qbits - 4) * 64
+    s_bytes = 64 if mode == AFFINE16 else 32
+    d_shape: tuple[int, ...] = (0,)
+    if mode in (KAFFINE, K6):
+        d_shape = (tiles, blocks // SUPER, 2 * TILE if mode == KAFFINE else TILE)
+    return (tiles, blocks, q_bytes), (tiles, blocks, s_bytes), d_shape
+
+
 def _tiles(a: np.ndarray, rows: int) -> np.ndarray:
     """[N, X, ...] -> [tiles, X, 16, ...]: N padded to a whole tile with zeros."""
     pad = -rows % TILE

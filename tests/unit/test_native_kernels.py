@@ -83,6 +83,14 @@ def test_packing_dequantizes_exactly_as_gguf(qtype: Q) -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_packed_shapes_are_what_pack_gives(qtype: Q) -> None:
+    """The packed-weights cache checks a file's arrays against `packed_shapes`."""
+    p = packing.pack(packing.decompose(random_raw(qtype, 40, 512), qtype, 512))
+    shapes = packing.packed_shapes(p.mode, p.qbits, p.rows, p.cols)
+    assert (p.q.shape, p.s.shape, p.d.shape) == shapes
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_kernel_matches_dequantize_and_float_matmul(qtype: Q, each_isa: list[str]) -> None:
     layer, weights = packed_linear(qtype, 72, 512)
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(1))
