@@ -16,12 +16,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +31,7 @@ from specserve.server.errors import APIError, install_error_handlers, model_not_
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
 from specserve.server.ray_replica import APP, engine_name
+from specserve.server.ray_run import fast_path_active
 from specserve.server.responses import sse
 
 log = logging.getLogger("specserve.ray")
@@ -37,6 +39,9 @@ log = logging.getLogger("specserve.ray")
 FORWARDED_HEADERS = {b"content-type", b"accept"}
 REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
 RETRIES = 1  # attempts after the first, only while nothing has reached the client
+# How a lost replica shows: Ray's errors, or over gRPC (the fast path) a failed call that Ray
+# did not translate (it turns only UNAVAILABLE into its ActorUnavailableError).
+REPLICA_LOST_ERRORS = (RayError, grpc.aio.AioRpcError)
 
 
 class Ingress:
@@ -57,7 +62,12 @@ class Ingress:
             if d.id == d.model or d.model not in self.default_for_model:
                 self.default_for_model[d.model] = d.id
         self.api_key, self.max_body, self.hub = api_key, max_body, hub
-        self.handles = {d: handle.options(stream=True) for d, handle in engines.items()}
+        # The transport is chosen here, in the ingress's process: a handle built elsewhere
+        # carries the default of the process that imported Serve first (`prepare_ray`).
+        grpc = fast_path_active()  # gRPC streams; else Ray's object transfers
+        self.handles = {
+            d: handle.options(stream=True, _by_reference=not grpc) for d, handle in engines.items()
+        }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)
@@ -77,7 +87,7 @@ class Ingress:
             stream: Any = self.handles[deployment_id].handle.remote(*call)
             try:
                 start = await stream.__anext__()  # with the body's first chunk
-            except (RayActorError, RayError) as exc:  # the replica died before answering
+            except REPLICA_LOST_ERRORS as exc:  # the replica died before answering
                 stream.cancel()
                 log.warning(
                     "deployment %s: replica lost (%s), attempt %d", deployment_id, exc, attempt
@@ -85,13 +95,20 @@ class Ingress:
                 if attempt == RETRIES:
                     raise APIError(
                         503,
-                        REPLICA_LOST.format(error=type(exc).__name__),
+                        REPLICA_LOST.format(error=_why(exc)),
                         "server_error",
                         code="replica_unavailable",
                     ) from None
                 continue
             return _response(start, stream)
         raise AssertionError("unreachable")
+
+
+def _why(exc: BaseException) -> str:
+    """How a lost replica's error is named to the client."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"gRPC {exc.code().name}"
+    return type(exc).__name__
 
 
 def _response(start: dict[str, Any], stream: Any) -> Response:
@@ -106,12 +123,12 @@ def _response(start: dict[str, Any], stream: Any) -> Response:
             async for chunk in stream:
                 yield chunk
             finished = True
-        except (RayActorError, RayError) as exc:
+        except REPLICA_LOST_ERRORS as exc:
             log.warning("replica lost mid-response: %s", exc)
             if is_sse:  # the 200 is sent: the error goes in-band, as OpenAI's streams do
                 error = APIError(
                     503,
-                    REPLICA_LOST.format(error=type(exc).__name__),
+                    REPLICA_LOST.format(error=_why(exc)),
                     "server_error",
                     code="replica_unavailable",
                 )

@@ -63,6 +63,17 @@ def import_ray() -> ModuleType:
     return ray
 
 
+def prepare_ray(address: str | None, port: int) -> ModuleType:
+    """Ray, imported for ``serve --ray``: with no ``address`` (a Ray instance of our own),
+    `fast_path_env` is set first. Serve reads these variables once, when it is imported, in
+    this process too: the handles built here for the ingress take their transport from them
+    (gRPC in the fast path); set after the import, only Ray's own processes would see them.
+    Raises `RaySetupError` (how to install Ray) when it is missing."""
+    if not address:
+        os.environ.update(fast_path_env(port))
+    return import_ray()
+
+
 def check_address(address: str) -> None:
     """Refuse an ``--address`` nothing listens on now, before Ray retries it for minutes."""
     if address == "auto":
@@ -101,9 +112,14 @@ def fast_path_env(port: int) -> dict[str, str]:
     }
 
 
+def fast_path_active() -> bool:
+    """Whether this process runs under `fast_path_env` (Ray's processes inherit it)."""
+    return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+
+
 def direct_ingress_port() -> int | None:
     """The port the ingress replica listens on itself, when `fast_path_env` is in force."""
-    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1":
+    if not fast_path_active():
         return None
     return int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "0")) or None
 
@@ -239,9 +255,7 @@ def run_serve_ray(
     loopback: bool,
 ) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM), then leave nothing running."""
-    if not args.address:  # a Ray instance of our own: before Ray is imported or started
-        os.environ.update(fast_path_env(args.port))
-    import_ray()  # before anything starts: a missing Ray is a message, not a traceback
+    prepare_ray(args.address, args.port)  # done already by `serve`; repeating it is harmless
     threads = args.threads or 1
 
     def stop(signum: int, frame: FrameType | None) -> None:

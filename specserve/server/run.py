@@ -125,9 +125,9 @@ def run_serve(args: argparse.Namespace) -> int:
     elif args.stream_interval_ms < 0:
         raise ValueError(f"--stream-interval-ms must be >= 0, not {args.stream_interval_ms:g}")
     if args.ray:  # before the database and the models: a missing Ray fails fast
-        from specserve.server.ray_run import import_ray
+        from specserve.server.ray_run import prepare_ray
 
-        import_ray()
+        prepare_ray(args.address, args.port)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("serving on %s without an API key: anyone who reaches it can use it", args.host)
     store = DeploymentStore(args.db or default_store_path())

@@ -30,6 +30,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+# `serve --ray` stopped just before it starts Ray: what Serve, imported by then, defaults to.
+STOP_BEFORE_RAY_STARTS = """
+import sys
+import specserve.server.ray_run as ray_run
+def connect(address, loopback):
+    from ray.serve._private.handle_options import DynamicHandleOptions
+    print("by reference:", DynamicHandleOptions()._by_reference)
+    sys.exit(0)
+ray_run.connect = connect
+from specserve.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "SPECSERVE_HOME": str(home), "PYTHONPATH": str(ROOT)}
 
@@ -69,6 +83,19 @@ def test_unreachable_address_and_address_without_ray(tmp_path: Path, tiny_gguf: 
     assert done.returncode == 2 and "--stream-interval-ms needs --ray" in done.stderr
     done = _specserve(tmp_path, "serve", "--ray", "--stream-interval-ms", "-1")
     assert done.returncode == 2 and "--stream-interval-ms must be >= 0" in done.stderr
+
+
+def test_serve_ray_sets_the_fast_path_before_serve_is_imported(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """Serve reads its settings once, at import: `serve --ray` imports it early (to fail fast
+    without Ray), so the fast path must be set by then, or the handles built in this process
+    would relay over Ray's object transfers instead of gRPC."""
+    assert _specserve(tmp_path, "deployment", "create", str(tiny_gguf), "--id", "t").returncode == 0
+    done = _specserve(
+        tmp_path, "serve", "--ray", "--port", str(free_port()), code=STOP_BEFORE_RAY_STARTS
+    )
+    assert done.returncode == 0 and "by reference: False" in done.stdout, done.stderr
 
 
 def _raylets() -> int:
