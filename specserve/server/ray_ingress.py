@@ -64,9 +64,10 @@ class Ingress:
         self.api_key, self.max_body, self.hub = api_key, max_body, hub
         # The transport is chosen here, in the ingress's process: a handle built elsewhere
         # carries the default of the process that imported Serve first (`prepare_ray`).
-        grpc = fast_path_active()  # gRPC streams; else Ray's object transfers
+        by_reference = not fast_path_active()  # Ray's object transfers; else gRPC streams
         self.handles = {
-            d: handle.options(stream=True, _by_reference=not grpc) for d, handle in engines.items()
+            d: handle.options(stream=True, _by_reference=by_reference)
+            for d, handle in engines.items()
         }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
