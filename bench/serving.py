@@ -24,7 +24,7 @@ With ``--rounds N`` the three servers run N times, in alternating order: this VM
 drifts from minute to minute, so each goal is judged on its median round (every round's
 figure listed), and the table shown is the round with the median throughput ratio.
 
-    python -m bench.serving --ray [--rounds 3] [--prompts 16] [--max-tokens 128]
+    python -m bench.serving --ray [--rounds 3] [--prompts 32] [--max-tokens 128]
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ from bench.common import (
     sample_prompts,
     write_json,
 )
-from bench.serving_load import MODEL, one_request, run_phase, specserve_cli
+from bench.serving_load import (
+    MODEL,
+    PROMPTS,
+    RAY_PROMPTS_PER_CLIENT,
+    one_request,
+    run_phase,
+    specserve_cli,
+)
 
 DEPLOYMENTS = {"plain": ["--no-speculation"], "spec": []}
 
@@ -85,7 +92,12 @@ def start_server(
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL, help=f"catalog name (default {MODEL})")
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        help=f"requests per concurrency level (default {PROMPTS}; --ray: "
+        f"{RAY_PROMPTS_PER_CLIENT} per client at the most clients)",
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument(
@@ -161,6 +173,7 @@ SINGLE_HEADERS = [
 def main_single(args: argparse.Namespace) -> None:
     """Plain vs speculative deployments of one `specserve serve`, at every concurrency."""
     levels = [int(c) for c in args.concurrency.split(",")]
+    args.prompts = args.prompts or PROMPTS
     prompts = sample_prompts(args.prompts)
     phases, metrics = serve_phases(args, [p.text for p in prompts], levels)
     rows, summary = spec_vs_plain(phases, levels)

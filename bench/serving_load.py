@@ -18,6 +18,11 @@ import openai
 from bench.common import REPO_ROOT
 
 MODEL = "smollm2-135m-instruct"
+PROMPTS = 16  # requests per concurrency level (--prompts)
+# --ray: requests per client at the most clients. With two, the router's split of the last
+# requests over the replicas decides the figure: 16 prompts at 8 clients measured 0.72x at a
+# 10/6 split and 1.11x at 8/8 in one run (docs/benchmarks.md).
+RAY_PROMPTS_PER_CLIENT = 4
 # specserve.server.ray_replica.REPLICA_HEADER; importing that module would import Ray.
 REPLICA_HEADER = "x-specserve-replica"
 

@@ -31,7 +31,14 @@ from bench.common import (
     write_json,
 )
 from bench.rounds import judge_by_round
-from bench.serving_load import concurrently, one_request, quantile, run_phase, specserve_cli
+from bench.serving_load import (
+    RAY_PROMPTS_PER_CLIENT,
+    concurrently,
+    one_request,
+    quantile,
+    run_phase,
+    specserve_cli,
+)
 from bench.serving_procs import Interrupts, port_is_free, stop_server, tail, wait_ready
 
 RAY_DEPLOYMENT = "bench"  # the one deployment every server of the --ray run serves
@@ -309,6 +316,7 @@ def main_ray(args: argparse.Namespace) -> None:
     if args.threads < 2:
         sys.exit("--ray compares 1 replica x T threads with T replicas x 1 thread: --threads >= 2")
     levels = sorted(int(c) for c in args.concurrency.split(","))
+    args.prompts = args.prompts or RAY_PROMPTS_PER_CLIENT * max(levels)
     prompts = sample_prompts(args.prompts)
     began = time.perf_counter()
     rounds = run_ray_setups(args, [p.text for p in prompts], levels)
