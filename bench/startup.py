@@ -6,7 +6,7 @@ and all), medians of ``--repeats``:
 - ``load, no cache``: `load_model` with ``SPECSERVE_PACKED_CACHE=0``, which packs every
   quantized tensor (every start before the packed-weights cache existed);
 - ``load, first``: the first load with the cache, which packs and then writes it;
-- ``load, cached``: a later load, which maps the cache file instead of packing;
+- ``load, cached``: a later load, which reads the cache file instead of packing;
 - ``serve``: `specserve serve` with one deployment of the model, without the cache and
   with it: seconds until ``/health`` answers, and the server's resident memory then and
   after one short request.
@@ -33,12 +33,11 @@ from typing import Any
 
 import httpx
 
-from bench.common import machine_info, markdown_table, write_json
+from bench.common import REPO_ROOT, machine_info, markdown_table, write_json
 from bench.serving_procs import port_is_free, stop_server, tail, wait_ready
 from specserve.model.fetch import data_dir
 
 MODELS = ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HEADERS = [
     "model",
     "load, no cache (s)",

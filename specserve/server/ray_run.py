@@ -254,8 +254,8 @@ def run_serve_ray(
     settings: ServerSettings,
     loopback: bool,
 ) -> int:
-    """Serve until interrupted (Ctrl-C or SIGTERM), then leave nothing running."""
-    prepare_ray(args.address, args.port)  # done already by `serve`; repeating it is harmless
+    """Serve until interrupted (Ctrl-C or SIGTERM), then leave nothing running. `serve` has
+    called `prepare_ray` first."""
     threads = args.threads or 1
 
     def stop(signum: int, frame: FrameType | None) -> None:
