@@ -44,6 +44,7 @@ class Job:
     cancelled: bool = False
     record_features: bool = False  # the result carries the target's features (training data)
     started: bool = False  # the first token was picked
+    last_piece: str = ""  # a finished sequence's last text, held to go out with its answer
     submitted_at: float = field(default_factory=time.perf_counter)
     # Choices of one prompt (n > 1): a follower copies its leader's prompt KV, last prompt
     # logits and features instead of prefilling; the leader keeps them until it is done.

@@ -294,17 +294,28 @@ class Engine:
             busy = any(j.started for j in active) and self.model.lm.packs_rows(self.cache)
             chunk = min(self.prefill_chunk, self.prefill_chunk_busy if busy else 1 << 30)
             self._prefill_chunk(prefilling[0], chunk)
+            self._answer_finished(prefilling[:1])  # e.g. max_tokens=1: no wait for the decode
         decoding = [j for j in active if j.started and j.seq is not None and not j.seq.done]
         if decoding:
             self._decode_step(decoding)
-        for job in active:
-            if job.seq is not None and job.seq.done:
-                self._keep_sequence(job)
-                with self._cond:
-                    if job in self._active:
-                        self._release(job)
-                self.stats.finished += 1
-                job.on_done(job.seq.result(), None)
+        self._answer_finished(active)
+
+    def _answer_finished(self, jobs: list[Job]) -> None:
+        """Answer each job whose sequence is done and free its slot. Its last piece of text and
+        its answer go first, back to back (a stream's end then travels with its last text, as
+        one item behind Ray), and the prefix cache's copy of the KV after them."""
+        for job in jobs:
+            seq = job.seq
+            with self._cond:
+                if seq is None or not seq.done or job not in self._active:
+                    continue  # still running, or already answered
+            self.stats.finished += 1
+            if job.last_piece and not job.cancelled:
+                job.on_text(job.last_piece)
+            job.on_done(seq.result(), None)
+            self._keep_sequence(job)
+            with self._cond:
+                self._release(job)
 
     def _new_sequence(self, job: Job) -> Sequence:
         seq = Sequence(
@@ -451,5 +462,9 @@ class Engine:
 
     @staticmethod
     def _deliver(job: Job, piece: str) -> None:
-        if piece and not job.cancelled:
+        """Stream a new piece of text; a finished sequence's last piece waits for its answer
+        (`_answer_finished`), so that the two reach the handler together."""
+        if job.seq is not None and job.seq.done:
+            job.last_piece += piece
+        elif piece and not job.cancelled:
             job.on_text(piece)

@@ -247,3 +247,32 @@ def test_a_prompt_beside_decodes_is_prefilled_in_short_chunks(native_model: Mode
     prefills = [r.tokens for r in steps.records if r.kind == "prefill"]
     assert prefills == [40] + [8] * 7 + [4], prefills
     assert [first.wait().token_ids, second.wait().token_ids] == alone
+
+
+def test_a_finished_sequence_sends_its_last_text_with_its_answer(tiny_model: Model) -> None:
+    """A sequence's last piece of text and its answer reach the handler back to back, with
+    no forward between (behind Ray: one streamed item, not two), even when it finishes at
+    its prefill in a step where another sequence decodes."""
+    engine = Engine(tiny_model, max_batch=2, start=False)
+    events: list[tuple[str, str]] = []
+    engine.stats.step_listeners.append(lambda record: events.append(("forward", record.kind)))
+
+    def submit(name: str, prompt: list[int], max_tokens: int) -> None:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        engine.submit(
+            prompt,
+            params,
+            lambda piece: events.append((name, "text")),
+            lambda result, error: events.append((name, "done" if error is None else "error")),
+        )
+
+    submit("long", [5, 6, 7], 12)
+    engine.step()  # prefilled: it decodes from now on
+    submit("short", [8, 9, 10], 1)
+    while sum(kind in ("done", "error") for _, kind in events) < 2:
+        engine.step()
+    for name in ("long", "short"):
+        done = events.index((name, "done"))
+        last_text = max(i for i, event in enumerate(events) if event == (name, "text"))
+        assert ("forward", "decode") not in events[last_text:done], events
+        assert events[done - 1] == (name, "text"), events
