@@ -11,6 +11,7 @@ error shape (in-band, as an SSE error event, when the stream had begun).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -113,7 +114,13 @@ def _why(exc: BaseException) -> str:
 
 
 def _response(start: dict[str, Any], stream: Any) -> Response:
+    """The client's response from a replica's items (`ray_replica.call_asgi`). It ends at
+    the item marked last; the end of Ray's stream, a message later, is read in the
+    background (Serve counts the request as ongoing until then)."""
     headers = {k: v for k, v in start["headers"] if k.lower() != "content-length"}
+    if start.get("last"):  # the whole answer: no stream (a JSON body, a 1-token completion)
+        _drain(stream)
+        return Response(start["body"], start["status"], headers)
     is_sse = headers.get("content-type", "").startswith("text/event-stream")
 
     async def body() -> AsyncIterator[bytes]:
@@ -121,8 +128,14 @@ def _response(start: dict[str, Any], stream: Any) -> Response:
         try:
             if start["body"]:
                 yield start["body"]
-            async for chunk in stream:
-                yield chunk
+            async for item in stream:
+                if isinstance(item, bytes):
+                    yield item
+                    continue
+                finished = True  # the last chunk
+                _drain(stream)
+                yield item["body"]
+                return
             finished = True
         except REPLICA_LOST_ERRORS as exc:
             log.warning("replica lost mid-response: %s", exc)
@@ -140,6 +153,24 @@ def _response(start: dict[str, Any], stream: Any) -> Response:
                 stream.cancel()
 
     return StreamingResponse(body(), start["status"], headers)
+
+
+_DRAINING: set[asyncio.Task[None]] = set()  # streams read to their end, held till then
+
+
+def _drain(stream: Any) -> None:
+    """Read the rest of a replica's stream (its end) without holding up the client."""
+
+    async def read() -> None:
+        try:
+            async for _ in stream:
+                log.warning("an item after the one marked last was dropped")
+        except Exception as exc:  # the answer is complete: the replica's fate is its own
+            log.debug("stream's end not read: %r", exc)
+
+    task = asyncio.get_running_loop().create_task(read())
+    _DRAINING.add(task)
+    task.add_done_callback(_DRAINING.discard)
 
 
 def merge_metrics(reports: dict[str, dict[str, Any]]) -> bytes:
@@ -223,6 +254,7 @@ def build_app(ingress: Ingress) -> FastAPI:
 
 
 async def _read(response: Response) -> bytes:
-    assert isinstance(response, StreamingResponse)
+    if not isinstance(response, StreamingResponse):
+        return bytes(response.body)
     chunks = [c if isinstance(c, bytes) else str(c).encode() async for c in response.body_iterator]
     return b"".join(chunks)

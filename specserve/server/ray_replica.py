@@ -96,14 +96,14 @@ class EngineReplica:
     async def handle(
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> AsyncIterator[dict[str, Any] | bytes]:
-        """Run one HTTP request through the app: first ``{"status", "headers", "body"}``
-        with the body's first chunk, then the rest as it is produced (SSE events gathered
-        over `stream_interval_for` this replica's open streams)."""
+        """Run one HTTP request through the app: first ``{"status", "headers", "body",
+        "last"}`` with the body's first chunk, then the rest as it is produced (SSE events
+        gathered over `stream_interval_for` this replica's open streams); see `call_asgi`."""
         request = (method, path, query, headers, body)
         self.open_streams += 1
         try:
             async for item in call_asgi(self.app, *request, interval=self._interval):
-                if isinstance(item, dict):
+                if isinstance(item, dict) and "headers" in item:  # the response's start
                     item["headers"].append((REPLICA_HEADER, self.replica))
                 yield item
         finally:
@@ -159,9 +159,11 @@ async def call_asgi(
     start_alone_after: float = START_ALONE_AFTER_S,
 ) -> AsyncIterator[dict[str, Any] | bytes]:
     """Call an ASGI app with a complete request body; yield the response start with the
-    body's first chunk as ``{"status", "headers", "body"}`` (one item: each costs a Ray
-    message; alone, with an empty body, if no chunk comes within ``start_alone_after``
-    seconds: a long prefill), then the rest of the body, each item no sooner than
+    body's first chunk as ``{"status", "headers", "body", "last"}`` (one item: each costs a
+    Ray message; alone, with an empty body, if no chunk comes within ``start_alone_after``
+    seconds: a long prefill), then the rest of the body as bytes, but for its last chunk,
+    ``{"body", "last": True}`` ("last" says the body is whole: the ingress then ends its
+    client's response without waiting for the end of Ray's stream), each item no sooner than
     ``interval`` seconds after the one before (a number, or a function asked at each item;
     what arrives in between is joined to it; a chunk that comes later than that goes out at
     once). When the caller stops reading (its client went away, or the replica is
@@ -214,7 +216,7 @@ async def _items(
     while (message := await _next(messages, start, start_alone_after)) is not None:
         if message is _START_ALONE:  # a long prefill: the client gets its headers now
             assert start is not None
-            yield {**start, "body": b""}
+            yield {**start, "body": b"", "last": False}
             start, sent_at = None, time.monotonic()
         elif message["type"] == "http.response.start":
             pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
@@ -224,13 +226,24 @@ async def _items(
             wait = interval() if callable(interval) else interval
             if start is None and more and wait > 0:
                 data, more = await _body_until(data, messages, sent_at + wait)
-            if start is not None or data:
-                yield data if start is None else {**start, "body": data}
+            item = _item(start, data, more)
+            if item is not None:
+                yield item
                 start, sent_at = None, time.monotonic()
             if not more:
                 return
     if start is not None:  # the app ended without a body message
-        yield {**start, "body": b""}
+        yield {**start, "body": b"", "last": True}
+
+
+def _item(start: dict[str, Any] | None, data: bytes, more: bool) -> dict[str, Any] | bytes | None:
+    """The item that carries a chunk of the body (see `call_asgi`); None for an empty chunk
+    in mid-body."""
+    if start is not None:
+        return {**start, "body": data, "last": not more}
+    if not more:
+        return {"body": data, "last": True}
+    return data or None
 
 
 _START_ALONE: dict[str, Any] = {"type": "start alone"}  # `_next`'s "send the start now"

@@ -1,11 +1,15 @@
 """The Ray ingress's handling of a lost replica, with stand-in handles (no Ray cluster): a
 failure before anything reached the client is retried once, then answered with OpenAI's 503;
 a failure mid-stream ends the stream with an in-band error event. Both of Ray's transports
-fail their own way: Ray's errors, or gRPC's (the fast path) that Ray passes on untranslated."""
+fail their own way: Ray's errors, or gRPC's (the fast path) that Ray passes on untranslated.
+An answer ends at the item marked last, before Ray's stream ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -100,3 +104,42 @@ def test_lost_mid_stream_ends_it_with_an_error_event() -> None:
     error = json.loads(events[2].removeprefix("data: "))["error"]
     assert error["code"] == "replica_unavailable" and "gRPC UNKNOWN" in error["message"]
     assert stream.cancelled  # it did not end normally: the replica is told (if it still runs)
+
+
+class HeldEnd(Stream):
+    """A stream whose end, after its items, waits for ``release`` (at most 10 s): Ray's
+    end-of-stream message comes after the last item, a round trip later."""
+
+    def __init__(self, items: list[Any]) -> None:
+        super().__init__(items)
+        self.release, self.ended = threading.Event(), False
+
+    async def __anext__(self) -> Any:
+        if not self.items:
+            await asyncio.to_thread(self.release.wait, 10)
+            self.ended = True
+        return await super().__anext__()
+
+
+@pytest.mark.parametrize(
+    ("items", "text"),
+    [
+        ([{**START, "last": True}], "data: 1\n\n"),  # whole in one item
+        (
+            [START, b"data: 2\n\n", {"body": b"data: 3\n\n", "last": True}],
+            "data: 1\n\ndata: 2\n\ndata: 3\n\n",
+        ),
+    ],
+)
+def test_the_answer_ends_at_the_item_marked_last(items: list[Any], text: str) -> None:
+    stream = HeldEnd(items)
+    with client_for([stream]) as client:
+        answer = post(client)
+        assert answer.status_code == 200
+        assert not stream.ended  # the client had its whole answer before the stream's end
+        stream.release.set()
+        deadline = time.monotonic() + 10
+        while not stream.ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert stream.ended and not stream.cancelled  # read to its end in the background
+    assert answer.text == text
