@@ -134,7 +134,8 @@ def _response(start: dict[str, Any], stream: Any) -> Response:
                     continue
                 finished = True  # the last chunk
                 _drain(stream)
-                yield item["body"]
+                if item["body"]:
+                    yield item["body"]
                 return
             finished = True
         except REPLICA_LOST_ERRORS as exc:
