@@ -306,9 +306,11 @@ class Engine:
         one item behind Ray), and the prefix cache's copy of the KV after them."""
         for job in jobs:
             seq = job.seq
+            if seq is None or not seq.done:
+                continue  # still running: no lock taken in the decode loop
             with self._cond:
-                if seq is None or not seq.done or job not in self._active:
-                    continue  # still running, or already answered
+                if job not in self._active:
+                    continue  # answered already, just after its prefill
             self.stats.finished += 1
             if job.last_piece and not job.cancelled:
                 job.on_text(job.last_piece)
