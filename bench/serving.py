@@ -136,6 +136,11 @@ def parse_args() -> argparse.Namespace:
         help="passed to serve --ray (default: its own, specserve.server.run)",
     )
     ray.add_argument(
+        "--ray-proxy",
+        choices=["haproxy", "ingress"],
+        help="passed to serve --ray: what faces the clients (default: its own, HAProxy here)",
+    )
+    ray.add_argument(
         "--time-limit",
         type=int,
         default=1800,

@@ -176,6 +176,7 @@ def run_setup(
     phases = []
     interval = args.stream_interval_ms
     ray_flags = [] if interval is None else ["--stream-interval-ms", f"{interval:g}"]
+    ray_flags += ["--ray-proxy", args.ray_proxy] if args.ray_proxy else []
     with served(setup, port, max(levels), work, interrupts, args.model, ray_flags) as info:
         print(f"   ready in {info['start_seconds']} s", flush=True)
         client = openai.OpenAI(

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from specserve.server import completions, info
@@ -34,8 +34,11 @@ def create_app(
     deployments: ServedDeployments,
     settings: ServerSettings = ServerSettings(),
     metrics: Metrics | None = None,
+    overrides: APIRouter | None = None,
 ) -> FastAPI:
-    """The app serving ``deployments``; it stops their engines when it shuts down."""
+    """The app serving ``deployments``; it stops their engines when it shuts down.
+    ``overrides`` answers its routes instead of the app's own (a Ray replica that faces the
+    clients answers /health and /metrics for all its deployment's replicas)."""
     metrics = metrics or Metrics()
     for name, engine in deployments.engines().items():
         metrics.watch_engine(name, engine)
@@ -53,6 +56,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyAuth, api_key=settings.api_key)
+    if overrides is not None:
+        app.include_router(overrides)
     app.include_router(info.router)
     app.include_router(completions.router)
     return app

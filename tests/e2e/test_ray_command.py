@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +86,20 @@ def test_unreachable_address_and_address_without_ray(tmp_path: Path, tiny_gguf: 
     assert done.returncode == 2 and "--stream-interval-ms must be >= 0" in done.stderr
 
 
+def test_haproxy_is_refused_where_it_cannot_serve(tmp_path: Path, tiny_gguf: Path) -> None:
+    for name in ("a", "b"):
+        done = _specserve(tmp_path, "deployment", "create", str(tiny_gguf), "--id", name)
+        assert done.returncode == 0, done.stderr
+    done = _specserve(tmp_path, "serve", "--ray-proxy", "haproxy")
+    assert done.returncode == 2 and "--ray-proxy needs --ray" in done.stderr
+    done = _specserve(tmp_path, "serve", "--ray", "--ray-proxy", "haproxy")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "fronts one deployment, not 2: pick one with --deployment ID" in done.stderr
+    address = f"127.0.0.1:{free_port()}"
+    done = _specserve(tmp_path, "serve", "--ray", "--ray-proxy", "haproxy", "--address", address)
+    assert done.returncode == 2 and "on a cluster of your own (--address)" in done.stderr
+
+
 def test_serve_ray_sets_the_fast_path_before_serve_is_imported(
     tmp_path: Path, tiny_gguf: Path
 ) -> None:
@@ -106,24 +121,27 @@ def _raylets() -> int:
 @pytest.mark.ray
 def test_serve_ray_command_serves_and_cleans_up(tmp_path: Path, tiny_gguf: Path) -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'specserve[ray]'")
-    before = _raylets()
+    before, haproxy_dirs = _raylets(), set(Path("/tmp").glob("ssrv-hap-*"))
     created = _specserve(tmp_path, "deployment", "create", str(tiny_gguf), "--id", "tiny")
     assert created.returncode == 0, created.stderr
     port = free_port()
     command = [sys.executable, "-m", "specserve", "serve", "--ray", "--port", str(port)]
     command += ["--dtype", "float32", "--api-key", "k", "--max-context", "256"]
     server = subprocess.Popen(command, env=_env(tmp_path), stderr=subprocess.PIPE, text=True)
+    said: list[str] = []  # its stderr, read as it comes
+    assert server.stderr is not None
+    stream = server.stderr
+    reader = threading.Thread(target=lambda: said.extend(iter(stream.readline, "")))
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, server.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+        while not any(line.startswith("specserve: serving") for line in said):
+            assert server.poll() is None, "".join(said)
             assert time.monotonic() < deadline, "serve --ray did not come up"
             time.sleep(0.5)
+        # What a user waits for; behind HAProxy it says which replicas answer.
+        assert any("(HAProxy in front of the replicas)" in line for line in said), said
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         reply = client.completions.create(model="tiny", prompt="the", max_tokens=5, temperature=0)
         assert reply.usage is not None and reply.usage.completion_tokens == 5
@@ -131,9 +149,12 @@ def test_serve_ray_command_serves_and_cleans_up(tmp_path: Path, tiny_gguf: Path)
         assert anonymous.status_code == 401
     finally:
         server.send_signal(signal.SIGTERM)
-        _, stderr = server.communicate(timeout=120)
+        server.wait(timeout=120)
+        reader.join(timeout=10)
+    stderr = "".join(said)
     assert server.returncode == 0, stderr
     assert "stopping the Ray Serve applications" in stderr
+    assert set(Path("/tmp").glob("ssrv-hap-*")) <= haproxy_dirs
     if before == 0:  # the local Ray instance it started is gone with it
         time.sleep(2)
         assert _raylets() == 0

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,10 @@ import pytest
 from specserve.deployments.rules import DrafterFlags, ReplicaSettings
 from specserve.deployments.service import create_deployment
 from specserve.deployments.store import DeploymentStore
-from specserve.engine.generate import generate
 from specserve.model.loader import Model, load_model
 from specserve.server.app import ServerSettings
 from specserve.server.served import EngineOptions
-from specserve.speculative.sampling import SamplingParams
+from tests.ray_helpers import WAIT_S, reference, replica_pids, stream_outcome, until
 from tests.server_harness import free_port
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -39,13 +38,12 @@ ray = pytest.importorskip(
 # Ray Serve's own pydantic models warn on import; they are not ours to fix.
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-from specserve.server.ray_replica import APP, REPLICA_HEADER  # noqa: E402
+from specserve.server.ray_replica import REPLICA_HEADER  # noqa: E402
 from specserve.server.ray_run import Scaling, deploy, fast_path_env, undeploy  # noqa: E402
 
 OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
 FAST_SCALING = Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0)
 PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
-WAIT_S = 90.0  # the longest any condition below may take to come true
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +90,6 @@ def base_url(
         os.environ.update(saved)
 
 
-def _until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
-
-def _reference(model: Model, prompt: str, max_tokens: int) -> str:
-    ids = generate(model, model.tokenizer.encode(prompt), SamplingParams(max_tokens=max_tokens))
-    return model.tokenizer.decode(ids.token_ids)
-
-
 def _complete(base_url: str, prompt: str, model: str = "tiny", **kw: Any) -> httpx.Response:
     body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, **kw}
     return httpx.post(f"{base_url}/v1/completions", json=body, timeout=WAIT_S)
@@ -124,7 +107,7 @@ def test_requests_spread_over_replicas_and_equal_single_process(
         replies = list(pool.map(lambda p: _complete(base_url, p), prompts))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     for prompt, reply in zip(prompts, replies, strict=True):
-        assert reply.json()["choices"][0]["text"] == _reference(printable, prompt, 16)
+        assert reply.json()["choices"][0]["text"] == reference(printable, prompt, 16)
     assert len({r.headers[REPLICA_HEADER] for r in replies}) == 2
     health = _health(base_url)
     assert health["status"] == "ok" and health["replicas"]["tiny"] == {"RUNNING": 2}
@@ -148,7 +131,7 @@ def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> Non
     stream = client.completions.create(
         model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True
     )
-    assert "".join(c.choices[0].text for c in stream if c.choices) == _reference(
+    assert "".join(c.choices[0].text for c in stream if c.choices) == reference(
         printable, PROMPTS[1], 20
     )
     chat = client.chat.completions.create(
@@ -183,7 +166,7 @@ def test_bad_requests_and_a_client_that_leaves(base_url: str) -> None:
         text = httpx.get(f"{base_url}/metrics", timeout=10).text
         return 'deployment="auto",endpoint="completions",outcome="cancelled"' in text
 
-    _until(cancelled, "the replica to count the cancelled stream")
+    until(cancelled, "the replica to count the cancelled stream")
 
 
 def test_metrics_from_every_replica(base_url: str) -> None:
@@ -195,46 +178,24 @@ def test_metrics_from_every_replica(base_url: str) -> None:
         lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
         return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
 
-    assert len(_until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
-
-
-def _replica_pids(deployment: str) -> dict[str, int]:
-    from ray import serve
-
-    hub = serve.get_deployment_handle("MetricsHub", app_name=APP)
-    live = hub.live.remote().result(timeout_s=10)
-    return {r: v["pid"] for r, v in live.items() if v["deployment"] == deployment}
-
-
-def _stream_outcome(base_url: str, prompt: str) -> str:
-    """ "ok", or the error code a failed request got (HTTP or in-band SSE)."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "temperature": 0}
-    with httpx.stream(
-        "POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=WAIT_S
-    ) as reply:
-        if reply.status_code != 200:
-            return str(json.loads(reply.read())["error"]["code"])
-        for line in reply.iter_lines():
-            if line.startswith("data: {") and '"error"' in line:
-                return str(json.loads(line[6:])["error"]["code"])
-    return "ok"
+    assert len(until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
 
 
 def test_a_killed_replica_is_replaced(base_url: str) -> None:
-    pids = _until(lambda: len(_replica_pids("tiny")) == 2 and _replica_pids("tiny"), "pids")
+    pids = until(lambda: len(replica_pids("tiny")) == 2 and replica_pids("tiny"), "pids")
     victim_replica, victim = next(iter(pids.items()))
     with ThreadPoolExecutor(8) as pool:
-        outcomes = [pool.submit(_stream_outcome, base_url, p) for p in PROMPTS * 2]
+        outcomes = [pool.submit(stream_outcome, base_url, "tiny", p) for p in PROMPTS * 2]
         time.sleep(0.5)  # the streams are under way
         os.kill(victim, signal.SIGKILL)
         results = [f.result() for f in outcomes]
     # Requests on the other replica, and those retried, complete; the rest get the 503.
     assert set(results) <= {"ok", "replica_unavailable"} and "ok" in results, results
-    _until(
+    until(
         lambda: (
             _health(base_url)["replicas"]["tiny"] == {"RUNNING": 2}
-            and victim_replica not in _replica_pids("tiny")
-            and len(_replica_pids("tiny")) == 2
+            and victim_replica not in replica_pids("tiny")
+            and len(replica_pids("tiny")) == 2
         ),
         "the replacement replica",
     )
@@ -257,4 +218,4 @@ def test_autoscaling_one_to_two_and_back(base_url: str) -> None:
             time.sleep(0.25)
         assert running() == 2, "did not scale up under load"
         assert all(f.result().status_code == 200 for f in load)
-    _until(lambda: running() == 1, "scale down when idle")
+    until(lambda: running() == 1, "scale down when idle")

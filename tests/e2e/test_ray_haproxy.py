@@ -1,0 +1,187 @@
+"""`serve --ray` with HAProxy in front (one deployment): the replicas serve the API themselves.
+
+One Ray instance for the module (127.0.0.1, 4 logical CPUs, no dashboard) in Serve's
+HAProxy mode as `serve --ray` sets it up, shut down by the fixture whatever happens. One
+deployment, "solo", of a tiny printable model, autoscaled between 2 and 3 replicas on one
+ongoing request each, behind an API key. Outputs are compared with plain greedy decoding
+in this process.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from specserve.deployments.rules import DrafterFlags, ReplicaSettings
+from specserve.deployments.service import create_deployment
+from specserve.deployments.store import DeploymentStore
+from specserve.model.loader import Model, load_model
+from specserve.server.app import ServerSettings
+from specserve.server.served import EngineOptions
+from tests.ray_helpers import WAIT_S, reference, replica_pids, stream_outcome, until
+from tests.server_harness import free_port
+from tests.tiny import TinySpec, write_tiny_gguf
+
+ray = pytest.importorskip(
+    "ray", reason="Ray is not installed: pip install 'specserve[ray]' (make setup installs it)"
+)
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+from specserve.server.ray_haproxy import error_page  # noqa: E402
+from specserve.server.ray_replica import REPLICA_HEADER  # noqa: E402
+from specserve.server.ray_run import Scaling, deploy, haproxy_env, undeploy  # noqa: E402
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
+PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
+
+
+@pytest.fixture(scope="module")
+def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
+    path = write_tiny_gguf(tmp_path_factory.mktemp("hap-model") / "printable.gguf", model_spec)
+    return load_model(str(path), dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    store = DeploymentStore(tmp_path_factory.mktemp("hap-db") / "deployments.db")
+    replicas = ReplicaSettings(2, 3, target_ongoing_requests=1)
+    create_deployment(store, str(printable.path), DrafterFlags(), id="solo", replicas=replicas)
+    port = free_port()
+    saved = dict(os.environ)
+    os.environ.update(haproxy_env("127.0.0.1", port, replicas=3))  # as `serve --ray` does
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
+    try:
+        deploy(
+            store.list(),
+            dtype="float32",
+            options=OPTIONS,
+            threads=1,
+            settings=ServerSettings(api_key=KEY),
+            host="127.0.0.1",
+            port=port,
+            scaling=Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0),
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        state = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+        undeploy(started_cluster=True)
+        os.environ.clear()
+        os.environ.update(saved)
+    assert not os.path.exists(state), "undeploy leaves HAProxy's directory behind"
+
+
+def _complete(base_url: str, prompt: str, **kw: Any) -> httpx.Response:
+    body = {"model": "solo", "prompt": prompt, "max_tokens": 16, "temperature": 0, **kw}
+    return httpx.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=WAIT_S)
+
+
+def _health(base_url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{base_url}/health", timeout=10).json())  # needs no key
+
+
+def test_requests_spread_over_replicas_and_equal_single_process(
+    base_url: str, printable: Model
+) -> None:
+    prompts = PROMPTS * 3
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _complete(base_url, p), prompts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    for prompt, reply in zip(prompts, replies, strict=True):
+        assert reply.json()["choices"][0]["text"] == reference(printable, prompt, 16)
+    assert len({r.headers[REPLICA_HEADER] for r in replies}) >= 2
+    health = _health(base_url)
+    assert health["status"] == "ok" and health["deployments"] == ["solo"]
+
+
+def test_streaming_the_key_and_errors_through_haproxy(base_url: str, printable: Model) -> None:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["solo"]
+    stream = client.completions.create(
+        model="solo", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == reference(printable, PROMPTS[1], 20)
+    chat = client.chat.completions.create(
+        model="solo",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(chat)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    anonymous = httpx.get(f"{base_url}/v1/models", timeout=10)
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["message"]
+    not_json = httpx.post(f"{base_url}/v1/completions", content=b"{", headers=AUTH, timeout=10)
+    assert not_json.status_code == 400 and not_json.json()["error"]["message"]
+
+
+def test_metrics_from_every_replica_and_haproxys_error_page(base_url: str) -> None:
+    for prompt in PROMPTS * 2:
+        assert _complete(base_url, prompt).status_code == 200
+
+    def labelled() -> set[str]:
+        text = httpx.get(f"{base_url}/metrics", headers=AUTH, timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
+        return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
+
+    assert len(until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
+    # HAProxy's own answers (no replica up) are ours, in OpenAI's error shape.
+    state = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    pages = glob.glob(os.path.join(state, "**", "500.http"), recursive=True)
+    assert pages and all(Path(p).read_bytes() == error_page() for p in pages)
+
+
+def test_a_killed_replica_is_replaced(base_url: str) -> None:
+    pids = until(lambda: len(replica_pids("solo")) >= 2 and replica_pids("solo"), "pids")
+    victim_replica, victim = next(iter(pids.items()))
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [pool.submit(stream_outcome, base_url, "solo", p, **AUTH) for p in PROMPTS * 2]
+        time.sleep(0.5)  # the streams are under way
+        os.kill(victim, signal.SIGKILL)
+        results = [f.result() for f in outcomes]
+    # Streams on other replicas complete; those on the victim are cut (or, if it had not
+    # answered yet, retried elsewhere by HAProxy, or answered HAProxy's 503).
+    assert set(results) <= {"ok", "cut", "replica_unavailable"} and "ok" in results, results
+    until(
+        lambda: (
+            _health(base_url)["replicas"]["solo"].get("RUNNING", 0) >= 2
+            and victim_replica not in replica_pids("solo")
+            and len(replica_pids("solo")) >= 2
+        ),
+        "the replacement replica",
+    )
+    assert _complete(base_url, PROMPTS[0]).status_code == 200
+
+
+def test_autoscaling_two_to_three_and_back(base_url: str) -> None:
+    def running() -> int:
+        return int(_health(base_url)["replicas"]["solo"].get("RUNNING", 0))
+
+    until(lambda: running() == 2, "two replicas")
+    with ThreadPoolExecutor(8) as pool:
+        load = [pool.submit(_complete, base_url, p, max_tokens=220) for p in PROMPTS * 2]
+        deadline = time.monotonic() + WAIT_S
+        while running() < 3 and time.monotonic() < deadline:  # keep the load up until then
+            if all(f.done() for f in load):
+                load = [pool.submit(_complete, base_url, p, max_tokens=220) for p in PROMPTS * 2]
+            time.sleep(0.25)
+        assert running() == 3, "did not scale up under load"
+        assert all(f.result().status_code == 200 for f in load)
+    until(lambda: running() == 2, "scale down when idle")
