@@ -214,6 +214,16 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """`RaySetupError` when nothing can listen on ``host:port`` now."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: only
+        try:  # a listening socket stands in the way, not old connections
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RaySetupError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
 def _free_ports(host: str, count: int, tries: int = 50) -> int:
     """The first of ``count`` consecutive ports free on ``host`` now."""
     for _ in range(tries):
@@ -384,6 +394,7 @@ def run_serve_ray(
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    check_port_free(args.host, args.port)  # else Serve's proxy fails after Ray started
     started = connect(args.address, loopback)
     # After ray.init, which installs a SIGTERM handler that aborts: ours stops cleanly.
     previous = signal.signal(signal.SIGTERM, stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,6 +85,13 @@ def test_unreachable_address_and_address_without_ray(tmp_path: Path, tiny_gguf: 
     assert done.returncode == 2 and "--stream-interval-ms needs --ray" in done.stderr
     done = _specserve(tmp_path, "serve", "--ray", "--stream-interval-ms", "-1")
     assert done.returncode == 2 and "--stream-interval-ms must be >= 0" in done.stderr
+    with socket.socket() as taken:  # a port someone listens on: refused before Ray starts
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _specserve(tmp_path, "serve", "--ray", "--port", str(port))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use" in done.stderr
 
 
 def test_haproxy_is_refused_where_it_cannot_serve(tmp_path: Path, tiny_gguf: Path) -> None:
