@@ -1,14 +1,18 @@
 """What the Ray Serve tests (tests/e2e/test_ray_*.py) share: waiting with a bound, the
-single-process reference output, the live replicas' pids, and how a stream ended."""
+single-process reference output, the live replicas' pids, how a stream ended, and the
+checks both fronts (the ingress, HAProxy) must pass."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import openai
+import pytest
 
 from specserve.engine.generate import generate
 from specserve.model.loader import Model
@@ -62,3 +66,48 @@ def stream_outcome(base_url: str, model: str, prompt: str, **headers: str) -> st
     except httpx.RemoteProtocolError:
         pass
     return "cut"
+
+
+def check_streams(client: openai.OpenAI, model: str, printable: Model, prompt: str) -> None:
+    """A completion stream equals the reference, a chat stream reports its usage last, and
+    an unknown model is OpenAI's 404, all through the official client."""
+    stream = client.completions.create(
+        model=model, prompt=prompt, max_tokens=20, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert text == reference(printable, prompt, 20)
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(chat)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def replicas_in_metrics(base_url: str, **headers: str) -> set[str]:
+    """The replicas whose request counters ``/metrics`` shows (its ``replica`` label)."""
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
+    return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
+
+
+def scale_up_under_load(
+    running: Callable[[], int], load: Callable[[ThreadPoolExecutor], list[Future[Any]]], to: int
+) -> None:
+    """Keep ``load`` going (again whenever it is done) until ``running()`` reaches ``to``
+    replicas; every request must succeed. The autoscaler then has to scale back by itself."""
+    with ThreadPoolExecutor(8) as pool:
+        batch = load(pool)
+        deadline = time.monotonic() + WAIT_S
+        while running() < to and time.monotonic() < deadline:
+            if all(f.done() for f in batch):
+                batch = load(pool)
+            time.sleep(0.25)
+        assert running() == to, "did not scale up under load"
+        assert all(f.result().status_code == 200 for f in batch)

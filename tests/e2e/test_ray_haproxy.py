@@ -28,7 +28,16 @@ from specserve.deployments.store import DeploymentStore
 from specserve.model.loader import Model, load_model
 from specserve.server.app import ServerSettings
 from specserve.server.served import EngineOptions
-from tests.ray_helpers import WAIT_S, reference, replica_pids, stream_outcome, until
+from tests.ray_helpers import (
+    WAIT_S,
+    check_streams,
+    reference,
+    replica_pids,
+    replicas_in_metrics,
+    scale_up_under_load,
+    stream_outcome,
+    until,
+)
 from tests.server_harness import free_port
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -109,23 +118,7 @@ def test_requests_spread_over_replicas_and_equal_single_process(
 def test_streaming_the_key_and_errors_through_haproxy(base_url: str, printable: Model) -> None:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["solo"]
-    stream = client.completions.create(
-        model="solo", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True
-    )
-    text = "".join(c.choices[0].text for c in stream if c.choices)
-    assert text == reference(printable, PROMPTS[1], 20)
-    chat = client.chat.completions.create(
-        model="solo",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(chat)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    check_streams(client, "solo", printable, PROMPTS[1])
     anonymous = httpx.get(f"{base_url}/v1/models", timeout=10)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["message"]
     not_json = httpx.post(f"{base_url}/v1/completions", content=b"{", headers=AUTH, timeout=10)
@@ -136,12 +129,8 @@ def test_metrics_from_every_replica_and_haproxys_error_page(base_url: str) -> No
     for prompt in PROMPTS * 2:
         assert _complete(base_url, prompt).status_code == 200
 
-    def labelled() -> set[str]:
-        text = httpx.get(f"{base_url}/metrics", headers=AUTH, timeout=10).text
-        lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
-        return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
-
-    assert len(until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
+    two = until(lambda: len(replicas_in_metrics(base_url, **AUTH)) >= 2, "two replicas' metrics")
+    assert two
     # HAProxy's own answers (no replica up) are ours, in OpenAI's error shape.
     state = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     pages = glob.glob(os.path.join(state, "**", "500.http"), recursive=True)
@@ -175,13 +164,9 @@ def test_autoscaling_two_to_three_and_back(base_url: str) -> None:
         return int(_health(base_url)["replicas"]["solo"].get("RUNNING", 0))
 
     until(lambda: running() == 2, "two replicas")
-    with ThreadPoolExecutor(8) as pool:
-        load = [pool.submit(_complete, base_url, p, max_tokens=220) for p in PROMPTS * 2]
-        deadline = time.monotonic() + WAIT_S
-        while running() < 3 and time.monotonic() < deadline:  # keep the load up until then
-            if all(f.done() for f in load):
-                load = [pool.submit(_complete, base_url, p, max_tokens=220) for p in PROMPTS * 2]
-            time.sleep(0.25)
-        assert running() == 3, "did not scale up under load"
-        assert all(f.result().status_code == 200 for f in load)
+    scale_up_under_load(
+        running,
+        lambda pool: [pool.submit(_complete, base_url, p, max_tokens=220) for p in PROMPTS * 2],
+        to=3,
+    )
     until(lambda: running() == 2, "scale down when idle")

@@ -28,7 +28,16 @@ from specserve.deployments.store import DeploymentStore
 from specserve.model.loader import Model, load_model
 from specserve.server.app import ServerSettings
 from specserve.server.served import EngineOptions
-from tests.ray_helpers import WAIT_S, reference, replica_pids, stream_outcome, until
+from tests.ray_helpers import (
+    WAIT_S,
+    check_streams,
+    reference,
+    replica_pids,
+    replicas_in_metrics,
+    scale_up_under_load,
+    stream_outcome,
+    until,
+)
 from tests.server_harness import free_port
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -128,25 +137,7 @@ def test_every_replica_records_its_traffic_in_one_log(base_url: str, traffic_log
 def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> None:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
     assert {m.id for m in client.models.list().data} == {"tiny", "auto"}
-    stream = client.completions.create(
-        model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0, stream=True
-    )
-    assert "".join(c.choices[0].text for c in stream if c.choices) == reference(
-        printable, PROMPTS[1], 20
-    )
-    chat = client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(chat)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    # Errors keep OpenAI's shape through the ingress.
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    check_streams(client, "tiny", printable, PROMPTS[1])  # errors keep OpenAI's shape too
 
 
 def test_bad_requests_and_a_client_that_leaves(base_url: str) -> None:
@@ -173,12 +164,8 @@ def test_metrics_from_every_replica(base_url: str) -> None:
     for prompt in PROMPTS * 2:
         assert _complete(base_url, prompt).status_code == 200
 
-    def labelled() -> set[str]:
-        text = httpx.get(f"{base_url}/metrics", timeout=10).text
-        lines = [line for line in text.splitlines() if line.startswith("specserve_requests_total{")]
-        return {line.split('replica="')[1].split('"')[0] for line in lines if 'replica="' in line}
-
-    assert len(until(lambda: len(labelled()) >= 2 and labelled(), "two replicas' metrics")) >= 2
+    two = until(lambda: len(replicas_in_metrics(base_url)) >= 2, "two replicas' metrics")
+    assert two
 
 
 def test_a_killed_replica_is_replaced(base_url: str) -> None:
@@ -207,15 +194,9 @@ def test_autoscaling_one_to_two_and_back(base_url: str) -> None:
         return int(_health(base_url)["replicas"]["auto"].get("RUNNING", 0))
 
     assert running() == 1
-    with ThreadPoolExecutor(6) as pool:
-        load = [pool.submit(_complete, base_url, p, "auto", max_tokens=220) for p in PROMPTS]
-        deadline = time.monotonic() + WAIT_S
-        while running() < 2 and time.monotonic() < deadline:  # keep the load up until then
-            if all(f.done() for f in load):
-                load = [
-                    pool.submit(_complete, base_url, p, "auto", max_tokens=220) for p in PROMPTS
-                ]
-            time.sleep(0.25)
-        assert running() == 2, "did not scale up under load"
-        assert all(f.result().status_code == 200 for f in load)
+    scale_up_under_load(
+        running,
+        lambda pool: [pool.submit(_complete, base_url, p, "auto", max_tokens=220) for p in PROMPTS],
+        to=2,
+    )
     until(lambda: running() == 1, "scale down when idle")
