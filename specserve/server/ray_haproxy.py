@@ -74,7 +74,9 @@ class FacingReplica(EngineReplica):
         super().__init__(deployment, dtype, options, threads, record_traffic=traffic)
 
     def _build_app(self, traffic: Path | None) -> FastAPI:
-        own = APIRouter()  # answered for the whole deployment, not this replica alone
+        """The app with ``serve``'s own settings (API key, body limit, and ``traffic``, the
+        log in them), and /health and /metrics answered for the whole deployment."""
+        own = APIRouter()
 
         @own.get("/health")
         async def health() -> JSONResponse:

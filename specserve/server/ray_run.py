@@ -10,9 +10,8 @@ our own, Serve's HAProxy, in front of replicas that serve the API themselves
 
 Without ``--address`` a one-machine Ray instance is started (on 127.0.0.1 when serving on
 loopback, in Serve's throughput-optimized mode: `haproxy_env` or `fast_path_env`) and
-stopped on exit; with
-it, the command joins that cluster and removes only its own application on exit. Nothing
-here is imported unless ``--ray`` is given.
+stopped on exit; with it, the command joins that cluster and removes only its own
+application on exit. Nothing here is imported unless ``--ray`` is given.
 """
 
 from __future__ import annotations
@@ -312,9 +311,10 @@ def deploy(
     stream_interval: float = 0.0,
     scaling: Scaling = Scaling(),
 ) -> None:
-    """Run the one application (`APP`): the ingress on ``host:port``, the metrics hub, and
-    each stored deployment's engine replicas; returns when all replicas are up (raises if
-    one cannot start, e.g. its model does not load)."""
+    """Run the one application (`APP`): the ingress (or, under `haproxy_env`, HAProxy: the
+    one deployment's replicas face the clients) on ``host:port``, the metrics hub, and each
+    stored deployment's engine replicas; returns when all replicas are up (raises if one
+    cannot start, e.g. its model does not load)."""
     from ray import serve
 
     from specserve.server.ray_ingress import Ingress
@@ -323,6 +323,7 @@ def deploy(
     check_capacity(deployments, threads)
     # Replicas run in directories of Ray's own: a relative log path is made absolute here.
     traffic = settings.record_traffic.resolve() if settings.record_traffic else None
+    log_path = str(traffic) if traffic else None
     if haproxy_active():
         from specserve.server.ray_haproxy import deploy_behind_haproxy
 
@@ -349,7 +350,6 @@ def deploy(
     for d in deployments:
         found = replica_options(d, options, threads, scaling)
         engine = serve.deployment(name=engine_name(d.id), **found)(EngineReplica)
-        log_path = str(traffic) if traffic else None
         engines[d.id] = engine.bind(d, dtype, options, threads, stream_interval, log_path)
     ingress_class = serve.ingress()(Ingress)
     ingress = serve.deployment(

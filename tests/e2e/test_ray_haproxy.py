@@ -3,13 +3,14 @@
 One Ray instance for the module (127.0.0.1, 4 logical CPUs, no dashboard) in Serve's
 HAProxy mode as `serve --ray` sets it up, shut down by the fixture whatever happens. One
 deployment, "solo", of a tiny printable model, autoscaled between 2 and 3 replicas on one
-ongoing request each, behind an API key. Outputs are compared with plain greedy decoding
-in this process.
+ongoing request each, behind an API key, recording its traffic. Outputs are compared with
+plain greedy decoding in this process.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import time
@@ -64,7 +65,14 @@ def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
 
 
 @pytest.fixture(scope="module")
-def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def traffic_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hap-traffic") / "traffic.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base_url(
+    printable: Model, traffic_log: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     store = DeploymentStore(tmp_path_factory.mktemp("hap-db") / "deployments.db")
     replicas = ReplicaSettings(2, 3, target_ongoing_requests=1)
     create_deployment(store, str(printable.path), DrafterFlags(), id="solo", replicas=replicas)
@@ -78,7 +86,7 @@ def base_url(printable: Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
             dtype="float32",
             options=OPTIONS,
             threads=1,
-            settings=ServerSettings(api_key=KEY),
+            settings=ServerSettings(api_key=KEY, record_traffic=traffic_log),
             host="127.0.0.1",
             port=port,
             scaling=Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0),
@@ -113,6 +121,16 @@ def test_requests_spread_over_replicas_and_equal_single_process(
     assert len({r.headers[REPLICA_HEADER] for r in replies}) >= 2
     health = _health(base_url)
     assert health["status"] == "ok" and health["deployments"] == ["solo"]
+
+
+def test_every_replica_records_its_traffic_in_one_log(base_url: str, traffic_log: Path) -> None:
+    prompts = [f"logged {i} the cat" for i in range(12)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: _complete(base_url, p, max_tokens=2), prompts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert len({r.headers[REPLICA_HEADER] for r in replies}) >= 2  # two replicas wrote
+    rows = [json.loads(line) for line in traffic_log.read_text().splitlines()]  # whole lines
+    assert sorted(r["prompt"] for r in rows if r["prompt"].startswith("logged ")) == sorted(prompts)
 
 
 def test_streaming_the_key_and_errors_through_haproxy(base_url: str, printable: Model) -> None:
