@@ -5,20 +5,68 @@ checks both fronts (the ingress, HAProxy) must pass."""
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from specserve.deployments.store import Deployment
 from specserve.engine.generate import generate
-from specserve.model.loader import Model
+from specserve.model.loader import Model, load_model
+from specserve.server.app import ServerSettings
+from specserve.server.served import EngineOptions
 from specserve.speculative.sampling import SamplingParams
+from tests.tiny import TinySpec, write_tiny_gguf
 
 WAIT_S = 90.0  # the longest any condition in these tests may take to come true
+OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
+PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
+
+
+def printable_model(directory: Path) -> Model:
+    """A tiny random model whose outputs print, written as GGUF and loaded as replicas do."""
+    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
+    path = write_tiny_gguf(directory / "printable.gguf", model_spec)
+    return load_model(str(path), dtype="float32", progress=False)
+
+
+@contextmanager
+def serving_on_ray(
+    deployments: list[Deployment], env: dict[str, str], port: int, settings: ServerSettings
+) -> Iterator[str]:
+    """`serve --ray` in this process: ``env`` set as `serve` sets it before Ray starts, a
+    loopback Ray of 4 logical CPUs, the deployments on it (1 thread a replica, autoscaling
+    within seconds); yields the base URL, then stops everything and restores the env."""
+    import ray
+
+    from specserve.server.ray_run import Scaling, deploy, undeploy
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
+    try:
+        deploy(
+            deployments,
+            dtype="float32",
+            options=OPTIONS,
+            threads=1,
+            settings=settings,
+            host="127.0.0.1",
+            port=port,
+            scaling=Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0),
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        undeploy(started_cluster=True)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def until(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
@@ -111,3 +159,20 @@ def scale_up_under_load(
             time.sleep(0.25)
         assert running() == to, "did not scale up under load"
         assert all(f.result().status_code == 200 for f in batch)
+
+
+def log_through_replicas(
+    complete: Callable[[str], httpx.Response], traffic_log: Path
+) -> tuple[set[str], list[dict[str, Any]]]:
+    """Send 12 short requests at once; every one must be logged once, as a whole line, in
+    the one log all replicas append to. Returns the replicas that answered and the rows."""
+    from specserve.server.ray_replica import REPLICA_HEADER
+
+    prompts = [f"logged {i} the cat" for i in range(12)]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(complete, prompts))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    rows = [json.loads(line) for line in traffic_log.read_text().splitlines()]  # whole lines
+    ours = [row for row in rows if row["prompt"] in prompts]
+    assert sorted(row["prompt"] for row in ours) == sorted(prompts)  # each once
+    return {r.headers[REPLICA_HEADER] for r in replies}, ours

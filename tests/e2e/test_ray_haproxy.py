@@ -9,8 +9,8 @@ plain greedy decoding in this process.
 
 from __future__ import annotations
 
+import functools
 import glob
-import json
 import os
 import signal
 import time
@@ -26,21 +26,23 @@ import pytest
 from specserve.deployments.rules import DrafterFlags, ReplicaSettings
 from specserve.deployments.service import create_deployment
 from specserve.deployments.store import DeploymentStore
-from specserve.model.loader import Model, load_model
+from specserve.model.loader import Model
 from specserve.server.app import ServerSettings
-from specserve.server.served import EngineOptions
 from tests.ray_helpers import (
+    PROMPTS,
     WAIT_S,
     check_streams,
+    log_through_replicas,
+    printable_model,
     reference,
     replica_pids,
     replicas_in_metrics,
     scale_up_under_load,
+    serving_on_ray,
     stream_outcome,
     until,
 )
 from tests.server_harness import free_port
-from tests.tiny import TinySpec, write_tiny_gguf
 
 ray = pytest.importorskip(
     "ray", reason="Ray is not installed: pip install 'specserve[ray]' (make setup installs it)"
@@ -49,19 +51,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWa
 
 from specserve.server.ray_haproxy import error_page  # noqa: E402
 from specserve.server.ray_replica import REPLICA_HEADER  # noqa: E402
-from specserve.server.ray_run import Scaling, deploy, haproxy_env, undeploy  # noqa: E402
+from specserve.server.ray_run import haproxy_env  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
-PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
 
 
 @pytest.fixture(scope="module")
 def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
-    path = write_tiny_gguf(tmp_path_factory.mktemp("hap-model") / "printable.gguf", model_spec)
-    return load_model(str(path), dtype="float32", progress=False)
+    return printable_model(tmp_path_factory.mktemp("hap-model"))
 
 
 @pytest.fixture(scope="module")
@@ -77,26 +75,11 @@ def base_url(
     replicas = ReplicaSettings(2, 3, target_ongoing_requests=1)
     create_deployment(store, str(printable.path), DrafterFlags(), id="solo", replicas=replicas)
     port = free_port()
-    saved = dict(os.environ)
-    os.environ.update(haproxy_env("127.0.0.1", port, replicas=3))  # as `serve --ray` does
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
-    try:
-        deploy(
-            store.list(),
-            dtype="float32",
-            options=OPTIONS,
-            threads=1,
-            settings=ServerSettings(api_key=KEY, record_traffic=traffic_log),
-            host="127.0.0.1",
-            port=port,
-            scaling=Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0),
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        state = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
-        undeploy(started_cluster=True)
-        os.environ.clear()
-        os.environ.update(saved)
+    env = haproxy_env("127.0.0.1", port, replicas=3)  # as `serve --ray` sets it
+    settings = ServerSettings(api_key=KEY, record_traffic=traffic_log)
+    with serving_on_ray(store.list(), env, port, settings) as url:
+        yield url
+    state = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     assert not os.path.exists(state), "undeploy leaves HAProxy's directory behind"
 
 
@@ -124,13 +107,9 @@ def test_requests_spread_over_replicas_and_equal_single_process(
 
 
 def test_every_replica_records_its_traffic_in_one_log(base_url: str, traffic_log: Path) -> None:
-    prompts = [f"logged {i} the cat" for i in range(12)]
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        replies = list(pool.map(lambda p: _complete(base_url, p, max_tokens=2), prompts))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    assert len({r.headers[REPLICA_HEADER] for r in replies}) >= 2  # two replicas wrote
-    rows = [json.loads(line) for line in traffic_log.read_text().splitlines()]  # whole lines
-    assert sorted(r["prompt"] for r in rows if r["prompt"].startswith("logged ")) == sorted(prompts)
+    complete = functools.partial(_complete, base_url, max_tokens=2)
+    replicas, _ = log_through_replicas(complete, traffic_log)
+    assert len(replicas) >= 2  # two replicas wrote
 
 
 def test_streaming_the_key_and_errors_through_haproxy(base_url: str, printable: Model) -> None:

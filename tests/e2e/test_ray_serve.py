@@ -9,7 +9,7 @@ compares the single-process server's.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import signal
 import time
@@ -25,21 +25,23 @@ import pytest
 from specserve.deployments.rules import DrafterFlags, ReplicaSettings
 from specserve.deployments.service import create_deployment
 from specserve.deployments.store import DeploymentStore
-from specserve.model.loader import Model, load_model
+from specserve.model.loader import Model
 from specserve.server.app import ServerSettings
-from specserve.server.served import EngineOptions
 from tests.ray_helpers import (
+    PROMPTS,
     WAIT_S,
     check_streams,
+    log_through_replicas,
+    printable_model,
     reference,
     replica_pids,
     replicas_in_metrics,
     scale_up_under_load,
+    serving_on_ray,
     stream_outcome,
     until,
 )
 from tests.server_harness import free_port
-from tests.tiny import TinySpec, write_tiny_gguf
 
 ray = pytest.importorskip(
     "ray", reason="Ray is not installed: pip install 'specserve[ray]' (make setup installs it)"
@@ -48,18 +50,12 @@ ray = pytest.importorskip(
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 from specserve.server.ray_replica import REPLICA_HEADER  # noqa: E402
-from specserve.server.ray_run import Scaling, deploy, fast_path_env, undeploy  # noqa: E402
-
-OPTIONS = EngineOptions(max_batch=4, max_queue=8, max_context=256)
-FAST_SCALING = Scaling(upscale_delay_s=1.0, downscale_delay_s=3.0)
-PROMPTS = ["the cat sat", "Write a poem about the sea.", "1 2 3 4 5 6", "in the the in"]
+from specserve.server.ray_run import fast_path_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def printable(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    model_spec = TinySpec(merges=False, printable_output=True, seed=3)
-    path = write_tiny_gguf(tmp_path_factory.mktemp("ray-model") / "printable.gguf", model_spec)
-    return load_model(str(path), dtype="float32", progress=False)
+    return printable_model(tmp_path_factory.mktemp("ray-model"))
 
 
 @pytest.fixture(scope="module")
@@ -76,27 +72,10 @@ def base_url(
     create_deployment(store, model, DrafterFlags(), id="tiny", replicas=ReplicaSettings(2, 2))
     auto = ReplicaSettings(1, 2, target_ongoing_requests=1)
     create_deployment(store, model, DrafterFlags(no_speculation=True), id="auto", replicas=auto)
-    deployments = store.list()
     port = free_port()
-    saved = dict(os.environ)
-    os.environ.update(fast_path_env(port))  # as `serve --ray` starts its own Ray
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
-    try:
-        deploy(
-            deployments,
-            dtype="float32",
-            options=OPTIONS,
-            threads=1,
-            settings=ServerSettings(record_traffic=traffic_log),
-            host="127.0.0.1",
-            port=port,
-            scaling=FAST_SCALING,
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        undeploy(started_cluster=True)
-        os.environ.clear()
-        os.environ.update(saved)
+    env = fast_path_env(port)  # as `serve --ray` sets it for a Ray of its own
+    with serving_on_ray(store.list(), env, port, ServerSettings(record_traffic=traffic_log)) as url:
+        yield url
 
 
 def _complete(base_url: str, prompt: str, model: str = "tiny", **kw: Any) -> httpx.Response:
@@ -123,15 +102,10 @@ def test_requests_spread_over_replicas_and_equal_single_process(
 
 
 def test_every_replica_records_its_traffic_in_one_log(base_url: str, traffic_log: Path) -> None:
-    prompts = [f"logged {i} the cat" for i in range(12)]
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        replies = list(pool.map(lambda p: _complete(base_url, p, max_tokens=2), prompts))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    assert len({r.headers[REPLICA_HEADER] for r in replies}) == 2  # both replicas wrote
-    rows = [json.loads(line) for line in traffic_log.read_text().splitlines()]  # whole lines
-    logged = [row["prompt"] for row in rows if row["prompt"].startswith("logged ")]
-    assert sorted(logged) == sorted(prompts)  # each request once, from whichever replica
-    assert all(row["deployment"] == "tiny" for row in rows if row["prompt"] in prompts)
+    complete = functools.partial(_complete, base_url, max_tokens=2)
+    replicas, rows = log_through_replicas(complete, traffic_log)
+    assert len(replicas) == 2  # both replicas wrote
+    assert all(row["deployment"] == "tiny" for row in rows)
 
 
 def test_streaming_and_the_openai_client(base_url: str, printable: Model) -> None:
