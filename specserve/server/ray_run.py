@@ -394,7 +394,8 @@ def run_serve_ray(
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    check_port_free(args.host, args.port)  # else Serve's proxy fails after Ray started
+    if args.address is None:  # our instance's front binds it; a cluster's Serve may hold it
+        check_port_free(args.host, args.port)  # else Serve's proxy fails after Ray started
     started = connect(args.address, loopback)
     # After ray.init, which installs a SIGTERM handler that aborts: ours stops cleanly.
     previous = signal.signal(signal.SIGTERM, stop)
