@@ -16,7 +16,7 @@ from specserve.server.errors import error_body
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key (load balancer checks)
 
 
-async def _send_error(send: Send, status: int, body: dict[str, Any], bearer: bool = False) -> None:
+async def send_error(send: Send, status: int, body: dict[str, Any], bearer: bool = False) -> None:
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
     if bearer:
@@ -44,9 +44,39 @@ class APIKeyAuth:
                 else "incorrect API key provided"
             )
             body = error_body(message, "invalid_request_error", code="invalid_api_key")
-            await _send_error(send, 401, body, bearer=True)
+            await send_error(send, 401, body, bearer=True)
             return
         await self.app(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    """A request body over the server's limit."""
+
+
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
+    """A request's whole body, reading no more than ``max_bytes`` of it (`BodyTooLarge`
+    beyond); None when the client left first."""
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > max_bytes:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_too_large(send: Send, max_bytes: int) -> None:
+    """The 413 of `BodyLimit`."""
+    message = f"request body is larger than this server's limit of {max_bytes} bytes"
+    await send_error(send, 413, error_body(message, "invalid_request_error"))
 
 
 class BodyLimit:
@@ -64,25 +94,13 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
+        try:
+            body = await read_body(scope, receive, self.max_bytes)
+        except BodyTooLarge:
+            await send_too_large(send, self.max_bytes)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -93,7 +111,3 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Send) -> None:
-        message = f"request body is larger than this server's limit of {self.max_bytes} bytes"
-        await _send_error(send, 413, error_body(message, "invalid_request_error"))

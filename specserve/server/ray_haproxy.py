@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from specserve.deployments.store import Deployment
 from specserve.server.app import ServerSettings, create_app
 from specserve.server.errors import error_body
+from specserve.server.front_proxy import RunningFront, start_front
 from specserve.server.ray_ingress import health_response, metrics_response
 from specserve.server.ray_replica import (
     APP,
@@ -48,12 +49,15 @@ from specserve.server.ray_replica import (
     MetricsHub,
     engine_name,
 )
+from specserve.server.ray_run import RaySetupError, free_port
 from specserve.server.served import EngineOptions
 
 log = logging.getLogger("specserve.ray")
 
 ERROR_PAGE_WAIT_S = 60.0  # how long `write_error_page` waits for Serve to write its own
 ROUTES_WAIT_S = 60.0  # how long `deploy_behind_haproxy` waits for HAProxy to know the replicas
+LOOPBACK = "127.0.0.1"  # HAProxy listens here, behind the front (`front_proxy`)
+FRONTS: list[RunningFront] = []  # the front `deploy_behind_haproxy` runs in this process
 NO_REPLICA = "no replica of this deployment could answer (it stopped or is starting); please retry"
 
 
@@ -153,9 +157,11 @@ def deploy_behind_haproxy(
     host: str,
     port: int,
 ) -> None:
-    """Run `APP`: HAProxy on ``host:port`` in front of ``deployment``'s replicas, and the
-    metrics hub; returns when all replicas are up (raises if one cannot start)."""
-    serve.start(http_options={"host": host, "port": port})
+    """Run `APP`: our front on ``host:port``, HAProxy behind it (on a loopback port) in
+    front of ``deployment``'s replicas, and the metrics hub; returns when all replicas are up
+    (raises if one cannot start)."""
+    behind = free_port(LOOPBACK)
+    serve.start(http_options={"host": LOOPBACK, "port": behind})
     state_dir = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     threading.Thread(target=write_error_page, args=(state_dir,), daemon=True).start()
     hub = serve.deployment(name="MetricsHub", ray_actor_options={"num_cpus": 0})(MetricsHub)
@@ -171,6 +177,18 @@ def deploy_behind_haproxy(
             log.warning("HAProxy does not list every replica yet; Serve's proxy stands in")
             break
         time.sleep(0.1)
+    try:
+        FRONTS.append(
+            start_front(host, port, f"http://{LOOPBACK}:{behind}", settings.max_body_bytes)
+        )
+    except RuntimeError as exc:
+        raise RaySetupError(str(exc)) from None
+
+
+def stop_front() -> None:
+    """Stop the front that `deploy_behind_haproxy` started, if any."""
+    while FRONTS:
+        FRONTS.pop().stop()
 
 
 def replicas_behind_haproxy(state_dir: str) -> int:

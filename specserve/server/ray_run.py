@@ -178,10 +178,10 @@ def haproxy_env(host: str, port: int, replicas: int) -> dict[str, str]:
         # Ports of its own rather than Serve's fixed defaults, which a second server (or any
         # other program) may hold: HAProxy's stats and Prometheus pages (on every interface),
         # and Serve's proxy, which HAProxy falls back to while no replica is up.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port(host)),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port(host)),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port(host)),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port(host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(host)),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state, "metrics.sock"),
@@ -207,7 +207,7 @@ def direct_ingress_port() -> int | None:
     return int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "0")) or None
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -226,7 +226,7 @@ def check_port_free(host: str, port: int) -> None:
 def _free_ports(host: str, count: int, tries: int = 50) -> int:
     """The first of ``count`` consecutive ports free on ``host`` now."""
     for _ in range(tries):
-        first = _free_port(host)
+        first = free_port(host)
         socks = []
         try:
             for port in range(first, first + count):
@@ -343,7 +343,7 @@ def deploy(
     # With direct ingress the ingress replica listens on `port` itself, and Serve's proxy
     # (which it starts all the same) is put out of the way on a free port.
     direct = direct_ingress_port() == port
-    serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
+    serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
     relay_only: dict[str, Any] = {"num_cpus": 0}  # they relay; the engines compute
     hub = serve.deployment(name="MetricsHub", ray_actor_options=relay_only)(MetricsHub)
     engines = {}
@@ -366,6 +366,10 @@ def undeploy(started_cluster: bool) -> None:
 
     from specserve.server.ray_replica import APP
 
+    if haproxy_active():  # first: no new request should reach a stopping HAProxy
+        from specserve.server.ray_haproxy import stop_front
+
+        stop_front()
     if not ray.is_initialized():
         return
     try:

@@ -1,0 +1,211 @@
+"""The front of ``serve --ray`` behind HAProxy: relays to HAProxy, and speaks for a lost replica.
+
+HAProxy balances over the engine replicas and retries a request whose replica died before
+answering anything. What it cannot do is end a stream well once its replica died mid-way:
+the connection just closes. This front, one uvicorn server in the ``serve`` process itself
+(no Ray, no engine), forwards every request to HAProxy unchanged and streams the answer
+back byte for byte, so the API stays the replica's own. It adds what the ingress gives:
+
+- the client's response starts with the replica's first body bytes (or after
+  `HOLD_START_S`): if the replica dies before them, the request is sent again, once;
+- a stream cut after that ends with an in-band ``data: {"error": ...}`` event (code
+  ``replica_unavailable``, as the ingress sends) and ``data: [DONE]``, on an event boundary;
+- a client that goes away closes its upstream connection, so its replica stops generating.
+
+The body is read here (it may be sent twice), within ``--max-body-bytes`` (413 beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from starlette.types import Message, Receive, Scope, Send
+
+from specserve.server.errors import APIError
+from specserve.server.middleware import BodyTooLarge, read_body, send_error, send_too_large
+from specserve.server.responses import sse
+
+log = logging.getLogger("specserve.front")
+
+RETRIES = 1  # a request whose replica sent nothing is sent again this many times
+HOLD_START_S = 1.0  # the client's response waits at most this long for the first bytes
+START_WAIT_S = 30.0  # how long `start_front` waits for its server to listen
+REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
+# Connection-level headers: each hop has its own (RFC 9110, 7.6.1); the rest pass unchanged.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host"}
+    | {b"proxy-authenticate", b"proxy-authorization", b"content-length"}
+)
+
+
+def replica_lost(error: str) -> APIError:
+    """The 503 (or in-band stream error) of a request whose replica stopped mid-way."""
+    message = REPLICA_LOST.format(error=error)
+    return APIError(503, message, "server_error", code="replica_unavailable")
+
+
+class FrontProxy:
+    """An ASGI app that relays each HTTP request to ``upstream`` (see the module's doc)."""
+
+    def __init__(self, upstream: str, max_body_bytes: int) -> None:
+        self.upstream, self.max_body_bytes = upstream, max_body_bytes
+        self.client: httpx.AsyncClient | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+        except BodyTooLarge:
+            await send_too_large(send, self.max_body_bytes)
+            return
+        if body is None:  # the client left before sending its body
+            return
+        relay = asyncio.ensure_future(self._relay(scope, body, send))
+        left = asyncio.ensure_future(_client_left(receive))
+        await asyncio.wait({relay, left}, return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not relay.done():  # the client went away: drop the upstream connection too
+            relay.cancel()
+        await asyncio.gather(relay, return_exceptions=True)
+        if not relay.cancelled() and relay.exception():
+            log.error("relaying %s failed", scope["path"], exc_info=relay.exception())
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.client = _upstream_client(self.upstream)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.client is not None:
+                    await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _relay(self, scope: Scope, body: bytes, send: Send) -> None:
+        """Send the request upstream (again, once, if it got no bytes back), then stream the
+        answer to the client, ending it in-band if it is cut."""
+        assert self.client is not None, "the front serves only after its lifespan started"
+        request = self.client.build_request(
+            scope["method"],
+            scope["raw_path"].decode("latin-1") + _query(scope),
+            headers=[(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP],
+            content=body,
+        )
+        for attempt in range(RETRIES + 1):
+            try:
+                upstream = await self.client.send(request, stream=True)
+            except httpx.TransportError as exc:  # HAProxy itself did not answer
+                if attempt == RETRIES:
+                    await send_error(send, 503, replica_lost(type(exc).__name__).body())
+                    return
+                continue
+            chunks = upstream.aiter_raw()
+            first = asyncio.ensure_future(anext(chunks, b""))
+            await asyncio.wait({first}, timeout=HOLD_START_S)
+            if attempt < RETRIES and first.done() and first.exception():
+                log.warning("replica lost before answering (%r): sent again", first.exception())
+                await upstream.aclose()
+                continue
+            break
+        try:
+            await send(_start(upstream))
+            await _stream(first, chunks, _is_sse(upstream), send)
+        finally:
+            await upstream.aclose()
+
+
+async def _stream(
+    first: asyncio.Future[bytes], rest: AsyncIterator[bytes], is_sse: bool, send: Send
+) -> None:
+    """Send the body's bytes as they come; for an event stream, whole events only, so that
+    a cut one can be replaced by the error event."""
+    pending = b""
+    try:
+        chunk = await first
+        while chunk:
+            if is_sse:
+                data = pending + chunk
+                end = data.rfind(b"\n\n")
+                boundary = end + 2 if end >= 0 else 0
+                chunk, pending = data[:boundary], data[boundary:]
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = await anext(rest, b"")
+    except httpx.TransportError as exc:
+        log.warning("replica lost mid-response: %r", exc)
+        if not is_sse:  # a cut body stays cut: uvicorn closes the client's connection
+            raise
+        # the 200 is sent: the error goes in-band, as OpenAI's streams do
+        pending = sse(replica_lost(type(exc).__name__).body()).encode() + b"data: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": pending, "more_body": False})
+
+
+def _start(upstream: httpx.Response) -> Message:
+    headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+    length = upstream.headers.get("content-length")
+    if length is not None and not _is_sse(upstream):  # a whole body: keep its length
+        headers.append((b"content-length", length.encode()))
+    return {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+
+
+def _is_sse(upstream: httpx.Response) -> bool:
+    return upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _query(scope: Scope) -> str:
+    query = scope.get("query_string", b"")
+    return "?" + query.decode("latin-1") if query else ""
+
+
+async def _client_left(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _upstream_client(upstream: str) -> httpx.AsyncClient:
+    """Kept-alive connections to HAProxy; no read timeout (a long answer is fine)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    timeout = httpx.Timeout(None, connect=10.0)
+    return httpx.AsyncClient(base_url=upstream, limits=limits, timeout=timeout)
+
+
+@dataclass
+class RunningFront:
+    """A `FrontProxy` served by uvicorn in a thread of this process."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_front(host: str, port: int, upstream: str, max_body_bytes: int) -> RunningFront:
+    """Serve a `FrontProxy` to ``upstream`` on ``host:port``; returns once it listens."""
+    app = FrontProxy(upstream, max_body_bytes)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", server_header=False, date_header=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="specserve-front", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_WAIT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the front proxy could not serve on {host}:{port}")
+        time.sleep(0.01)
+    return RunningFront(server, thread)
