@@ -64,6 +64,15 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
+
+
+def replica_lost(error: str) -> APIError:
+    """The 503 (or in-band stream error) of a request whose replica stopped mid-way."""
+    message = REPLICA_LOST.format(error=error)
+    return APIError(503, message, "server_error", code="replica_unavailable")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -13,6 +13,9 @@ back byte for byte, so the API stays the replica's own. It adds what the ingress
 - a client that goes away closes its upstream connection, so its replica stops generating.
 
 The body is read here (it may be sent twice), within ``--max-body-bytes`` (413 beyond).
+The client to HAProxy is aiohttp's (Ray Serve's own dependency): here a round trip to a
+trivial server took 0.5-0.75 ms with it and 1.6-1.8 ms with httpx, and the front's cost is
+added to every request.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
-from specserve.server.errors import APIError
+from specserve.server.errors import replica_lost
 from specserve.server.middleware import BodyTooLarge, read_body, send_error, send_too_large
 from specserve.server.responses import sse
 
@@ -37,7 +40,6 @@ log = logging.getLogger("specserve.front")
 RETRIES = 1  # a request whose replica sent nothing is sent again this many times
 HOLD_START_S = 1.0  # the client's response waits at most this long for the first bytes
 START_WAIT_S = 30.0  # how long `start_front` waits for its server to listen
-REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
 # Connection-level headers: each hop has its own (RFC 9110, 7.6.1); the rest pass unchanged.
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host"}
@@ -45,18 +47,12 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def replica_lost(error: str) -> APIError:
-    """The 503 (or in-band stream error) of a request whose replica stopped mid-way."""
-    message = REPLICA_LOST.format(error=error)
-    return APIError(503, message, "server_error", code="replica_unavailable")
-
-
 class FrontProxy:
     """An ASGI app that relays each HTTP request to ``upstream`` (see the module's doc)."""
 
     def __init__(self, upstream: str, max_body_bytes: int) -> None:
         self.upstream, self.max_body_bytes = upstream, max_body_bytes
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -85,11 +81,11 @@ class FrontProxy:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.client = _upstream_client(self.upstream)
+                self.client = _upstream_client()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.client is not None:
-                    await self.client.aclose()
+                    await self.client.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -97,33 +93,66 @@ class FrontProxy:
         """Send the request upstream (again, once, if it got no bytes back), then stream the
         answer to the client, ending it in-band if it is cut."""
         assert self.client is not None, "the front serves only after its lifespan started"
-        request = self.client.build_request(
+        request = Request(
             scope["method"],
-            scope["raw_path"].decode("latin-1") + _query(scope),
-            headers=[(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP],
-            content=body,
+            self.upstream + scope["raw_path"].decode("latin-1") + _query(scope),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            body,
         )
         for attempt in range(RETRIES + 1):
-            try:
-                upstream = await self.client.send(request, stream=True)
-            except httpx.TransportError as exc:  # HAProxy itself did not answer
+            opened = await _open(self.client, request)
+            if isinstance(opened, Exception):  # nothing was sent to the client yet
+                log.warning("replica lost before answering (%r), attempt %d", opened, attempt)
                 if attempt == RETRIES:
-                    await send_error(send, 503, replica_lost(type(exc).__name__).body())
-                    return
+                    await send_error(send, 503, replica_lost(type(opened).__name__).body())
                 continue
-            chunks = upstream.aiter_raw()
-            first = asyncio.ensure_future(anext(chunks, b""))
-            await asyncio.wait({first}, timeout=HOLD_START_S)
-            if attempt < RETRIES and first.done() and first.exception():
-                log.warning("replica lost before answering (%r): sent again", first.exception())
-                await upstream.aclose()
-                continue
-            break
-        try:
-            await send(_start(upstream))
-            await _stream(first, chunks, _is_sse(upstream), send)
-        finally:
-            await upstream.aclose()
+            upstream, first = opened
+            try:
+                await send(_start(upstream))
+                await _stream(first, upstream.content.iter_any(), _is_sse(upstream), send)
+            finally:
+                first.cancel()
+                upstream.close()
+            return
+
+
+@dataclass(frozen=True)
+class Request:
+    """A client's request as the front sends it upstream (hop-by-hop headers dropped)."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def __post_init__(self) -> None:
+        kept = [(k, v) for k, v in self.headers if k.encode() not in HOP_BY_HOP]
+        object.__setattr__(self, "headers", kept)
+
+
+async def _open(
+    client: aiohttp.ClientSession, request: Request
+) -> tuple[aiohttp.ClientResponse, asyncio.Future[bytes]] | Exception:
+    """Send ``request``; its response and the read of its first body bytes (done, or still
+    pending after `HOLD_START_S`). The error instead when it failed before any body bytes."""
+    try:
+        upstream = await client.request(
+            request.method, request.url, headers=request.headers, data=request.body
+        )
+    except aiohttp.ClientError as exc:  # HAProxy itself did not answer
+        return exc
+    first = asyncio.ensure_future(upstream.content.readany())
+    try:
+        await asyncio.wait({first}, timeout=HOLD_START_S)
+    except asyncio.CancelledError:  # the client left
+        first.cancel()
+        upstream.close()
+        raise
+    failed = first.done() and not first.cancelled() and first.exception()
+    if isinstance(failed, aiohttp.ClientError):
+        upstream.close()
+        return failed
+    return upstream, first
 
 
 async def _stream(
@@ -143,7 +172,7 @@ async def _stream(
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await anext(rest, b"")
-    except httpx.TransportError as exc:
+    except aiohttp.ClientError as exc:
         log.warning("replica lost mid-response: %r", exc)
         if not is_sse:  # a cut body stays cut: uvicorn closes the client's connection
             raise
@@ -152,15 +181,15 @@ async def _stream(
     await send({"type": "http.response.body", "body": pending, "more_body": False})
 
 
-def _start(upstream: httpx.Response) -> Message:
-    headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+def _start(upstream: aiohttp.ClientResponse) -> Message:
+    headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in HOP_BY_HOP]
     length = upstream.headers.get("content-length")
     if length is not None and not _is_sse(upstream):  # a whole body: keep its length
         headers.append((b"content-length", length.encode()))
-    return {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+    return {"type": "http.response.start", "status": upstream.status, "headers": headers}
 
 
-def _is_sse(upstream: httpx.Response) -> bool:
+def _is_sse(upstream: aiohttp.ClientResponse) -> bool:
     return upstream.headers.get("content-type", "").startswith("text/event-stream")
 
 
@@ -174,11 +203,15 @@ async def _client_left(receive: Receive) -> None:
         pass
 
 
-def _upstream_client(upstream: str) -> httpx.AsyncClient:
-    """Kept-alive connections to HAProxy; no read timeout (a long answer is fine)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    timeout = httpx.Timeout(None, connect=10.0)
-    return httpx.AsyncClient(base_url=upstream, limits=limits, timeout=timeout)
+def _upstream_client() -> aiohttp.ClientSession:
+    """Kept-alive connections to HAProxy, bytes relayed as they come (no decompression, no
+    headers of aiohttp's own); no read timeout (a long answer is fine)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
 
 
 @dataclass

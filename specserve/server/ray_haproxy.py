@@ -1,18 +1,19 @@
 """``serve --ray --ray-proxy haproxy``: the engine replicas face the clients, behind HAProxy.
 
 With one deployment on the Ray instance ``serve --ray`` starts (`ray_run.choose_proxy`), Ray
-Serve's HAProxy listens on ``--port`` and balances over the deployment's replicas, fewest
-open connections first. Each replica serves the whole OpenAI API over HTTP on a port of its
-own (Serve's direct ingress): the single-process server's app, with the API key and the
-body limit, so a request crosses no Ray hop at all (docs/ray.md has the measurements).
-What the ingress answers for every replica, each replica answers here: ``/health`` (the
-deployment's replicas by state, from Serve) and ``/metrics`` (every live replica's, from
-the metrics hub).
+Serve's HAProxy balances over the deployment's replicas, fewest open connections first. Each
+replica serves the whole OpenAI API over HTTP on a port of its own (Serve's direct ingress):
+the single-process server's app, with the API key and the body limit, so a request crosses
+no Ray hop at all (docs/ray.md has the measurements). What the ingress answers for every
+replica, each replica answers here: ``/health`` (the deployment's replicas by state, from
+Serve) and ``/metrics`` (every live replica's, from the metrics hub).
 
-Faults: a request whose replica dies before answering anything is retried once on another
-replica by HAProxy (`ray_run.haproxy_env`); a stream cut mid-way by its replica's death ends
-without its ``[DONE]`` (the connection closes; no one is left to write an error event), and
-HAProxy's own answers (no replica up) carry OpenAI's error shape (`write_error_page`).
+In front of HAProxy, on ``--port``, our `front_proxy` runs in the ``serve`` process: HAProxy
+listens on a loopback port behind it. Faults: a request whose replica dies before answering
+anything is retried once on another replica by HAProxy (`ray_run.haproxy_env`), or by the
+front when the replica had sent only its headers; a stream cut mid-way by its replica's death
+ends with the front's in-band error event and ``[DONE]``; HAProxy's own answers (no replica
+up) carry OpenAI's error shape (`write_error_page`).
 
 Imported only by ``serve --ray`` (it imports ray at the top).
 """

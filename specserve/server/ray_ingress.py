@@ -28,7 +28,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 from specserve.deployments.store import Deployment
-from specserve.server.errors import APIError, install_error_handlers, model_not_found
+from specserve.server.errors import (
+    install_error_handlers,
+    model_not_found,
+    replica_lost,
+)
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
 from specserve.server.ray_replica import APP, engine_name
@@ -38,7 +42,6 @@ from specserve.server.responses import sse
 log = logging.getLogger("specserve.ray")
 
 FORWARDED_HEADERS = {b"content-type", b"accept"}
-REPLICA_LOST = "the replica serving this request stopped ({error}); please retry"
 RETRIES = 1  # attempts after the first, only while nothing has reached the client
 # How a lost replica shows: Ray's errors, or over gRPC (the fast path) a failed call that Ray
 # did not translate (it turns only UNAVAILABLE into its ActorUnavailableError).
@@ -95,12 +98,7 @@ class Ingress:
                     "deployment %s: replica lost (%s), attempt %d", deployment_id, exc, attempt
                 )
                 if attempt == RETRIES:
-                    raise APIError(
-                        503,
-                        REPLICA_LOST.format(error=_why(exc)),
-                        "server_error",
-                        code="replica_unavailable",
-                    ) from None
+                    raise replica_lost(_why(exc)) from None
                 continue
             return _response(start, stream)
         raise AssertionError("unreachable")
@@ -141,12 +139,7 @@ def _response(start: dict[str, Any], stream: Any) -> Response:
         except REPLICA_LOST_ERRORS as exc:
             log.warning("replica lost mid-response: %s", exc)
             if is_sse:  # the 200 is sent: the error goes in-band, as OpenAI's streams do
-                error = APIError(
-                    503,
-                    REPLICA_LOST.format(error=_why(exc)),
-                    "server_error",
-                    code="replica_unavailable",
-                )
+                error = replica_lost(_why(exc))
                 yield sse(error.body()).encode()
                 yield b"data: [DONE]\n\n"
         finally:

@@ -18,8 +18,10 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from specserve.server.front_proxy import RunningFront, start_front
 from tests.server_harness import free_port
+
+pytest.importorskip("aiohttp", reason="the front comes with Ray: pip install 'specserve[ray]'")
+from specserve.server.front_proxy import RunningFront, start_front  # noqa: E402
 
 SSE = [(b"content-type", b"text/event-stream")]
 
