@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from tests.server_harness import free_port
 
 pytest.importorskip("aiohttp", reason="the front comes with Ray: pip install 'specserve[ray]'")
-from specserve.server.front_proxy import RunningFront, start_front  # noqa: E402
+from specserve.server.front_proxy import RunningFront, start_front
 
 SSE = [(b"content-type", b"text/event-stream")]
 
