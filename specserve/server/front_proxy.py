@@ -96,7 +96,7 @@ class FrontProxy:
         request = Request(
             scope["method"],
             self.upstream + scope["raw_path"].decode("latin-1") + _query(scope),
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in _forwarded(scope)],
             body,
         )
         for attempt in range(RETRIES + 1):
@@ -124,10 +124,6 @@ class Request:
     url: str
     headers: list[tuple[str, str]]
     body: bytes
-
-    def __post_init__(self) -> None:
-        kept = [(k, v) for k, v in self.headers if k.encode() not in HOP_BY_HOP]
-        object.__setattr__(self, "headers", kept)
 
 
 async def _open(
@@ -191,6 +187,10 @@ def _start(upstream: aiohttp.ClientResponse) -> Message:
 
 def _is_sse(upstream: aiohttp.ClientResponse) -> bool:
     return upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
 
 
 def _query(scope: Scope) -> str:
