@@ -58,7 +58,7 @@ log = logging.getLogger("specserve.ray")
 ERROR_PAGE_WAIT_S = 60.0  # how long `write_error_page` waits for Serve to write its own
 ROUTES_WAIT_S = 60.0  # how long `deploy_behind_haproxy` waits for HAProxy to know the replicas
 LOOPBACK = "127.0.0.1"  # HAProxy listens here, behind the front (`front_proxy`)
-FRONTS: list[RunningFront] = []  # the front `deploy_behind_haproxy` runs in this process
+RUNNING_FRONTS: list[RunningFront] = []  # the front `deploy_behind_haproxy` runs in this process
 NO_REPLICA = "no replica of this deployment could answer (it stopped or is starting); please retry"
 
 
@@ -179,7 +179,7 @@ def deploy_behind_haproxy(
             break
         time.sleep(0.1)
     try:
-        FRONTS.append(
+        RUNNING_FRONTS.append(
             start_front(host, port, f"http://{LOOPBACK}:{behind}", settings.max_body_bytes)
         )
     except RuntimeError as exc:
@@ -188,8 +188,8 @@ def deploy_behind_haproxy(
 
 def stop_front() -> None:
     """Stop the front that `deploy_behind_haproxy` started, if any."""
-    while FRONTS:
-        FRONTS.pop().stop()
+    while RUNNING_FRONTS:
+        RUNNING_FRONTS.pop().stop()
 
 
 def replicas_behind_haproxy(state_dir: str) -> int:

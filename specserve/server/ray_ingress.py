@@ -28,11 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
 from specserve.deployments.store import Deployment
-from specserve.server.errors import (
-    install_error_handlers,
-    model_not_found,
-    replica_lost,
-)
+from specserve.server.errors import install_error_handlers, model_not_found, replica_lost
 from specserve.server.metrics import Metrics
 from specserve.server.middleware import APIKeyAuth, BodyLimit
 from specserve.server.ray_replica import APP, engine_name

@@ -224,7 +224,7 @@ def direct_ingress_port() -> int | None:
     return int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "0")) or None
 
 
-def free_port(host: str) -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -262,7 +262,7 @@ def check_port_free(host: str, port: int) -> None:
 def _free_ports(host: str, count: int, tries: int = 50) -> int:
     """The first of ``count`` consecutive ports free on ``host`` now."""
     for _ in range(tries):
-        first = free_port(host)
+        first = _free_port(host)
         socks = []
         try:
             for port in range(first, first + count):
@@ -379,7 +379,7 @@ def deploy(
     # With direct ingress the ingress replica listens on `port` itself, and Serve's proxy
     # (which it starts all the same) is put out of the way on a free port.
     direct = direct_ingress_port() == port
-    serve.start(http_options={"host": host, "port": free_port(host) if direct else port})
+    serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
     relay_only: dict[str, Any] = {"num_cpus": 0}  # they relay; the engines compute
     hub = serve.deployment(name="MetricsHub", ray_actor_options=relay_only)(MetricsHub)
     engines = {}
