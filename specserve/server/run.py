@@ -100,11 +100,12 @@ def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--ray-proxy",
         choices=["haproxy", "ingress"],
-        help="with --ray: what faces the clients. haproxy: Ray Serve's HAProxy, straight to "
-        "the replicas, which serve the API themselves (one deployment, on the Ray instance "
-        "--ray starts); ingress: an OpenAI ingress that routes by model through Ray (any "
-        "deployments, any cluster; a replica lost mid-stream ends its streams with an "
-        "error event). Default: haproxy where it can serve, else ingress",
+        help="with --ray: what faces the clients. haproxy: a relay of ours, then Ray Serve's "
+        "HAProxy, straight to the replicas, which serve the API themselves (one deployment, "
+        "on the Ray instance --ray starts); ingress: an OpenAI ingress that routes by model "
+        "through Ray (any deployments, any cluster). With either, a replica lost mid-stream "
+        "ends its streams with an error event. Default: haproxy where it can serve, else "
+        "ingress",
     )
 
 
