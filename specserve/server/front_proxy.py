@@ -32,7 +32,7 @@ import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
 from specserve.server.errors import replica_lost
-from specserve.server.middleware import BodyTooLarge, read_body, send_error, send_too_large
+from specserve.server.middleware import read_body, send_error
 from specserve.server.responses import sse
 
 log = logging.getLogger("specserve.front")
@@ -40,7 +40,8 @@ log = logging.getLogger("specserve.front")
 RETRIES = 1  # a request whose replica sent nothing is sent again this many times
 HOLD_START_S = 1.0  # the client's response waits at most this long for the first bytes
 START_WAIT_S = 30.0  # how long `start_front` waits for its server to listen
-# Connection-level headers: each hop has its own (RFC 9110, 7.6.1); the rest pass unchanged.
+# Headers each hop sets for itself: the connection-level ones (RFC 9110, 7.6.1), the host and
+# the body's length. The rest pass unchanged.
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host"}
     | {b"proxy-authenticate", b"proxy-authorization", b"content-length"}
@@ -60,12 +61,8 @@ class FrontProxy:
             return
         if scope["type"] != "http":
             return
-        try:
-            body = await read_body(scope, receive, self.max_body_bytes)
-        except BodyTooLarge:
-            await send_too_large(send, self.max_body_bytes)
-            return
-        if body is None:  # the client left before sending its body
+        body = await read_body(scope, receive, send, self.max_body_bytes)
+        if body is None:  # refused (413), or the client left before sending it
             return
         relay = asyncio.ensure_future(self._relay(scope, body, send))
         left = asyncio.ensure_future(_client_left(receive))

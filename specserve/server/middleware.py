@@ -49,16 +49,25 @@ class APIKeyAuth:
         await self.app(scope, receive, send)
 
 
-class BodyTooLarge(Exception):
+class _BodyTooLarge(Exception):
     """A request body over the server's limit."""
 
 
-async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
-    """A request's whole body, reading no more than ``max_bytes`` of it (`BodyTooLarge`
-    beyond); None when the client left first."""
+async def read_body(scope: Scope, receive: Receive, send: Send, max_bytes: int) -> bytes | None:
+    """A request's whole body, reading no more than ``max_bytes`` of it: beyond, the 413 is
+    sent here and None returned. None too when the client left first."""
+    try:
+        return await _read_within(scope, receive, max_bytes)
+    except _BodyTooLarge:
+        message = f"request body is larger than this server's limit of {max_bytes} bytes"
+        await send_error(send, 413, error_body(message, "invalid_request_error"))
+        return None
+
+
+async def _read_within(scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
     declared = dict(scope["headers"]).get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BodyTooLarge
+        raise _BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -68,15 +77,9 @@ async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes | N
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > max_bytes:
-            raise BodyTooLarge
+            raise _BodyTooLarge
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def send_too_large(send: Send, max_bytes: int) -> None:
-    """The 413 of `BodyLimit`."""
-    message = f"request body is larger than this server's limit of {max_bytes} bytes"
-    await send_error(send, 413, error_body(message, "invalid_request_error"))
 
 
 class BodyLimit:
@@ -94,12 +97,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        try:
-            body = await read_body(scope, receive, self.max_bytes)
-        except BodyTooLarge:
-            await send_too_large(send, self.max_bytes)
-            return
-        if body is None:
+        body = await read_body(scope, receive, send, self.max_bytes)
+        if body is None:  # refused (413), or the client left
             return
         replayed = False
 
