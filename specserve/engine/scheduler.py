@@ -42,6 +42,7 @@ from specserve.engine.sequence import Sequence, check_prompt
 from specserve.model.kv_cache import POSITION_BLOCK
 from specserve.model.loader import Model
 from specserve.model.prefix_cache import PrefixCache
+from specserve.model.qlinear import park_threads
 from specserve.model.transformer import ForwardBatch
 from specserve.speculative.config import PLAIN, SpeculationConfig
 from specserve.speculative.draft_length import StepCosts
@@ -77,6 +78,7 @@ def run_engines(engines: list[Engine]) -> None:
             while not any(e._has_work() for e in engines):
                 if all(e.stopped for e in engines):
                     return
+                park_threads()
                 cond.wait()
         for engine in engines:
             engine.step()

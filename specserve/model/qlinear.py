@@ -49,6 +49,14 @@ def set_threads(threads: int) -> None:
         _native.set_threads(threads)
 
 
+def park_threads() -> None:
+    """Let the native matmul's workers sleep at once (the model is idle), rather than spin
+    for the next call for a few milliseconds, taking a core from whoever carries the answer
+    out."""
+    if _native is not None:
+        _native.park()
+
+
 def native_threads() -> int:
     return int(_native.threads()) if _native is not None else 0
 

@@ -179,9 +179,7 @@ def deploy_behind_haproxy(
             break
         time.sleep(0.1)
     try:
-        RUNNING_FRONTS.append(
-            start_front(host, port, f"http://{LOOPBACK}:{behind}", settings.max_body_bytes)
-        )
+        RUNNING_FRONTS.append(start_front(host, port, (LOOPBACK, behind), settings.max_body_bytes))
     except RuntimeError as exc:
         raise RaySetupError(str(exc)) from None
 

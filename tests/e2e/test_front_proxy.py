@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from tests.server_harness import free_port
 
-pytest.importorskip("aiohttp", reason="the front comes with Ray: pip install 'specserve[ray]'")
+pytest.importorskip("httptools", reason="the front comes with Ray: pip install 'specserve[ray]'")
 from specserve.server.front_proxy import RunningFront, start_front
 
 SSE = [(b"content-type", b"text/event-stream")]
@@ -92,7 +92,7 @@ def upstream() -> Iterator[tuple[Upstream, int]]:
 @pytest.fixture(scope="module")
 def front(upstream: tuple[Upstream, int]) -> Iterator[str]:
     port = free_port()
-    running: RunningFront = start_front("127.0.0.1", port, f"http://127.0.0.1:{upstream[1]}", 64)
+    running: RunningFront = start_front("127.0.0.1", port, ("127.0.0.1", upstream[1]), 64)
     yield f"http://127.0.0.1:{port}"
     running.stop()
 
@@ -144,7 +144,7 @@ def test_an_oversized_body_and_a_missing_upstream_get_openai_errors(front: str) 
         too_large.status_code == 413 and "limit of 64 bytes" in too_large.json()["error"]["message"]
     )
     port = free_port()
-    nowhere = start_front("127.0.0.1", port, f"http://127.0.0.1:{free_port()}", 64)
+    nowhere = start_front("127.0.0.1", port, ("127.0.0.1", free_port()), 64)
     try:
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=b"{}")
     finally:

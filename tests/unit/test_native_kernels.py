@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_extreme_codes_do_not_saturate_any_path(qtype: Q, each_isa: list[str]) -
         assert np.all(np.abs(y - exact) <= bound), (isa, np.abs(y - exact).max())
 
 
-def test_thread_count_does_not_change_results() -> None:
+def test_thread_count_and_parked_workers_do_not_change_results() -> None:
     native = native_module()
     layer, _ = packed_linear(Q.Q4_K, 256, 512)
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
@@ -172,6 +173,10 @@ def test_thread_count_does_not_change_results() -> None:
         one = layer(x)
         native.set_threads(3)
         assert torch.equal(layer(x), one)
+        for pause in (0.0, 0.01, 0.0):  # parked at once, asleep, parked while still spinning
+            native.park()
+            time.sleep(pause)
+            assert torch.equal(layer(x), one)
     finally:
         native.set_threads(threads)
 

@@ -65,8 +65,14 @@ class Pool {
         &ctx, pieces);
   }
 
+  // The caller has no call in sight (its model is idle): the workers sleep now instead of
+  // spinning for `kSpin`, which leaves the cores to the processes that carry the answer out
+  // (a proxy, the client). The next call wakes them as usual.
+  void park() { parked_.store(true, std::memory_order_release); }
+
   // Run item(ctx, i) for i in 0..items-1 over all threads; returns when all are done.
   void run(Item item, void* ctx, int64_t items) {
+    parked_.store(false, std::memory_order_relaxed);
     const uint64_t gen = (claim_.load() >> 32) + 1;
     item_ = item;
     ctx_ = ctx;
@@ -116,7 +122,8 @@ class Pool {
       int spins = 0;
       while (wake_.load(std::memory_order_acquire) == seen) {
         pause();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() > until) {
+        if (++spins % 256 == 0 && (parked_.load(std::memory_order_acquire) ||
+                                   std::chrono::steady_clock::now() > until)) {
           std::unique_lock<std::mutex> lock(mu_);
           cv_.wait(lock, [&] { return wake_.load() != seen; });
         }
@@ -133,6 +140,7 @@ class Pool {
   std::atomic<uint64_t> wake_{0};
   std::atomic<uint64_t> claim_{kClosed};
   std::atomic<int64_t> done_{0};
+  std::atomic<bool> parked_{false};
   Item item_ = nullptr;
   void* ctx_ = nullptr;
   int64_t items_ = 0;

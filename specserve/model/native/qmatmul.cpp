@@ -296,6 +296,11 @@ static PyObject* py_set_threads(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_park(PyObject*, PyObject*) {
+  specserve::g_pool.park();
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(specserve::g_pool.size());
 }
@@ -337,6 +342,7 @@ static PyMethodDef kMethods[] = {
      "exp_fixed(x_ptr, n, out_ptr): the layer's exp (SiLU, softmax) on n floats (tests)"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per matmul"},
     {"threads", py_threads, METH_NOARGS, "threads per matmul"},
+    {"park", py_park, METH_NOARGS, "park(): the workers sleep now, not after spinning (idle)"},
     {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2 or avx512"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "paths this CPU can run"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): choose a path (tests)"},
