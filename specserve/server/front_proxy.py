@@ -39,10 +39,11 @@ RETRIES = 1  # a request whose replica sent nothing is sent again this many time
 HOLD_START_S = 1.0  # the client's response waits at most this long for the first bytes
 START_WAIT_S = 30.0  # how long `start_front` waits for its server to listen
 # Headers each hop sets for itself: the connection-level ones (RFC 9110, 7.6.1), the host and
-# the body's length. The rest pass unchanged.
+# the body's length, and Expect (the front holds the whole body: the expectation is met). The
+# rest pass unchanged.
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host"}
-    | {b"proxy-authenticate", b"proxy-authorization", b"content-length"}
+    | {b"proxy-authenticate", b"proxy-authorization", b"content-length", b"expect"}
 )
 
 

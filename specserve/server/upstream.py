@@ -104,6 +104,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
+        if self.parser.get_status_code() < 200:  # an interim answer (100 Continue): not it
+            self.response.headers.clear()
+            return
         self.response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once complete
         self.response.headers_done.set_result(None)
@@ -122,6 +125,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.response is not None
+        if not self.response.status:  # the end of an interim answer
+            return
         self.response.complete = True
         self.response.wake()
 

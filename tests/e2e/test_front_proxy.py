@@ -115,6 +115,13 @@ def test_requests_and_answers_pass_unchanged(front: str) -> None:
     assert _events(f"{front}/stream") == ["data: 0", "data: 1", "data: 2", "data: [DONE]"]
 
 
+def test_a_client_expecting_100_continue_gets_the_answer_itself(front: str) -> None:
+    """The front has the whole body already: the expectation is met, and not passed on (the
+    upstream's interim 100 would otherwise be taken for its answer)."""
+    reply = httpx.post(f"{front}/echo", content=b"{}", headers={"Expect": "100-continue"})
+    assert reply.status_code == 201 and "expect" not in reply.json()["headers"]
+
+
 def test_a_stream_cut_mid_way_ends_with_the_error_event_on_an_event_boundary(front: str) -> None:
     events = _events(f"{front}/cut")
     assert events[:3] == ["data: 0", "data: 1", "data: 2"] and events[-1] == "data: [DONE]"

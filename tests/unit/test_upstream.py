@@ -135,6 +135,21 @@ def test_a_kept_alive_connection_closed_as_it_is_used_costs_a_new_one_not_an_err
     asyncio.run(run())
 
 
+def test_an_interim_100_continue_is_not_taken_for_the_answer() -> None:
+    async def reply(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await _ok(request, writer)
+
+    async def run() -> None:
+        _, pool, server = await _serve(reply)
+        for _ in range(2):  # and the connection stays in step for the next request
+            response = await pool.request("POST", "/", [], b"x")
+            assert response.status == 200 and await _body(response) == b"you sent x"
+        server.close()
+
+    asyncio.run(run())
+
+
 def test_head_answers_end_at_their_headers_and_no_upstream_is_a_clear_error() -> None:
     async def reply(request: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
