@@ -86,7 +86,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.response is None:  # bytes nobody asked for: not a connection to keep
-            self._drop()
+            self.drop()
             return
         try:
             self.parser.feed_data(data)
@@ -153,7 +153,7 @@ class _Connection(asyncio.Protocol):
             self.resume()
             self.pool.release(self)
         else:
-            self._drop()
+            self.drop()
 
     def _fail(self, lost: UpstreamLost) -> None:
         response = self.response
@@ -163,9 +163,9 @@ class _Connection(asyncio.Protocol):
                 response.headers_done.set_exception(lost)
                 response.headers_done.exception()  # retrieved: `request` raises it instead
             response.wake()
-        self._drop()
+        self.drop()
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.close()
@@ -186,17 +186,24 @@ class UpstreamPool:
         `UpstreamLost` if the connection fails before them. A kept-alive connection that
         turns out closed before answering (the upstream's idle timeout closed it as it was
         sent) costs one try on a new connection, not an error."""
-        head = self._head(method, target, headers, len(body))
+        head, head_only = self._head(method, target, headers, len(body)), method == "HEAD"
         if self.idle:
-            response = self.idle.pop().send(head, body, method == "HEAD")
             try:
-                await response.headers_done
-                return response
+                return await self._exchange(self.idle.pop(), head, body, head_only)
             except UpstreamLost:
                 pass  # most likely closed by the upstream's idle timeout: once more, anew
-        connection = await self._connect()
-        response = connection.send(head, body, method == "HEAD")
-        await response.headers_done
+        return await self._exchange(await self._connect(), head, body, head_only)
+
+    @staticmethod
+    async def _exchange(
+        connection: _Connection, head: bytes, body: bytes, head_only: bool
+    ) -> Response:
+        response = connection.send(head, body, head_only)
+        try:
+            await response.headers_done
+        except asyncio.CancelledError:  # the caller left: the upstream sees its client leave
+            connection.drop()
+            raise
         return response
 
     def _head(
@@ -227,4 +234,4 @@ class UpstreamPool:
 
     def close(self) -> None:
         for connection in list(self.idle):
-            connection._drop()
+            connection.drop()

@@ -19,6 +19,7 @@ class Scripted:
 
     def __init__(self, reply: Reply) -> None:
         self.reply, self.requests, self.connections = reply, list[bytes](), 0
+        self.closed = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -35,6 +36,7 @@ class Scripted:
         except asyncio.IncompleteReadError:
             pass
         writer.close()
+        self.closed.set()
 
 
 async def _serve(reply: Reply) -> tuple[Scripted, UpstreamPool, asyncio.Server]:
@@ -145,6 +147,22 @@ def test_an_interim_100_continue_is_not_taken_for_the_answer() -> None:
         for _ in range(2):  # and the connection stays in step for the next request
             response = await pool.request("POST", "/", [], b"x")
             assert response.status == 200 and await _body(response) == b"you sent x"
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_caller_that_leaves_before_the_answer_closes_the_connection() -> None:
+    async def reply(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        return True  # a long prefill: no answer yet
+
+    async def run() -> None:
+        scripted, pool, server = await _serve(reply)
+        waiting = asyncio.ensure_future(pool.request("POST", "/", [], b"x"))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        await asyncio.wait_for(scripted.closed.wait(), 5)  # the upstream saw its client leave
+        assert pool.idle == []
         server.close()
 
     asyncio.run(run())
