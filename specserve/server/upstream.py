@@ -135,9 +135,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = Response(self)
         self.reusable = not head_only
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        self.transport.write(head + body)  # one send: the body is at most --max-body-bytes
         return self.response
 
     def resume(self) -> None:
