@@ -103,6 +103,7 @@ SPECSERVE_QUANTIZE_BODY
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
 namespace avx512 {
+SPECSERVE_QUANTIZE_BODY
 #include "kernel_avx512.inc"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -194,7 +195,8 @@ constexpr int64_t kQuantizeRows = 4;
 static void quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* dx, float* dxs,
                      int32_t* k6off, int32_t* off) {
 #if defined(__x86_64__)
-  if (g_isa != GENERIC) return avx2::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
+  if (g_isa == AVX512) return avx512::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
+  if (g_isa == AVX2) return avx2::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
 #endif
   generic::quantize_rows(x, m, k, q, dx, dxs, k6off, off);
 }
