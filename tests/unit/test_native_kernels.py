@@ -127,6 +127,32 @@ def test_rows_are_bit_identical_whatever_the_batch(qtype: Q, each_isa: list[str]
         assert torch.equal(rows, first), isa
 
 
+def test_activation_rounding_ties_and_zero_blocks_agree_on_every_path(each_isa: list[str]) -> None:
+    """The activation quantizer's edge cases, which random rows never meet: codes exactly
+    halfway (each path must round half to even), all-zero and negative-zero blocks, and a
+    block whose largest magnitude is negative. Every path equals the reference in value
+    and the generic path in bits."""
+    layer, weights = packed_linear(Q.Q8_0, 32, 256, seed=6)
+    x = torch.zeros(4, 256)
+    x[0, :32] = torch.arange(32) - 15.5  # amax 16.5 ... scaled so halves land on .5
+    x[0, :32] *= 127 / 16.5
+    x[0, 32:64] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # ties at inv = 1
+    x[1, 64:96] = -0.0
+    x[2, 96:128] = torch.linspace(-3, 2, 32)  # the largest |v| is negative
+    x[3] = torch.randn(256, generator=torch.Generator().manual_seed(7))
+    x[3, 128:160] = 0.0
+    exact = quantize_rows_reference(x.numpy()).astype(np.float64) @ weights.astype(np.float64).T
+    bound = SUM_TOLERANCE * (np.abs(quantize_rows_reference(x.numpy())) @ np.abs(weights.T))
+    by_isa = {}
+    for isa in each_isa:
+        native_module().set_isa(isa)
+        y = layer(x)
+        assert np.all(np.abs(y.numpy() - exact) <= bound + 1e-30), isa
+        by_isa[isa] = y
+    first = next(iter(by_isa.values()))
+    assert all(torch.equal(y, first) for y in by_isa.values())
+
+
 # Where each type's quantized weight codes sit in its GGUF block, and the byte that makes
 # them extreme: largest codes, or Q8_0's -128 (whose sign trick has the largest products).
 CODE_BYTES = {
