@@ -60,10 +60,12 @@ def packed_linear(qtype: Q, rows: int, cols: int, seed: int = 0) -> tuple[Packed
 
 def quantize_rows_reference(x: np.ndarray) -> np.ndarray:
     """The kernels' activation quantization, dequantized: per block of 32, scale amax/127,
-    round half to even."""
+    round half to even; a block whose amax is below 1e-30 (where 127/amax nears overflow)
+    quantizes to zeros."""
     blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    usable = amax >= np.float32(1e-30)
+    inv = np.where(usable, np.float32(127) / np.where(usable, amax, 1), 0).astype(np.float32)
     q = np.round(blocks * inv)  # numpy rounds half to even
     return (q * (amax / np.float32(127))).reshape(x.shape)
 
@@ -129,15 +131,17 @@ def test_rows_are_bit_identical_whatever_the_batch(qtype: Q, each_isa: list[str]
 
 def test_activation_rounding_ties_and_zero_blocks_agree_on_every_path(each_isa: list[str]) -> None:
     """The activation quantizer's edge cases, which random rows never meet: codes exactly
-    halfway (each path must round half to even), all-zero and negative-zero blocks, and a
-    block whose largest magnitude is negative. Every path equals the reference in value
-    and the generic path in bits."""
+    halfway (each path must round half to even), all-zero and negative-zero blocks, a block
+    whose largest magnitude is negative, and one of subnormal values (127 / amax would be
+    infinite: it quantizes to zeros). Every path equals the reference in value and the
+    generic path in bits."""
     layer, weights = packed_linear(Q.Q8_0, 32, 256, seed=6)
     x = torch.zeros(4, 256)
     x[0, :32] = torch.arange(32) - 15.5  # amax 16.5 ... scaled so halves land on .5
     x[0, :32] *= 127 / 16.5
     x[0, 32:64] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # ties at inv = 1
     x[1, 64:96] = -0.0
+    x[1, 96:128] = torch.tensor([1e-39, 0.0] * 16)  # alone in its row: any code shows
     x[2, 96:128] = torch.linspace(-3, 2, 32)  # the largest |v| is negative
     x[3] = torch.randn(256, generator=torch.Generator().manual_seed(7))
     x[3, 128:160] = 0.0

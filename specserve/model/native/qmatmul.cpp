@@ -54,6 +54,10 @@ static inline float round_even(float v) {
   return (v + magic) - magic;
 }
 
+// A block whose largest |v| is below this quantizes to zeros: 127 / amax would overflow to
+// infinity near 3.7e-37, and infinity times a zero input is NaN, whose int8 cast is undefined.
+constexpr float kMinAmax = 1e-30f;
+
 // One row's blocks of 32: scale amax / 127, codes rounded half to even, and the sums the
 // kernels' offsets need. Each path supplies block_amax and block_codes (the largest |v|, and
 // the codes with their two half sums): every step is exact per element, or an exact max
@@ -66,7 +70,7 @@ static inline float round_even(float v) {
       for (int64_t j = 0; j < nb; j++) {                                            \
         const float* v = x + r * k + j * BLK;                                       \
         const float amax = block_amax(v);                                           \
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;                       \
+        const float inv = amax >= kMinAmax ? 127.0f / amax : 0.0f;                  \
         int32_t lo = 0, hi = 0;                                                     \
         block_codes(v, inv, q + r * k + j * BLK, &lo, &hi);                         \
         const float d = amax / 127.0f;                                              \
