@@ -2,10 +2,12 @@
 and llama.cpp on the same GGUF files, in one run (greedy).
 
 Tasks: HumanEvalFix (the buggy function is the prediction; the model writes the whole fixed
-function), open code generation with no prediction (HumanEvalPack's function headers), and
-one prompt from each Spec-Bench group. specserve configurations: plain, prediction alone,
-n-gram, the 0.5B draft model, and the deployment's default mix (the catalog default drafter,
-plus the prediction where the task has one). llama.cpp (llama-server, same GGUFs, the same
+function; with ``--fixes-with-prose N`` also N of them asked to say what was wrong first, so
+the reply opens with prose the prediction does not hold), open code generation with no
+prediction (HumanEvalPack's function headers), and one prompt from each Spec-Bench group.
+specserve configurations: plain, prediction alone, n-gram, the 0.5B draft model, and the
+deployment's default mix (the catalog default drafter, plus the prediction where the task
+has one). llama.cpp (llama-server, same GGUFs, the same
 prompt token ids): plain, draft-simple with the 0.5B, ngram-simple, ngram-mod.
 
 Reported per task group and configuration: end-to-end tok/s (prefill included), decode tok/s,
@@ -64,29 +66,40 @@ FIX_PROMPT = (
     "Fix the bug in this Python function. Answer with the complete fixed function in one "
     "```python code block, and nothing else.\n\n```python\n{code}```"
 )
+# The same fixes where the reply opens with prose, as chat replies often do: the prediction
+# (the code block) fails its first drafts and has to find its place again (issue 12).
+PROSE_FIX_PROMPT = (
+    "Fix the bug in this Python function. First say in one sentence what was wrong, then give "
+    "the complete fixed function in one ```python code block.\n\n```python\n{code}```"
+)
 OPEN_PROMPT = "Complete this Python function. Answer with the whole function only.\n\n{code}"
 LLAMA_PORT = 8089
 
 
-def load_tasks(fixes: int, open_tasks: int, spec_bench: int) -> list[dict[str, Any]]:
+def load_tasks(
+    fixes: int, open_tasks: int, spec_bench: int, prose_fixes: int = 0
+) -> list[dict[str, Any]]:
     """Tasks with their prompt text and (for fixes) the prediction text."""
     rows = [
         json.loads(line)
         for line in (shared_dir() / "data" / "humanevalfix" / "humanevalpack_python.jsonl").open()
     ]
     # fixes at multiples of step, open tasks half a step after them: never the same task
-    step = max(1, len(rows) // max(fixes, open_tasks, 1))
+    step = max(1, len(rows) // max(fixes, prose_fixes, open_tasks, 1))
     tasks = []
-    for row in rows[::step][:fixes]:
-        code = row["declaration"] + row["buggy_solution"]
-        tasks.append(
-            {
-                "group": "humanevalfix",
-                "id": row["task_id"],
-                "text": FIX_PROMPT.format(code=code),
-                "prediction": f"```python\n{code}```",
-            }
-        )
+    fix_kinds = [("humanevalfix", "", FIX_PROMPT, fixes)]
+    fix_kinds.append(("humanevalfix, prose first", " (prose)", PROSE_FIX_PROMPT, prose_fixes))
+    for group, suffix, template, count in fix_kinds:
+        for row in rows[::step][:count]:
+            code = row["declaration"] + row["buggy_solution"]
+            tasks.append(
+                {
+                    "group": group,
+                    "id": row["task_id"] + suffix,
+                    "text": template.format(code=code),
+                    "prediction": f"```python\n{code}```",
+                }
+            )
     for row in rows[step // 2 :: step][:open_tasks]:
         tasks.append(
             {
@@ -411,7 +424,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     points = [
         (r["edit_size"], plain[r["task"]] / (r["seconds"] / r["tokens"]))
         for r in rows
-        if r["config"] == "prediction" and r["edit_size"] is not None
+        if r["config"] == "prediction" and r["group"] == "humanevalfix"
     ]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter([p[0] for p in points], [p[1] for p in points])
@@ -426,6 +439,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fixes", type=int, default=6)
+    parser.add_argument("--fixes-with-prose", type=int, default=0, help="fixes, prose first")
     parser.add_argument("--open", type=int, default=3)
     parser.add_argument("--spec-bench", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -448,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.fixes, args.open, args.spec_bench, args.max_tokens = 2, 1, 0, 64
     set_threads(args.threads)
-    tasks = load_tasks(args.fixes, args.open, args.spec_bench)
+    tasks = load_tasks(args.fixes, args.open, args.spec_bench, args.fixes_with_prose)
     target, draft = load_model(TARGET, progress=False), load_model(DRAFT, progress=False)
     only = [o for o in args.only.split(",") if o]
     cache = not args.no_prefix_cache
@@ -461,16 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         notes.append("llama.cpp skipped: no --llama-cpp-bin / LLAMA_CPP_BIN")
     summary = summarize(rows)
-    headers = [
-        "group",
-        "config",
-        "e2e tok/s",
-        "decode tok/s",
-        "e2e vs plain",
-        "decode vs plain",
-        "tokens/step",
-        "identical",
-    ]
+    headers = ["group", "config", "e2e tok/s", "decode tok/s", "e2e vs plain"]
+    headers += ["decode vs plain", "tokens/step", "identical"]
     print(markdown_table(headers, [list(s.values()) for s in summary]))
     plot(rows, args.out.with_suffix(".png"))
     write_json(

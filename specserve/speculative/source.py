@@ -17,7 +17,11 @@ from specserve.speculative.proposers.draft_model import (
 )
 from specserve.speculative.proposers.eagle import EagleProposer
 from specserve.speculative.proposers.ngram import NgramProposer
-from specserve.speculative.proposers.prediction import PredictionProposer, PredictionStats
+from specserve.speculative.proposers.prediction import (
+    RESYNC_RUN,
+    PredictionProposer,
+    PredictionStats,
+)
 from specserve.speculative.sampling import SamplingParams
 
 
@@ -102,6 +106,8 @@ class ProposalSource:
         drafts: list[int] = []
         for proposer, tuner in self.entries:
             k = self._length(tuner, len(drafts), limit)
+            if k <= 0 and proposer is self.prediction and self.prediction.wants_probe(context):
+                k = min(limit, RESYNC_RUN)  # a fresh place in the prediction: worth a look
             if k <= 0 or (drafts and isinstance(proposer, EagleProposer)):
                 continue  # an EAGLE head drafts from target features of verified tokens
             proposal = proposer.propose(context.extended(drafts) if drafts else context, k)

@@ -15,6 +15,7 @@ from specserve.speculative.config import SpeculationConfig
 from specserve.speculative.draft_length import StepCosts
 from specserve.speculative.proposers.base import SequenceContext
 from specserve.speculative.proposers.draft_model import DraftModelProposer
+from specserve.speculative.proposers.prediction import RESYNC_RUN
 from specserve.speculative.sampling import SamplingParams
 from specserve.speculative.source import ProposalSource
 from tests.tiny import TinySpec, write_tiny_gguf
@@ -48,6 +49,37 @@ def test_ngram_continues_where_the_prediction_ends(tiny_model: Model) -> None:
     source.propose(SequenceContext.of(PROMPT, OUTPUT), 10)
     source.observe(proposed=6, accepted=1)  # rejected inside the prediction's part
     assert _trials(source) == [2.0 * 0.8 + 2.0, 2.0]  # n-gram's part was never tried
+
+
+def test_a_fresh_place_in_the_prediction_is_tried_where_its_record_says_no(
+    tiny_model: Model,
+) -> None:
+    """A reply that opens with prose fails the prediction's first drafts, and its tuner
+    then drafts nothing. When the output meets the prediction again on two tokens, the
+    prediction still proposes (at most RESYNC_RUN tokens); a one-token match does not."""
+    adaptive = SpeculationConfig("ngram", 4, ngram_length=2, adaptive=True)
+    prediction = list(range(20, 30))
+    prompt = [40, 41, 42, 43]  # nothing for n-gram to copy
+
+    def discouraged() -> ProposalSource:
+        source = ProposalSource(tiny_model, adaptive, GREEDY, prediction, 200, StepCosts())
+        for _ in range(10):
+            source.entries[0][1].observe(proposed=4, accepted=0)
+        assert source.entries[0][1].choose() == 0
+        return source
+
+    source = discouraged()
+    assert source.propose(SequenceContext.of(prompt, [30, 31, 32]), 16).token_ids == []
+    assert source.propose(SequenceContext.of(prompt, [30, 31, 32, 22]), 16).token_ids == []
+    proposal = source.propose(SequenceContext.of(prompt, [30, 31, 32, 22, 23]), 16)
+    assert proposal.method == "prediction"
+    assert proposal.token_ids == list(range(24, 24 + RESYNC_RUN))
+    # Tried once: the same place is left to the tuner's record from then on.
+    assert source.propose(SequenceContext.of(prompt, [30, 31, 32, 22, 23]), 16).token_ids == []
+    # Without that probe the place would wait for the tuner's periodic one.
+    fresh = discouraged()
+    fresh.prediction = None
+    assert fresh.propose(SequenceContext.of(prompt, [30, 31, 32, 22, 23]), 16).token_ids == []
 
 
 def test_sampled_requests_continue_too_and_the_limit_truncates(tiny_model: Model) -> None:

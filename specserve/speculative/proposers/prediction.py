@@ -84,6 +84,12 @@ class PredictionProposer:
 
     so the prediction proposes again within one or two steps of the edit's end
     (``tests/unit/test_proposers.py`` counts them on real code).
+
+    A place found again on MIN_SYNC_TOKENS or more tokens is worth trying even where the
+    request's record says the prediction does not pay (`wants_probe`): a reply that opens
+    with prose ("Here is the fixed code:") fails the prediction's first drafts, its tuner
+    may then draft nothing, and the code that follows would wait for the tuner's periodic
+    probe.
     """
 
     method = "prediction"
@@ -101,6 +107,9 @@ class PredictionProposer:
         self._aligned = True
         self._confirmed = True  # the output has followed the current place at least once
         self._seen = 0  # output tokens already followed
+        # The place came from a re-sync that no proposal has tried yet (`_fresh`), and it is
+        # backed by MIN_SYNC_TOKENS or more output tokens (`_untried`): see `wants_probe`.
+        self._fresh = self._untried = False
 
     def propose(self, context: SequenceContext, k: int) -> Proposal:
         """The next ``min(k, max_run)`` prediction tokens, or none while the place is lost."""
@@ -109,21 +118,33 @@ class PredictionProposer:
             return Proposal([], None, self.method)
         run = self.max_run if self._confirmed else min(self.max_run, RESYNC_RUN)
         stop = self._next + min(k, run)
+        self._fresh = self._untried = False
         return Proposal(self.prediction_ids[self._next : stop], None, self.method)
+
+    def wants_probe(self, context: SequenceContext) -> bool:
+        """Whether the output has just found its place in the prediction again, on
+        MIN_SYNC_TOKENS or more matching tokens (the re-sync's match, or a one-token match
+        and the token after it), and no proposal has tried that place yet."""
+        self._follow(context.output_ids)
+        return self._aligned and self._untried and self._next < len(self.prediction_ids)
 
     def _follow(self, output_ids: Sequence[int]) -> None:
         """Move the alignment over the output tokens generated since the last call."""
         if len(output_ids) < self._seen:  # a new output: start over
             self._next, self._aligned, self._confirmed, self._seen = 0, True, True, 0
+            self._fresh = self._untried = False
+        if len(output_ids) == self._seen:
+            return  # nothing new: the place (or the search's answer) stands
         prediction = self.prediction_ids
         for token in output_ids[self._seen :]:
             if self._aligned and self._next < len(prediction) and prediction[self._next] == token:
                 self._next += 1
+                self._untried = self._untried or (self._fresh and not self._confirmed)
                 self._confirmed = True
             else:
-                self._aligned = False
+                self._aligned = self._untried = False
         self._seen = len(output_ids)
-        if not self._aligned and output_ids:
+        if not self._aligned:
             self._resync(list(output_ids[-MAX_SYNC_TOKENS:]))
 
     def _resync(self, tail: list[int]) -> None:
@@ -144,6 +165,7 @@ class PredictionProposer:
                 best_key, best_end = key, end
         if best_end >= 0:
             self._next, self._aligned, self._confirmed = best_end + 1, True, False
+            self._fresh, self._untried = True, best_key[0] >= MIN_SYNC_TOKENS
 
     def _match_length(self, tail: list[int], end: int) -> int:
         """How many tokens of ``tail``, from its end, equal the prediction ending at ``end``."""
