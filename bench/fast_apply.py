@@ -414,18 +414,21 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Prediction speed-up (end to end, vs plain) against the edit's size, per fix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Prediction speed-up (end to end, vs plain) against the edit's size, per HumanEvalFix
+    fix (none: no plot)."""
     plain = {r["task"]: r["seconds"] / r["tokens"] for r in rows if r["config"] == "plain"}
     points = [
         (r["edit_size"], plain[r["task"]] / (r["seconds"] / r["tokens"]))
         for r in rows
         if r["config"] == "prediction" and r["group"] == "humanevalfix"
     ]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter([p[0] for p in points], [p[1] for p in points])
     ax.axhline(1.0, color="grey", linewidth=0.8)
