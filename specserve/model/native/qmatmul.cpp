@@ -56,6 +56,8 @@ static inline float round_even(float v) {
 
 // A block whose largest |v| is below this quantizes to zeros: 127 / amax would overflow to
 // infinity near 3.7e-37, and infinity times a zero input is NaN, whose int8 cast is undefined.
+// (Infinite or NaN activations, a model that has already overflowed, still give codes that
+// may differ between paths.)
 constexpr float kMinAmax = 1e-30f;
 
 // One row's blocks of 32: scale amax / 127, codes rounded half to even, and the sums the
