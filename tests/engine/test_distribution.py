@@ -90,7 +90,8 @@ RUNS = [
     Run("eagle", "generate", True, 2, 100),
     Run("ngram", "engine", True, 16, 160, ("draft 1", "draft 2", "bonus")),
     Run("ngram", "generate", False, 3, 100),
-    Run("prediction", "engine", False, 480, 6, ("draft 1", "draft 2", "bonus")),
+    # 480 requests saw the bonus 100-132 times (16 runs): too near MIN_GROUP; 640 clear it.
+    Run("prediction", "engine", False, 640, 6, ("draft 1", "draft 2", "bonus")),
     Run("prediction", "generate", True, 100, 6),
     # A 3-token prediction continued by the draft model in the same step: positions 1-2
     # come from the prediction (one-hot), 3 onwards from the draft model's distributions.
