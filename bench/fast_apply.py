@@ -7,8 +7,8 @@ the reply opens with prose the prediction does not hold), open code generation w
 prediction (HumanEvalPack's function headers), and one prompt from each Spec-Bench group.
 specserve configurations: plain, prediction alone, n-gram, the 0.5B draft model, and the
 deployment's default mix (the catalog default drafter, plus the prediction where the task
-has one). llama.cpp (llama-server, same GGUFs, the same
-prompt token ids): plain, draft-simple with the 0.5B, ngram-simple, ngram-mod.
+has one). llama.cpp (llama-server, same GGUFs, the same prompt token ids): plain,
+draft-simple with the 0.5B, ngram-simple, ngram-mod.
 
 Reported per task group and configuration: end-to-end tok/s (prefill included), decode tok/s,
 tokens per target step, acceptance by draft position, and how many outputs equal plain
