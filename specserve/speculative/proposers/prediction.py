@@ -107,9 +107,8 @@ class PredictionProposer:
         self._aligned = True
         self._confirmed = True  # the output has followed the current place at least once
         self._seen = 0  # output tokens already followed
-        # The place came from a re-sync that no proposal has tried yet (`_fresh`), and it is
-        # backed by MIN_SYNC_TOKENS or more output tokens (`_untried`): see `wants_probe`.
-        self._fresh = self._untried = False
+        self._fresh = False  # the place came from a re-sync that no proposal has tried yet
+        self._backing = 0  # output tokens that agree with the place since it was found
 
     def propose(self, context: SequenceContext, k: int) -> Proposal:
         """The next ``min(k, max_run)`` prediction tokens, or none while the place is lost."""
@@ -118,7 +117,7 @@ class PredictionProposer:
             return Proposal([], None, self.method)
         run = self.max_run if self._confirmed else min(self.max_run, RESYNC_RUN)
         stop = self._next + min(k, run)
-        self._fresh = self._untried = False
+        self._fresh = False
         return Proposal(self.prediction_ids[self._next : stop], None, self.method)
 
     def wants_probe(self, context: SequenceContext) -> bool:
@@ -126,23 +125,24 @@ class PredictionProposer:
         MIN_SYNC_TOKENS or more matching tokens (the re-sync's match, or a one-token match
         and the token after it), and no proposal has tried that place yet."""
         self._follow(context.output_ids)
-        return self._aligned and self._untried and self._next < len(self.prediction_ids)
+        fresh = self._aligned and self._fresh and self._next < len(self.prediction_ids)
+        return fresh and self._backing >= MIN_SYNC_TOKENS
 
     def _follow(self, output_ids: Sequence[int]) -> None:
         """Move the alignment over the output tokens generated since the last call."""
         if len(output_ids) < self._seen:  # a new output: start over
             self._next, self._aligned, self._confirmed, self._seen = 0, True, True, 0
-            self._fresh = self._untried = False
+            self._fresh = False
         if len(output_ids) == self._seen:
             return  # nothing new: the place (or the search's answer) stands
         prediction = self.prediction_ids
         for token in output_ids[self._seen :]:
             if self._aligned and self._next < len(prediction) and prediction[self._next] == token:
                 self._next += 1
-                self._untried = self._untried or (self._fresh and not self._confirmed)
+                self._backing += 1
                 self._confirmed = True
             else:
-                self._aligned = self._untried = False
+                self._aligned = False
         self._seen = len(output_ids)
         if not self._aligned:
             self._resync(list(output_ids[-MAX_SYNC_TOKENS:]))
@@ -165,7 +165,7 @@ class PredictionProposer:
                 best_key, best_end = key, end
         if best_end >= 0:
             self._next, self._aligned, self._confirmed = best_end + 1, True, False
-            self._fresh, self._untried = True, best_key[0] >= MIN_SYNC_TOKENS
+            self._fresh, self._backing = True, best_key[0]
 
     def _match_length(self, tail: list[int], end: int) -> int:
         """How many tokens of ``tail``, from its end, equal the prediction ending at ``end``."""
