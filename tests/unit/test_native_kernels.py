@@ -240,15 +240,18 @@ def test_bad_arguments_are_refused() -> None:
         PackedLinear([a, b])
 
 
-# Attention shapes whose native loops differ: head width 64 (two heads per pass over the
-# values) and 128 with groups of 4 query heads (passes of 3 and 1).
+# Attention shapes whose native loops differ: head width 64 or 128; groups of 2, 4 or 7
+# query heads per KV head (the AVX-512 scores take heads in pairs, an odd one alone; its
+# value sums take up to 6 heads per pass, so 7 is a pass of 6 and one of 1).
 HEAD_SHAPES = [
     {"heads": 4, "kv_heads": 2, "head_dim": 64},
     {"heads": 8, "kv_heads": 2, "head_dim": 128},
+    {"heads": 14, "kv_heads": 2, "head_dim": 128},
 ]
+HEAD_SHAPE_IDS = ["d64-group2", "d128-group4", "d128-group7"]
 
 
-@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=["d64", "d128-group4"])
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=HEAD_SHAPE_IDS)
 def test_native_layers_match_the_pytorch_path(tmp_path: Path, shape: dict[str, int]) -> None:
     """The one-call native decoder layer computes what the PyTorch ops compute on the same
     packed matmuls (attention, RoPE, norms and MLP summed in another order). Where the two
@@ -280,7 +283,7 @@ def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
     assert load_model(str(path), progress=False).fmt == "int4"
 
 
-@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=["d64", "d128-group4"])
+@pytest.mark.parametrize("shape", HEAD_SHAPES, ids=HEAD_SHAPE_IDS)
 def test_native_layers_give_the_same_bits_on_every_isa_path(
     tmp_path: Path, each_isa: list[str], shape: dict[str, int]
 ) -> None:
