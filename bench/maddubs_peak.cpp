@@ -129,8 +129,12 @@ double kernel_shape(long reps) {
 }  // namespace
 
 int main() {
-  for (int i = 0; i < kBlocks * 16; i++) g_scales[i] = 1.0f / static_cast<float>(1 + i % 7);
-  for (int i = 0; i < kRows * kBlocks; i++) g_dx[i] = g_dxs[i] = 0.01f;
+  Filler fill;
+  fill.bytes(g_weights, sizeof g_weights);
+  fill.bytes(g_x, sizeof g_x);
+  fill.floats(g_scales, sizeof g_scales / sizeof(float), 1e-3f);
+  fill.floats(g_dx, sizeof g_dx / sizeof(float), 1e-3f);
+  fill.floats(g_dxs, sizeof g_dxs / sizeof(float), 1e-3f);
   const double b = best_of(bare, 200000), fed = best_of(register_fed, 100000),
                shape = best_of(kernel_shape, 20000);
   std::printf(
