@@ -129,12 +129,7 @@ double kernel_shape(long reps) {
 }  // namespace
 
 int main() {
-  Filler fill;
-  fill.bytes(g_weights, sizeof g_weights);
-  fill.bytes(g_x, sizeof g_x);
-  fill.floats(g_scales, sizeof g_scales / sizeof(float), 1e-3f);
-  fill.floats(g_dx, sizeof g_dx / sizeof(float), 1e-3f);
-  fill.floats(g_dxs, sizeof g_dxs / sizeof(float), 1e-3f);
+  fill_operands(g_weights, g_x, g_scales, g_dx, g_dxs);
   const double b = best_of(bare, 200000), fed = best_of(register_fed, 100000),
                shape = best_of(kernel_shape, 20000);
   std::printf(

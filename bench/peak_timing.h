@@ -39,3 +39,16 @@ struct Filler {
     for (size_t i = 0; i < n; i++) p[i] = size * (0.5f + static_cast<float>(next() & 0xFFFF) / 65536.0f);
   }
 };
+
+// A probe's arrays: weight and activation bytes, then scales, activation scales and their
+// sums near 1e-3 (small enough that no sum overflows over a probe's repetitions).
+template <class W, size_t NW, class X, size_t NX, size_t NS, size_t ND>
+void fill_operands(W (&weights)[NW], X (&x)[NX], float (&scales)[NS], float (&dx)[ND],
+                   float (&dxs)[ND]) {
+  Filler fill;
+  fill.bytes(weights, NW);
+  fill.bytes(x, NX);
+  fill.floats(scales, NS, 1e-3f);
+  fill.floats(dx, ND, 1e-3f);
+  fill.floats(dxs, ND, 1e-3f);
+}

@@ -93,12 +93,7 @@ double kernel_shape(long reps) {
 }  // namespace
 
 int main() {
-  Filler fill;
-  fill.bytes(g_weights, sizeof g_weights);
-  fill.bytes(g_x, sizeof g_x);
-  fill.floats(g_scales, sizeof g_scales / sizeof(float), 1e-3f);
-  fill.floats(g_dx, sizeof g_dx / sizeof(float), 1e-3f);
-  fill.floats(g_dxs, sizeof g_dxs / sizeof(float), 1e-3f);
+  fill_operands(g_weights, g_x, g_scales, g_dx, g_dxs);
   const double fed = best_of(register_fed, 200000), shape = best_of(kernel_shape, 200000);
   std::printf("{\"register_fed_g_per_s\": %.3f, \"kernel_shape_g_per_s\": %.3f}\n", fed, shape);
   return 0;
