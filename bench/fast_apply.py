@@ -87,8 +87,10 @@ def load_tasks(
     # fixes at multiples of step, open tasks half a step after them: never the same task
     step = max(1, len(rows) // max(fixes, prose_fixes, open_tasks, 1))
     tasks = []
-    fix_kinds = [("humanevalfix", "", FIX_PROMPT, fixes)]
-    fix_kinds.append(("humanevalfix, prose first", " (prose)", PROSE_FIX_PROMPT, prose_fixes))
+    fix_kinds = [
+        ("humanevalfix", "", FIX_PROMPT, fixes),
+        ("humanevalfix, prose first", " (prose)", PROSE_FIX_PROMPT, prose_fixes),
+    ]
     for group, suffix, template, count in fix_kinds:
         for row in rows[::step][:count]:
             code = row["declaration"] + row["buggy_solution"]
