@@ -42,8 +42,11 @@ def load_build(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(NATIVE, path, loader=loader)
     if spec is None:
         raise SystemExit(f"{path}: not a loadable extension")
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    try:
+        module = importlib.util.module_from_spec(spec)  # dlopen happens here
+        loader.exec_module(module)
+    except ImportError as error:
+        raise SystemExit(f"{path}: not a build of specserve's extension ({error})") from None
     return module
 
 
@@ -90,12 +93,13 @@ def time_pair(
 def compare(
     model: Any, builds: Sequence[ModuleType], rows: Sequence[int], repeats: int
 ) -> list[dict[str, Any]]:
+    """Both builds on every distinct matrix at each row count (the same activations)."""
+    matrices = distinct_matrices(model)
     torch.manual_seed(0)
-    widest = max(layer.in_features for _, layer, _ in distinct_matrices(model))
-    activations = torch.randn(max(rows), widest)
+    activations = torch.randn(max(rows), max(layer.in_features for _, layer, _ in matrices))
     results = []
     for m in rows:
-        for label, layer, count in distinct_matrices(model):
+        for label, layer, count in matrices:
             x = activations[:m, : layer.in_features].contiguous()
             a_ms, b_ms = time_pair(builds, layer, x, repeats)
             results.append({"rows": m, "matrix": label, "count": count, "a_ms": round(a_ms, 4),
@@ -104,6 +108,7 @@ def compare(
 
 
 def report(results: list[dict[str, Any]]) -> str:
+    """One markdown table per row count, with the forward's total."""
     lines = []
     for m in sorted({r["rows"] for r in results}):
         at = [r for r in results if r["rows"] == m]
@@ -119,12 +124,23 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def row_counts(text: str) -> list[int]:
+    """--rows: comma-separated positive integers."""
+    try:
+        rows = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of row counts: {text!r}") from None
+    if min(rows) < 1:
+        raise argparse.ArgumentTypeError("row counts are positive")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", type=Path, help="the first build (.so)")
     parser.add_argument("b", type=Path, help="the second build (.so)")
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--rows", default="1,8,16", help="comma-separated row counts")
+    parser.add_argument("--rows", type=row_counts, default="1,8,16", help="e.g. 1,8,16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=13, help="calls of each build per matrix")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
@@ -132,16 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.a, args.b):
         if not path.is_file():
             parser.error(f"{path}: no such file")
-    rows = [int(r) for r in args.rows.split(",")]
-    if not rows or min(rows) < 1:
-        parser.error("--rows takes positive row counts")
     from specserve.model.loader import load_model
 
     model = load_model(args.model, dtype="gguf", progress=False)
     builds = [load_build(args.a), load_build(args.b)]
     for build in builds:
         build.set_threads(args.threads)
-    results = compare(model, builds, rows, args.repeats)
+    results = compare(model, builds, args.rows, args.repeats)
     print(f"A = {args.a}\nB = {args.b}\n{args.model}, {args.threads} thread(s), "
           f"medians of {args.repeats} calls (ISA {builds[1].isa()})" + report(results))  # fmt: skip
     if args.out:
