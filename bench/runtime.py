@@ -16,7 +16,9 @@ llama.cpp (its own ``llama-bench``), taking turns model by model, on ``--threads
    ``ru_maxrss``; llama-bench's, as RUSAGE_CHILDREN of a worker whose only child it is.
 
 Then the issue's goals, met or not, and a torch.profiler summary of one specserve decode step
-of ``--profile-model``.
+of ``--profile-model``. Before each round and after the last, the machine's arithmetic and
+memory rates (``bench/machine_state.py``): a VM's arithmetic can slow far more than its
+memory from one day to the next, and the k-to-1 ratios move with it.
 
 llama.cpp is found in ``--llama-cpp-bin DIR`` or ``$LLAMA_CPP_BIN`` (else it is skipped). It
 is built from the source that the llama-cpp-python sdist vendors, outside the repository and
@@ -52,6 +54,7 @@ from typing import Any
 
 import torch
 
+from bench import machine_state
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -301,18 +304,28 @@ def run_worker(engine: str, model: str, s: Settings) -> dict[str, Any]:
     return result
 
 
-def measure(s: Settings) -> tuple[list[dict[str, dict[str, Any]]], str | None]:
+def measure(
+    s: Settings, states: list[dict[str, Any]]
+) -> tuple[list[dict[str, dict[str, Any]]], str | None]:
     """Every model on every engine, the engines taking turns model by model (in the other
-    order every second round): one results dict per round."""
+    order every second round): one results dict per round. The machine's state before each
+    round and after the last goes to ``states``."""
     skip = llama_skip_reason(s)
     if skip:
         print(skip, file=sys.stderr)
     engines = [e for e in ENGINES if not (skip and e == "llama.cpp")]
     rounds = []
     for r in range(s.rounds):
+        record_state(states, s.threads)
         order = engines if r % 2 == 0 else engines[::-1]
         rounds.append({m: {e: run_worker(e, m, s) for e in order} for m in s.models})
+    record_state(states, s.threads)
     return rounds, skip
+
+
+def record_state(states: list[dict[str, Any]], threads: int) -> None:
+    states.append(machine_state.probe(threads))
+    print(f"machine state {machine_state.describe(states[-1])}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- main
@@ -363,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
     s = settings_of(args)
     began = time.perf_counter()
-    rounds, skip = measure(s)
+    states: list[dict[str, Any]] = []
+    rounds, skip = measure(s, states)
     results = merge(rounds)
     for round_results in [results, *rounds]:
         vs_llama(round_results)
@@ -379,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "llama_cpp": peer.get("build", skip),
         "settings": asdict(s),
         "notes": notes(s, skip),
+        # before each round and after the last: a ratio goal moves with these (machine_state.py)
+        "machine_state": states,
         "goals": found,
         "results": results,
         "wall_seconds": round(time.perf_counter() - began, 1),

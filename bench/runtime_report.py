@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bench.common import fmt_number, markdown_table
+from bench.machine_state import describe
 
 if TYPE_CHECKING:
     from bench.runtime import Settings
@@ -97,6 +98,7 @@ def notes(s: Settings, skip: str | None) -> list[str]:
 def report(payload: dict[str, Any], s: Settings) -> str:
     """The markdown printed at the end: the table, how it was measured, goals, profile."""
     lines = [table(payload["results"], s), ""] + [f"- {n}" for n in payload["notes"]]
+    lines += [f"- machine state {describe(state)}" for state in payload.get("machine_state", [])]
     met = {True: "met", False: "NOT met"}
     for g in payload["goals"]:
         values = ["-" if v is None else f"{v:.2f}" for v in g.get("rounds", [])]
