@@ -305,27 +305,27 @@ def run_worker(engine: str, model: str, s: Settings) -> dict[str, Any]:
 
 
 def measure(
-    s: Settings, states: list[dict[str, Any]]
-) -> tuple[list[dict[str, dict[str, Any]]], str | None]:
+    s: Settings,
+) -> tuple[list[dict[str, dict[str, Any]]], str | None, list[dict[str, Any]]]:
     """Every model on every engine, the engines taking turns model by model (in the other
-    order every second round): one results dict per round. The machine's state before each
-    round and after the last goes to ``states``."""
+    order every second round): one results dict per round, why llama.cpp was skipped (or
+    None), and the machine's state before each round and after the last."""
     skip = llama_skip_reason(s)
     if skip:
         print(skip, file=sys.stderr)
     engines = [e for e in ENGINES if not (skip and e == "llama.cpp")]
-    rounds = []
+    rounds, states = [], [state_now(s.threads)]
     for r in range(s.rounds):
-        record_state(states, s.threads)
         order = engines if r % 2 == 0 else engines[::-1]
         rounds.append({m: {e: run_worker(e, m, s) for e in order} for m in s.models})
-    record_state(states, s.threads)
-    return rounds, skip
+        states.append(state_now(s.threads))
+    return rounds, skip, states
 
 
-def record_state(states: list[dict[str, Any]], threads: int) -> None:
-    states.append(machine_state.probe(threads))
-    print(f"machine state {machine_state.describe(states[-1])}", file=sys.stderr)
+def state_now(threads: int) -> dict[str, Any]:
+    state = machine_state.probe(threads)
+    print(f"machine state {machine_state.describe(state)}", file=sys.stderr)
+    return state
 
 
 # ----------------------------------------------------------------------------- main
@@ -376,8 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
     s = settings_of(args)
     began = time.perf_counter()
-    states: list[dict[str, Any]] = []
-    rounds, skip = measure(s, states)
+    rounds, skip, states = measure(s)
     results = merge(rounds)
     for round_results in [results, *rounds]:
         vs_llama(round_results)
