@@ -32,9 +32,7 @@ import argparse
 import difflib
 import json
 import os
-import subprocess
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +49,7 @@ from bench.common import (
     shared_dir,
     write_json,
 )
+from bench.llama_server import llama_complete, llama_server
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
 from specserve.model.catalog import resolve
@@ -73,7 +72,6 @@ PROSE_FIX_PROMPT = (
     "the complete fixed function in one ```python code block.\n\n```python\n{code}```"
 )
 OPEN_PROMPT = "Complete this Python function. Answer with the whole function only.\n\n{code}"
-LLAMA_PORT = 8089
 
 
 def load_tasks(
@@ -290,59 +288,6 @@ LLAMA_CONFIGS = {
 }
 
 
-def llama_server(binary: Path, args: list[str], threads: int) -> subprocess.Popen[bytes]:
-    cmd = [
-        str(binary / "llama-server"),
-        "-m",
-        str(resolve(TARGET)[0]),
-        "-t",
-        str(threads),
-        "-c",
-        "4096",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(LLAMA_PORT),
-        "-np",
-        "1",
-        *args,
-    ]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{LLAMA_PORT}/health", timeout=1):
-                return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {' '.join(cmd)}") from None
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("llama-server did not start")
-
-
-def llama_complete(
-    ids: list[int], max_tokens: int, cache_prompt: bool = False, **extra: Any
-) -> dict[str, Any]:
-    """llama-server's /completion, greedy, on token ids; ``cache_prompt``: reuse the slot's
-    common prefix with its last request; ``extra``: more body fields."""
-    body = {
-        "prompt": ids,
-        "n_predict": max_tokens,
-        "temperature": 0.0,
-        "top_k": 1,
-        "cache_prompt": cache_prompt,
-        "samplers": ["top_k"],
-        **extra,
-    }
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{LLAMA_PORT}/completion",
-        json.dumps(body).encode(),
-        {"content-type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
-
-
 def run_llama(
     binary: Path, tasks: list[dict[str, Any]], max_tokens: int, threads: int, cache: bool
 ) -> list[dict[str, Any]]:
@@ -351,7 +296,8 @@ def run_llama(
     rows = []
     draft = str(resolve(DRAFT)[0])
     for name, args in LLAMA_CONFIGS.items():
-        server = llama_server(binary, [a.replace("{draft}", draft) for a in args], threads)
+        args = [a.replace("{draft}", draft) for a in args]
+        server = llama_server(binary, resolve(TARGET)[0], args, threads)
         try:
             llama_complete(tasks[-1]["prompt_ids"], 8, cache)  # warm-up: first-request costs
             for task in tasks:

@@ -34,9 +34,10 @@ from typing import Any
 import jsonschema
 
 from bench.common import RESULTS_DIR, machine_info, markdown_table, set_threads, write_json
-from bench.fast_apply import llama_complete, llama_server
+from bench.llama_server import llama_complete, llama_server
 from specserve.deployments.rules import DrafterFlags, effective_drafter
 from specserve.engine.generate import generate
+from specserve.model.catalog import resolve
 from specserve.model.loader import Model, load_model
 from specserve.speculative.config import PLAIN, SpeculationConfig, speculation_for_drafter
 from specserve.speculative.grammar import TokenGrammar
@@ -122,7 +123,7 @@ def run_llama(
     binary: Path, target: Model, tasks: list[dict[str, Any]], max_tokens: int, threads: int
 ) -> list[dict[str, Any]]:
     rows = []
-    server = llama_server(binary, [], threads)
+    server = llama_server(binary, resolve(TARGET)[0], [], threads)
     try:
         llama_complete(target.tokenizer.encode("warm up"), 8)
         for task in tasks:
