@@ -296,8 +296,8 @@ def run_llama(
     rows = []
     draft = str(resolve(DRAFT)[0])
     for name, args in LLAMA_CONFIGS.items():
-        args = [a.replace("{draft}", draft) for a in args]
-        server = llama_server(binary, resolve(TARGET)[0], args, threads)
+        server_args = [a.replace("{draft}", draft) for a in args]
+        server = llama_server(binary, resolve(TARGET)[0], server_args, threads)
         try:
             llama_complete(tasks[-1]["prompt_ids"], 8, cache)  # warm-up: first-request costs
             for task in tasks:
