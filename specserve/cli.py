@@ -80,8 +80,15 @@ def speculation_from_flags(args: argparse.Namespace, target: Model) -> Speculati
     )
 
 
+DESCRIPTION = (
+    "A self-hosted LLM server with lossless speculative decoding (draft models, n-grams, "
+    "Predicted Outputs) behind an OpenAI-compatible API. `specserve serve` serves the "
+    "stored deployments; `specserve generate MODEL --prompt TEXT` tries a model once."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specserve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="specserve", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     add_serve_parser(sub)
