@@ -50,7 +50,7 @@ def serving_on_ray(
 
     saved = dict(os.environ)
     os.environ.update(env)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False)
     try:
         deploy(
             deployments,

@@ -278,6 +278,24 @@ def _free_ports(host: str, count: int, tries: int = 50) -> int:
     raise RaySetupError(f"found no {count} consecutive free ports on {host}")
 
 
+def token_hint() -> str:
+    """What to check when joining a cluster failed. Ray (2.60 here) turns token authentication
+    on for `ray start --head` wherever a token exists (``~/.ray/auth_token``, which any local
+    ``ray.init()`` writes), but a process given an explicit address sends its token only in
+    ``RAY_AUTH_MODE=token``: Ray's choice, so that a local token never goes to a cluster
+    nobody named. We keep it, and say what to set."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return (
+            "check that RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) holds "
+            "the cluster's token (`ray get-auth-token` on its head)"
+        )
+    return (
+        "if the cluster uses token authentication, run with RAY_AUTH_MODE=token and the "
+        "cluster's token (`ray get-auth-token` on its head) in RAY_AUTH_TOKEN or "
+        "~/.ray/auth_token"
+    )
+
+
 def connect(address: str | None, loopback: bool) -> bool:
     """Join the cluster at ``address``, or start a local one; True when we started it."""
     ray = import_ray()
@@ -287,10 +305,16 @@ def connect(address: str | None, loopback: bool) -> bool:
             ray.init(address=address, log_to_driver=False)
         except Exception as exc:  # ConnectionError, RuntimeError, ...: nothing was started
             ray.shutdown()
-            raise RaySetupError(f"cannot join the Ray cluster at {address}: {exc}") from None
+            raise RaySetupError(
+                f"cannot join the Ray cluster at {address}: {exc}; {token_hint()}"
+            ) from None
         return False
     # Ray binds to the host's interface address unless told otherwise; loopback stays local.
-    ray.init(_node_ip_address="127.0.0.1" if loopback else None, include_dashboard=False)
+    # "local": a new instance of our own, never the cluster in $RAY_ADDRESS or the one a past
+    # `ray start` recorded in /tmp/ray (which ray.init() would join, or wait minutes for if it
+    # is gone, and which `undeploy` would then shut Serve down on).
+    ip = "127.0.0.1" if loopback else None
+    ray.init(address="local", _node_ip_address=ip, include_dashboard=False)
     return True
 
 
