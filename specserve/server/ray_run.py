@@ -278,7 +278,7 @@ def _free_ports(host: str, count: int, tries: int = 50) -> int:
     raise RaySetupError(f"found no {count} consecutive free ports on {host}")
 
 
-def token_hint() -> str:
+def _token_hint() -> str:
     """What to check when joining a cluster failed. Ray (2.60 here) turns token authentication
     on for `ray start --head` wherever a token exists (``~/.ray/auth_token``, which any local
     ``ray.init()`` writes), but a process given an explicit address sends its token only in
@@ -306,7 +306,7 @@ def connect(address: str | None, loopback: bool) -> bool:
         except Exception as exc:  # ConnectionError, RuntimeError, ...: nothing was started
             ray.shutdown()
             raise RaySetupError(
-                f"cannot join the Ray cluster at {address}: {exc}; {token_hint()}"
+                f"cannot join the Ray cluster at {address}: {exc}; {_token_hint()}"
             ) from None
         return False
     # Ray binds to the host's interface address unless told otherwise; loopback stays local.
