@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from specserve.model.quant import GROUP_SIZE, Int4Groups
 
@@ -20,17 +21,41 @@ from specserve.model.quant import GROUP_SIZE, Int4Groups
 # batched, so a k-token verify forward equals k single-token steps bit for bit.
 MIN_GEMM_ROWS = 4
 
+# float32 GEMMs also sum in an order that changes with the row count above that, in the last
+# bits: attention scores over heads of 128 or 256 (Qwen, Gemma 3) from 6-12 rows on, dense
+# layers from 16 rows on (measured on an Intel Xeon VM, family 6 model 167). So float32
+# products run as calls of exactly this many rows, each from a fresh zero-padded buffer:
+# every row then goes through the same call, whatever else the forward carries.
+FLOAT32_CALL_ROWS = 16
+
 # innerKTiles of the int4 packing; the CPU kernel ignores it but the op requires it.
 _INNER_K_TILES = 2
 
 
 def matmul_rows_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` whose rows do not depend on how many rows ``a`` has (see MIN_GEMM_ROWS)."""
+    """``a @ b`` whose rows do not depend on how many rows ``a`` has, nor on what the other
+    rows hold (see MIN_GEMM_ROWS and FLOAT32_CALL_ROWS). Leading dimensions broadcast."""
     rows = a.shape[-2]
-    if rows >= MIN_GEMM_ROWS:
-        return a @ b
-    pad = a.new_zeros(*a.shape[:-2], MIN_GEMM_ROWS - rows, a.shape[-1])
-    return (torch.cat([a, pad], dim=-2) @ b)[..., :rows, :]
+    if a.dtype != torch.float32:
+        return a @ b if rows >= MIN_GEMM_ROWS else _padded_call(a, b, MIN_GEMM_ROWS)
+    if rows <= FLOAT32_CALL_ROWS:
+        return _padded_call(a, b, FLOAT32_CALL_ROWS)
+    # Separate calls: one batched call over the row blocks would be folded back into one
+    # GEMM over all the rows (b is shared), which is the product this avoids.
+    calls = range(0, rows, FLOAT32_CALL_ROWS)
+    parts = [
+        _padded_call(a[..., s : s + FLOAT32_CALL_ROWS, :], b, FLOAT32_CALL_ROWS) for s in calls
+    ]
+    return torch.cat(parts, dim=-2)
+
+
+def _padded_call(a: torch.Tensor, b: torch.Tensor, call_rows: int) -> torch.Tensor:
+    """``a @ b`` computed as one product of ``call_rows`` rows, ``a``'s rows copied into a
+    fresh buffer (same layout and alignment in every call) with zeros below them."""
+    rows = a.shape[-2]
+    block = F.pad(a, (0, 0, 0, call_rows - rows)).contiguous()  # same layout in every call
+    out = block @ b
+    return out if rows == call_rows else out[..., :rows, :]
 
 
 class DenseLinear(torch.nn.Module):
