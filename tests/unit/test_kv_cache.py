@@ -37,14 +37,23 @@ def test_rollback_then_reforward_gives_identical_logits(tiny_model: Model) -> No
     assert torch.equal(first, again)
 
 
-@pytest.fixture(scope="module")
-def q4_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# Heads of 128 and 256 in groups of 4: shapes where a float32 GEMM's summation order changed
+# with the row count (attention scores, 4 x T rows) before matmul_rows_exact split it. The
+# Gemma 3 model runs its layers in PyTorch in every format, with a sliding window of 8 that
+# the verify windows cross.
+_TINY_Q4 = {
+    "llama": TinySpec(linear_type=Q.Q4_0, hidden=512, heads=4, kv_heads=1, head_dim=128),
+    "gemma3": TinySpec(
+        architecture="gemma3", linear_type=Q.Q4_0, heads=4, kv_heads=1, head_dim=256
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(_TINY_Q4))
+def q4_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model stored in 4-bit groups, so every execution format can load it."""
-    path = tmp_path_factory.mktemp("q4") / "tiny-q4_0.gguf"
-    # Heads of 128 in groups of 4: the shape where a float32 GEMM's summation order changed
-    # with the row count (attention scores, 4 x T rows) before matmul_rows_exact split it.
-    spec = TinySpec(linear_type=Q.Q4_0, hidden=512, heads=4, kv_heads=1, head_dim=128)
-    return write_tiny_gguf(path, spec)
+    path = tmp_path_factory.mktemp("q4") / f"tiny-{request.param}-q4_0.gguf"
+    return write_tiny_gguf(path, _TINY_Q4[request.param])
 
 
 def _load_or_skip(path: Path, fmt: str) -> Model:
