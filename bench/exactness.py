@@ -26,7 +26,7 @@ MODELS = (
     "qwen2.5-coder-1.5b-instruct",
     "qwen2.5-coder-0.5b-instruct",
     "smollm2-135m-instruct",
-    "gemma-3-270m",  # its layers run in PyTorch around the native matmuls
+    "gemma-3-270m",  # head norms, tanh-GELU, sliding windows
 )
 
 

@@ -97,11 +97,10 @@ class Block(torch.nn.Module):
 
     def native_plan(self) -> tuple | None:
         """The layer's arguments for ``_native.layer_forward`` (one call per layer), or None
-        where the layer needs what only the PyTorch path has (Gemma's extra norms, GELU,
-        sliding windows) or a projection is not packed."""
+        where a projection is not packed or a shape is not one the native layer takes."""
         cfg = self.config
         linears = (self.qkv, self.attn_output, self.gate_up, self.ffn_down)
-        if self.gemma or cfg.activation != "silu" or self.sliding:
+        if cfg.activation not in ("silu", "gelu_tanh"):
             return None
         packed = [m for m in linears if isinstance(m, PackedLinear)]
         if len(packed) != 4 or any(m.out_features != m.padded for m in packed):
@@ -112,9 +111,13 @@ class Block(torch.nn.Module):
         dims = (
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         )  # fmt: skip
+        gemma_norms = ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")
         norms = tuple(getattr(self, name).data_ptr() for name in ("attn_norm", "ffn_norm"))
-        weights = (*norms, 0 if bias is None else bias.data_ptr())
-        return dims, weights, tuple(m.spec for m in packed)
+        extra = tuple(getattr(self, n).data_ptr() if self.gemma else 0 for n in gemma_norms)
+        weights = (*norms, 0 if bias is None else bias.data_ptr(), *extra)
+        window = cfg.sliding_window if self.sliding else 0
+        options = (window or 0, int(cfg.activation == "gelu_tanh"))
+        return dims, weights, tuple(m.spec for m in packed), options
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         weight: torch.Tensor = getattr(self, name)
@@ -320,12 +323,14 @@ class CausalLM(torch.nn.Module):
         native = native_module()
         keys, values = cache.keys, cache.values
         tables = (self.cos.data_ptr(), self.sin.data_ptr())
-        for layer, (dims, weights, parts) in enumerate(plans):
+        local = (self.cos_local.data_ptr(), self.sin_local.data_ptr())  # Gemma's window layers
+        for layer, (dims, weights, parts, options) in enumerate(plans):
             scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
             kv = (keys[layer].data_ptr(), values[layer].data_ptr())
+            rope = local if options[0] else tables
             native.layer_forward(
                 rows.data_ptr(), rows.shape[0], slots.data_ptr(), positions.data_ptr(),
-                (*dims, *scalars, *weights, *tables, *kv), parts,
+                (*dims, *scalars, *weights, *rope, *kv, *options), parts,
             )  # fmt: skip
 
     @torch.inference_mode()

@@ -195,10 +195,10 @@ def test_k_token_forward_matches_single_steps_on_smollm2(smollm2: Model) -> None
 
 @pytest.mark.slow
 def test_k_token_forward_matches_single_steps_on_gemma3() -> None:
-    """The same on Gemma 3 270M, whose layers run in PyTorch around the native matmuls:
-    attention over heads of 256 in float32 GEMMs, which summed 12 or more rows in another
-    order than 4 (the verify forwards of 3 or more tokens differed, up to 1.0 in a logit)
-    until matmul_rows_exact made every row one fixed call."""
+    """The same on Gemma 3 270M (heads of 256, sliding windows, native layers). When its
+    layers ran in PyTorch, attention's float32 GEMMs summed 12 or more rows in another order
+    than 4, and verify forwards of 3 or more tokens differed, up to 1.0 in a logit; the
+    PyTorch formats keep that fix (matmul_rows_exact), tested on tiny models above."""
     model = load_model("gemma-3-270m", progress=False)
     identical, _, total = _k_token_forwards_against_single_steps(model, 3)
     assert identical == total

@@ -1,5 +1,7 @@
-// One decoder layer of the Llama family (Llama, SmolLM2, Qwen2) in one native call:
+// One decoder layer of the Llama family (Llama, SmolLM2, Qwen2) and Gemma 3 in one native call:
 //   x += o_proj(attention(rope(qkv(rmsnorm(x)))));  x += down(silu(gate) * up)
+// Gemma 3 adds a norm on each query and key head, norms on both outputs, tanh-GELU, and a
+// sliding window on most layers.
 // Python's ~30 small ops per layer cost more than the matmuls on small models; here they
 // are loops over rows. Every row (one token of one sequence) goes through the same
 // operations in the same order whatever the batch: attention reads keys 0..position one by
@@ -52,6 +54,11 @@ struct Layer {
   int64_t c, heads, kv_heads, d, ffn, max_len;
   float eps, scale;
   const float *attn_norm, *ffn_norm, *qkv_bias, *cos, *sin;
+  // Gemma 3's extra norms (null elsewhere): each query and key head before RoPE, and the
+  // attention's and the MLP's outputs before they join the residual stream.
+  const float *q_norm, *k_norm, *post_attn_norm, *post_ffw_norm;
+  int64_t window;  // 0: a query sees every key before it; else only the last `window`
+  int64_t gelu;    // the MLP's activation: 0 SiLU, 1 tanh-GELU (Gemma)
   float *keys, *values;
   std::vector<PackedWeights> qkv, o, gate_up, down;
 };
@@ -84,17 +91,24 @@ namespace {
 
 bool parse_layer(PyObject* args, Layer* L, long long* x, long long* m, long long* slot,
                  long long* pos) {
-  long long an, fn, bias, cos, sin, keys, values;
+  long long an, fn, bias, qn, kn, pan, pfn, cos, sin, keys, values, window, gelu;
   PyObject *qkv, *o, *gate_up, *down;
-  if (!PyArg_ParseTuple(args, "LLLL(LLLLLLffLLLLLLL)(O!O!O!O!)", x, m, slot, pos, &L->c,
+  if (!PyArg_ParseTuple(args, "LLLL(LLLLLLffLLLLLLLLLLLLL)(O!O!O!O!)", x, m, slot, pos, &L->c,
                         &L->heads, &L->kv_heads, &L->d, &L->ffn, &L->max_len, &L->eps,
-                        &L->scale, &an, &fn, &bias, &cos, &sin, &keys, &values, &PyTuple_Type,
-                        &qkv, &PyTuple_Type, &o, &PyTuple_Type, &gate_up, &PyTuple_Type, &down))
+                        &L->scale, &an, &fn, &bias, &qn, &kn, &pan, &pfn, &cos, &sin, &keys,
+                        &values, &window, &gelu, &PyTuple_Type, &qkv, &PyTuple_Type, &o,
+                        &PyTuple_Type, &gate_up, &PyTuple_Type, &down))
     return false;
   auto f = [](long long p) { return reinterpret_cast<float*>(p); };
   L->attn_norm = f(an);
   L->ffn_norm = f(fn);
   L->qkv_bias = f(bias);
+  L->q_norm = f(qn);
+  L->k_norm = f(kn);
+  L->post_attn_norm = f(pan);
+  L->post_ffw_norm = f(pfn);
+  L->window = window;
+  L->gelu = gelu;
   L->cos = f(cos);
   L->sin = f(sin);
   L->keys = f(keys);
@@ -110,7 +124,8 @@ bool parse_layer(PyObject* args, Layer* L, long long* x, long long* m, long long
 }  // namespace
 }  // namespace specserve
 
-// layer_forward(x_ptr, M, slot_ptr, pos_ptr, (dims..., pointers...), (qkv, o, gate_up, down))
+// layer_forward(x_ptr, M, slot_ptr, pos_ptr, (dims, scalars, pointers, window, gelu),
+//               (qkv, o, gate_up, down))
 // updates the residual stream x [M, C] in place and writes the layer's KV cache.
 PyObject* py_layer_forward(PyObject*, PyObject* args) {
   specserve::Layer layer;
