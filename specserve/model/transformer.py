@@ -327,7 +327,7 @@ class CausalLM(torch.nn.Module):
         for layer, (dims, weights, parts, options) in enumerate(plans):
             scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
             kv = (keys[layer].data_ptr(), values[layer].data_ptr())
-            rope = local if options[0] else tables
+            rope = local if options[0] else tables  # a window: one of Gemma's local layers
             native.layer_forward(
                 rows.data_ptr(), rows.shape[0], slots.data_ptr(), positions.data_ptr(),
                 (*dims, *scalars, *weights, *rope, *kv, *options), parts,
