@@ -39,8 +39,8 @@ def test_rollback_then_reforward_gives_identical_logits(tiny_model: Model) -> No
 
 # Heads of 128 and 256 in groups of 4: shapes where a float32 GEMM's summation order changed
 # with the row count (attention scores, 4 x T rows) before matmul_rows_exact split it. The
-# Gemma 3 model runs its layers in PyTorch in every format, with a sliding window of 8 that
-# the verify windows cross.
+# Gemma 3 model (native layers in gguf, PyTorch ones in the other formats) has a sliding
+# window of 8 that the verify windows cross.
 _TINY_Q4 = {
     "llama": TinySpec(linear_type=Q.Q4_0, hidden=512, heads=4, kv_heads=1, head_dim=128),
     "gemma3": TinySpec(
@@ -64,17 +64,13 @@ def _load_or_skip(path: Path, fmt: str) -> Model:
         pytest.skip(f"format {fmt} cannot run the tiny 4-bit model here: {exc}")
 
 
-def _formats() -> list[str]:
-    return list(FORMATS)
-
-
 def _poison(cache: KVCache, slot: int, start: int, length: int) -> None:
     """NaN in the positions a forward must write: if it failed to, attention would read NaN."""
     cache.keys[:, slot, :, start : start + length] = float("nan")
     cache.values[:, slot, :, start : start + length] = float("nan")
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_batch_of_different_lengths_equals_each_alone(q4_gguf: Path, fmt: str) -> None:
     """Rows of one forward, from sequences of different lengths, are bit-identical to each
     sequence run alone, in every execution format the loader offers (a new kernel too)."""
@@ -96,7 +92,7 @@ def test_batch_of_different_lengths_equals_each_alone(q4_gguf: Path, fmt: str) -
         assert torch.equal(together[b], alone[b]), (fmt, b)
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_packed_rows_equal_each_alone(q4_gguf: Path, fmt: str) -> None:
     """A packed forward (rows of 5, 1 and 3 real tokens, no padding computed where the
     runtime allows) returns each row's real positions, bit-identical to the row alone; the
@@ -128,7 +124,7 @@ def test_packed_rows_equal_each_alone(q4_gguf: Path, fmt: str) -> None:
         model.lm(ForwardBatch(rows, [2, 0, 3], [30, 30, 30], [5, 0, 3]), cache)
 
 
-@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_k_token_forward_matches_single_steps_on_tiny(q4_gguf: Path, fmt: str) -> None:
     """A k-token forward on a cache whose k positions hold NaN (it must write them itself)
     gives bit-identical logits to k single steps, in every execution format."""
