@@ -115,8 +115,8 @@ class Block(torch.nn.Module):
         norms = tuple(getattr(self, name).data_ptr() for name in ("attn_norm", "ffn_norm"))
         extra = tuple(getattr(self, n).data_ptr() if self.gemma else 0 for n in gemma_norms)
         weights = (*norms, 0 if bias is None else bias.data_ptr(), *extra)
-        window = cfg.sliding_window if self.sliding else 0
-        options = (window or 0, int(cfg.activation == "gelu_tanh"))
+        window = (cfg.sliding_window or 0) if self.sliding else 0
+        options = (window, int(cfg.activation == "gelu_tanh"))
         return dims, weights, tuple(m.spec for m in packed), options
 
     def norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -324,10 +324,11 @@ class CausalLM(torch.nn.Module):
         keys, values = cache.keys, cache.values
         tables = (self.cos.data_ptr(), self.sin.data_ptr())
         local = (self.cos_local.data_ptr(), self.sin_local.data_ptr())  # Gemma's window layers
-        for layer, (dims, weights, parts, options) in enumerate(plans):
+        layers = zip(self.blocks, plans, strict=True)
+        for layer, (block, (dims, weights, parts, options)) in enumerate(layers):
             scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
             kv = (keys[layer].data_ptr(), values[layer].data_ptr())
-            rope = local if options[0] else tables  # a window: one of Gemma's local layers
+            rope = local if block.sliding else tables  # as the PyTorch layers choose
             native.layer_forward(
                 rows.data_ptr(), rows.shape[0], slots.data_ptr(), positions.data_ptr(),
                 (*dims, *scalars, *weights, *rope, *kv, *options), parts,

@@ -54,8 +54,9 @@ struct Layer {
   int64_t c, heads, kv_heads, d, ffn, max_len;
   float eps, scale;
   const float *attn_norm, *ffn_norm, *qkv_bias, *cos, *sin;
-  // Gemma 3's extra norms (null elsewhere): each query and key head before RoPE, and the
-  // attention's and the MLP's outputs before they join the residual stream.
+  // Gemma 3's extra norms (null elsewhere; q_norm and k_norm come together): each query and
+  // key head before RoPE, and the attention's and the MLP's outputs before they join the
+  // residual stream.
   const float *q_norm, *k_norm, *post_attn_norm, *post_ffw_norm;
   int64_t window;  // 0: a query sees every key before it; else only the last `window`
   int64_t gelu;    // the MLP's activation: 0 SiLU, 1 tanh-GELU (Gemma)
