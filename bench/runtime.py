@@ -7,7 +7,10 @@ llama.cpp (its own ``llama-bench``), taking turns model by model, on ``--threads
 
 1. decode tok/s: greedy, 128 new tokens one step at a time after a short prompt (llama-bench
    ``tg128``; specserve computes the logits of every fed position, as its decode step does);
-2. prefill tok/s: one forward over a 512-token prompt at position 0 (``pp512``);
+2. prefill tok/s: one forward over a 512-token prompt at position 0 (``pp512``), with the
+   logits of its last position only, as the engine's prefill and llama-bench's ``pp``
+   compute (the logits of every position would add 512 rows of LM head: 2.5x the time on
+   Gemma 3's 262,144-token vocabulary);
 3. the cost of one forward over k = 1, 2, 4, 8, 16, 32 new tokens, in ms and as a ratio to
    k = 1. specserve: after a 512-token context, logits of all k positions (what a verify
    needs). llama.cpp: ``llama-bench -p 1,2,...,32 -n 0``, i.e. at position 0 (``-d``, the
@@ -163,7 +166,7 @@ def specserve_decode(fwd: Forwards, s: Settings) -> dict[str, Any]:
 
 def specserve_prefill(fwd: Forwards, ids: list[int], s: Settings) -> dict[str, Any]:
     fwd.reset(len(ids))  # the cache is position-indexed: each call rewrites the same cells
-    stats = time_call(partial(fwd, ids, 0, False), s.repeats, s.warmup)
+    stats = time_call(partial(fwd, ids, 0, 1), s.repeats, s.warmup)
     return {"tokens": len(ids), **speed(stats, len(ids))}
 
 

@@ -14,13 +14,16 @@ packing code gets a new file, never a stale layout. A cache file that cannot be 
 short, not safetensors, a tensor of the wrong shape) is deleted and the weights packed
 again; one that cannot be written (disk full, read-only directory) is skipped with a
 warning. Either way the model loads. ``SPECSERVE_PACKED_CACHE=0`` turns the cache off.
+
+Each file records the GGUF file it was packed from. Writing one deletes the caches that can
+no longer be used: the older ones of the same GGUF file, those whose GGUF file is gone (a
+removed virtual environment or download) and those of an older cache format.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import hashlib
 import json
 import logging
@@ -41,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPECSERVE_PACKED_CACHE"  # "0" (or "off", "false", "no"): never read nor write
 CACHE_MIN_BYTES = 64 << 20  # smaller GGUF files pack in about a second: not worth the disk
-FORMAT = "specserve-packed-1"  # the cache file's own format, in its metadata
+FORMAT = "specserve-packed-2"  # the cache file's own format, in its metadata (2: "source")
 
 
 def enabled() -> bool:
@@ -82,8 +85,9 @@ class PackedCache:
     """The packed tensors of one GGUF file: those found in its cache file (`get`), and
     those packed during this load (`put`), written by `save` when any were."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, source: Path) -> None:
         self.path = path
+        self.source = source.resolve()  # the GGUF file
         self._found: dict[str, Packed] | None = None  # read at the first `get`
         self._packed: dict[str, Packed] = {}
 
@@ -101,7 +105,7 @@ class PackedCache:
     @classmethod
     def for_gguf(cls, gguf: Path) -> PackedCache | None:
         path = cache_path(gguf)
-        return cls(path) if path is not None else None
+        return cls(path, gguf) if path is not None else None
 
     def get(self, name: str) -> Packed | None:
         if self._found is None:
@@ -119,20 +123,28 @@ class PackedCache:
         everything = {**(self._found or {}), **self._packed}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write(self.path, everything)
+            _write(self.path, everything, self.source)
         except OSError as exc:
             logger.warning("cannot write the packed-weights cache %s (%s)", self.path, exc)
             return
-        prefix = self.path.name.rsplit("-", 1)[0] + "-"
-        for old in self.path.parent.glob(f"{glob.escape(prefix)}*.safetensors"):
-            if old != self.path:
-                with contextlib.suppress(OSError):
-                    old.unlink()
         size = self.path.stat().st_size / 2**20
         logger.info("packed weights cached in %s (%.0f MiB)", self.path, size)
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Delete the other cache files that no load can use any more: those of this GGUF
+        file, of a GGUF file that is gone, or of another format (none recorded)."""
+        for other in self.path.parent.glob("*.safetensors"):
+            if other == self.path:
+                continue
+            source = _recorded_source(other)
+            if source is None or source == str(self.source) or not Path(source).exists():
+                logger.info("removing the stale packed-weights cache %s", other)
+                with contextlib.suppress(OSError):
+                    other.unlink()
 
 
-def _write(path: Path, tensors: dict[str, Packed]) -> None:
+def _write(path: Path, tensors: dict[str, Packed], source: Path) -> None:
     arrays: dict[str, np.ndarray] = {}
     layout: dict[str, list[int]] = {}
     for name, p in tensors.items():
@@ -141,7 +153,7 @@ def _write(path: Path, tensors: dict[str, Packed]) -> None:
         arrays[f"{name}.s"] = np.ascontiguousarray(p.s)
         if p.d.size:
             arrays[f"{name}.d"] = np.ascontiguousarray(p.d)
-    metadata = {"format": FORMAT, "layout": json.dumps(layout)}
+    metadata = {"format": FORMAT, "layout": json.dumps(layout), "source": str(source)}
     fd, temp = tempfile.mkstemp(prefix=".packing-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -151,6 +163,17 @@ def _write(path: Path, tensors: dict[str, Packed]) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+
+
+def _recorded_source(path: Path) -> str | None:
+    """The GGUF path a cache file of this format records, or None (another format, or not
+    readable as a cache file at all)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # safetensors' errors have no common base
+        return None
+    return metadata.get("source") if metadata.get("format") == FORMAT else None
 
 
 def _read(path: Path) -> dict[str, Packed]:

@@ -124,6 +124,20 @@ def test_a_changed_model_gets_a_new_cache_and_the_old_one_goes(
     assert [p.name for p in cached.glob("*.safetensors")] == [after.name]  # type: ignore[union-attr]
 
 
+def test_a_new_cache_removes_those_no_load_can_use(tmp_path: Path, cached: Path) -> None:
+    kept = write_tiny_gguf(tmp_path / "kept.gguf", TinySpec(linear_type=Q.Q4_K))
+    gone = write_tiny_gguf(tmp_path / "gone.gguf", TinySpec(linear_type=Q.Q8_0))
+    _logits(kept), _logits(gone)
+    assert len(list(cached.glob("*.safetensors"))) == 2  # both GGUF files still there
+    gone.unlink()
+    older = cached / "older-0123abcd-0123456789abcdef.safetensors"  # format 1: no source
+    save_file({"x": np.zeros(4, np.uint8)}, older, metadata={"format": "specserve-packed-1"})
+    third = write_tiny_gguf(tmp_path / "third.gguf", TinySpec(linear_type=Q.Q6_K))
+    _logits(third)
+    left = sorted(p.name for p in cached.glob("*.safetensors"))
+    assert left == sorted(packed_cache.cache_path(p).name for p in (kept, third))  # type: ignore[union-attr]
+
+
 def test_an_unwritable_cache_directory_only_warns(
     tmp_path: Path, cached: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
