@@ -324,9 +324,9 @@ class CausalLM(torch.nn.Module):
         keys, values = cache.keys, cache.values
         tables = (self.cos.data_ptr(), self.sin.data_ptr())
         local = (self.cos_local.data_ptr(), self.sin_local.data_ptr())  # Gemma's window layers
+        scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
         layers = zip(self.blocks, plans, strict=True)
         for layer, (block, (dims, weights, parts, options)) in enumerate(layers):
-            scalars = (cache.max_len, cfg.rms_norm_eps, cfg.attention_scale)
             kv = (keys[layer].data_ptr(), values[layer].data_ptr())
             rope = local if block.sliding else tables  # as the PyTorch layers choose
             native.layer_forward(
