@@ -7,6 +7,7 @@
 // operations in the same order whatever the batch: attention reads keys 0..position one by
 // one, so a k-token verify equals k single steps bit for bit, and batched rows equal each
 // alone.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
