@@ -123,12 +123,20 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 
 def context_ids(tokenizer: Any, length: int) -> list[int]:
     """Real text for the prefill and k-forwards: the first Spec-Bench prompt (file order)
-    with ``length`` tokens, as chat-template ids of the model's own tokenizer."""
-    for prompt in load_spec_bench():
-        ids = tokenizer.encode_chat([{"role": "user", "content": prompt.text}])
+    with ``length`` tokens, as chat-template ids of the model's own tokenizer. Longer than
+    any one prompt (``--prompt-tokens 2048``), one message of the prompts in file order,
+    a blank line apart."""
+    texts = [prompt.text for prompt in load_spec_bench()]
+    for text in texts:
+        ids = tokenizer.encode_chat([{"role": "user", "content": text}])
         if len(ids) >= length:
             return ids[:length]
-    raise ValueError(f"no Spec-Bench prompt has {length} tokens")
+    for count in range(2, len(texts) + 1):
+        joined = "\n\n".join(texts[:count])
+        ids = tokenizer.encode_chat([{"role": "user", "content": joined}])
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError(f"the Spec-Bench prompts together have fewer than {length} tokens")
 
 
 class Forwards:
