@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from specserve.model.catalog import DEFAULT_MODEL
 from specserve.model.loader import DTYPE_CHOICES, set_compute_threads
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve every deployment over an OpenAI-compatible HTTP API",
         description="Serve deployments over HTTP (OpenAI API). With no deployment stored, "
-        "the default one (smollm2-135m-instruct with its default drafter) is created.",
+        f"the default one ({DEFAULT_MODEL} with its default drafter) is created; "
+        "`make run` creates and serves the coder model's instead.",
     )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
