@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +39,17 @@ NATIVE = "specserve.model._native"
 
 
 def load_build(path: Path) -> ModuleType:
-    """One build of the extension as a module of its own (its own globals and pool)."""
-    loader = importlib.machinery.ExtensionFileLoader(NATIVE, str(path))
-    spec = importlib.util.spec_from_file_location(NATIVE, path, loader=loader)
+    """One build of the extension as a module of its own (its own globals and pool).
+
+    It is loaded from a private copy: given the path of a build this process has already
+    imported (``specserve/model/_native*.so`` once a model is loaded), Python hands back
+    the imported module for both builds, and the two "builds" compared are one."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    copy = Path(tempfile.mkdtemp(prefix="specserve-build-")) / path.name
+    shutil.copyfile(path, copy)
+    loader = importlib.machinery.ExtensionFileLoader(NATIVE, str(copy))
+    spec = importlib.util.spec_from_file_location(NATIVE, copy, loader=loader)
     if spec is None:
         raise SystemExit(f"{path}: not a loadable extension")
     try:
@@ -47,6 +57,8 @@ def load_build(path: Path) -> ModuleType:
         loader.exec_module(module)
     except ImportError as error:
         raise SystemExit(f"{path}: not a build of specserve's extension ({error})") from None
+    finally:
+        shutil.rmtree(copy.parent)  # the mapping outlives the file
     return module
 
 
