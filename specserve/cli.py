@@ -152,10 +152,19 @@ def _prompt_and_prediction(
     return prompt_ids, prediction
 
 
+def _format_label(model: Model) -> str:
+    """The weights' format, and for gguf the kernel path that runs it (``gguf, avx2``)."""
+    if model.fmt != "gguf":
+        return model.fmt
+    from specserve.model.qlinear import kernel_path
+
+    return f"gguf, {kernel_path()} kernels"
+
+
 def _print_generation_stats(model: Model, result: GenerationResult) -> None:
     """Speed and speculation statistics of one generation, on stderr."""
     print(
-        f"[{model.name} {model.fmt}] prompt {result.prompt_tokens} tokens, "
+        f"[{model.name} {_format_label(model)}] prompt {result.prompt_tokens} tokens, "
         f"generated {len(result.token_ids)} ({result.finish_reason}), "
         f"time to first token {result.time_to_first_token * 1000:.0f} ms, "
         f"decode {result.decode_tokens_per_second:.1f} tok/s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,19 @@ from specserve.model.builder import FORMATS, build_model
 from specserve.model.catalog import CatalogEntry, resolve
 from specserve.model.errors import ModelLoadError
 from specserve.model.packing import PACKED_TYPES
-from specserve.model.qlinear import native_available, native_module, set_threads
+from specserve.model.qlinear import (
+    ISA_ENV,
+    kernel_path,
+    native_available,
+    native_module,
+    native_threads,
+    set_threads,
+)
 from specserve.model.tokenizer import Tokenizer
 from specserve.model.transformer import CausalLM
 from specserve.model.weights import GGUFSource, WeightSource, open_weights
+
+log = logging.getLogger(__name__)
 
 # "auto" picks the format measured fastest here (bench/runtime.py): the native kernels on
 # the GGUF blocks on CPU where they were built (else PyTorch's int4 kernel), bfloat16 on
@@ -104,6 +114,18 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _report_kernel_path(path: Path) -> None:
+    """Which kernel path the gguf format runs on, and a warning when it is the portable one
+    on its own accord: several times slower than the vector paths (docs/runtime.md)."""
+    isa = kernel_path()
+    log.info("%s: native kernels, %s path, %d threads", path.name, isa, native_threads())
+    if isa == "generic" and not os.environ.get(ISA_ENV):
+        log.warning(
+            "this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C: the portable C++ "
+            "kernels run, several times slower than on a CPU with AVX2"
+        )
+
+
 def load_model(
     name_or_path: str,
     dtype: str = AUTO,
@@ -129,6 +151,7 @@ def load_model(
     source.finished()
     if fmt == "gguf":
         use_native_threads()
+        _report_kernel_path(path)
     _release_freed_memory()
     name = entry.name if entry else path.name
     return Model(name=name, path=path, lm=lm, tokenizer=tokenizer, fmt=fmt, entry=entry)

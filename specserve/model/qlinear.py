@@ -26,8 +26,22 @@ except ImportError:  # not compiled on this machine: the PyTorch formats still w
 
 # Force a slower kernel path (avx2 or generic), as a machine without AVX-512 would run it.
 ISA_ENV = "SPECSERVE_NATIVE_ISA"
-if _native is not None and os.environ.get(ISA_ENV):
-    _native.set_isa(os.environ[ISA_ENV])
+_isa_env_applied = False
+
+
+def _apply_isa_env(native: ModuleType) -> None:
+    """``$SPECSERVE_NATIVE_ISA``, applied when the kernels are first asked for: a value this
+    CPU cannot run is a clear error for the command that needs the kernels, not a traceback
+    at import for every command."""
+    global _isa_env_applied
+    value = os.environ.get(ISA_ENV, "")
+    if value:
+        try:
+            native.set_isa(value)
+        except ValueError as exc:
+            runs = ", ".join(native.supported_isas())
+            raise ValueError(f"{ISA_ENV}={value}: {exc}; this CPU runs: {runs}") from None
+    _isa_env_applied = True
 
 
 def native_available() -> bool:
@@ -40,7 +54,15 @@ def native_module() -> ModuleType:
             "the native kernels were not built on this machine; reinstall the package with a "
             "C++ compiler present (`pip install -e .`), or choose --dtype int4 / bfloat16"
         )
+    if not _isa_env_applied:
+        _apply_isa_env(_native)
     return _native
+
+
+def kernel_path() -> str:
+    """The native kernels' path on this CPU (``avx512``, ``avx2`` or ``generic``), as the
+    logs and ``generate``'s statistics name it."""
+    return str(native_module().isa())
 
 
 def set_threads(threads: int) -> None:

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from specserve.model import packing
+from specserve import cli
+from specserve.model import packing, qlinear
 from specserve.model.errors import ModelLoadError
 from specserve.model.loader import Model, load_model
 from specserve.model.qlinear import PackedLinear, native_available, native_module
@@ -286,6 +290,43 @@ def test_a_type_without_kernel_is_named_or_avoided(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"tiny-q5_1\.gguf: tensor .* Q5_1, which has no"):
         load_model(str(path), dtype="gguf", progress=False)
     assert load_model(str(path), progress=False).fmt == "int4"
+
+
+def test_a_forced_isa_path_is_taken_or_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch, each_isa: list[str]
+) -> None:
+    """$SPECSERVE_NATIVE_ISA: a path this CPU runs is taken; any other is an error that names
+    the variable and the paths this CPU runs, raised when the kernels are asked for."""
+    native = native_module()
+    monkeypatch.setenv(qlinear.ISA_ENV, "generic")
+    qlinear._apply_isa_env(native)
+    assert qlinear.kernel_path() == "generic"
+    monkeypatch.setenv(qlinear.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match=r"SPECSERVE_NATIVE_ISA=sse9: .*this CPU runs: generic"):
+        qlinear._apply_isa_env(native)
+
+
+def test_a_bad_forced_isa_path_fails_only_the_commands_that_need_kernels(tmp_path: Path) -> None:
+    """A value set once broke every command with a traceback at import; now `models` runs and
+    `generate` on a GGUF says what is wrong, as an error (exit 2)."""
+    path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", TinySpec(linear_type=Q.Q4_0))
+    env = {**os.environ, qlinear.ISA_ENV: "sse9"}
+    listing = subprocess.run([sys.executable, "-m", "specserve", "models"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert listing.returncode == 0, listing.stderr
+    command = [sys.executable, "-m", "specserve", "generate", str(path), "--prompt", "x",
+               "--max-tokens", "2", "--dtype", "gguf"]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "specserve: error: SPECSERVE_NATIVE_ISA=sse9" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_generate_names_the_kernel_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", TinySpec(linear_type=Q.Q4_0))
+    argv = ["generate", str(path), "--prompt", "x", "--max-tokens", "2", "--dtype", "gguf"]
+    assert cli.main(argv) == 0
+    assert f"gguf, {native_module().isa()} kernels]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("shape", HEAD_SHAPES, ids=HEAD_SHAPE_IDS)
