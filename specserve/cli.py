@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     from specserve.engine.generate import generate
     from specserve.model.loader import load_model
 
-    if args.threads:
+    if args.threads is not None:
         set_compute_threads(args.threads)
     params = _sampling_params(args)
     model = load_model(args.model, dtype=args.dtype)

@@ -94,7 +94,7 @@ def train_drafter(
     from specserve.speculative.head_artifact import save_drafter
 
     options.check()
-    if options.threads:
+    if options.threads is not None:
         set_compute_threads(options.threads)
     began = time.perf_counter()
     prompts, source = _training_prompts(options)

@@ -47,6 +47,8 @@ def set_compute_threads(threads: int) -> None:
     native kernels instead (``use_native_threads``).
     """
     global _compute_threads
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
     _compute_threads = threads
     torch.set_num_threads(threads)
 

@@ -71,7 +71,7 @@ def run_tuning(
     from specserve.tune.ranking import rank, recommend
     from specserve.tune.runner import measure, measure_throughput
 
-    if options.threads:
+    if options.threads is not None:
         set_compute_threads(options.threads)
     model = load_model(options.model, dtype=options.dtype)
     load = _draft_loader(options.dtype)

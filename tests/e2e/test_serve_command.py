@@ -57,5 +57,8 @@ def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--max-batch must be a positive integer" in result.stderr
     result = _specserve("serve", "--prefix-cache-mb", "-1", env=env)
     assert result.returncode == 2 and "--prefix-cache-mb must be at least 0" in result.stderr
+    # checked before the compute thread starts (an error there had been a traceback)
+    result = _specserve("serve", "--threads", "-2", env=env)
+    assert result.returncode == 2 and "--threads must be a positive integer" in result.stderr
     result = _specserve("serve", "--deployment", "nope", "--db", str(tmp_path / "d.db"), env=env)
     assert result.returncode == 2 and "nope" in result.stderr

@@ -110,3 +110,6 @@ def test_cli_generate_prints_text_and_stats(tiny_gguf, capsys: pytest.CaptureFix
     assert "tok/s" in captured.err and "tokens per target step" in captured.err
     assert main(["generate", "no-such-model", "--prompt", "x"]) == 2
     assert "smollm2-135m-instruct" in capsys.readouterr().err
+    # 0 threads had been taken for "the default"
+    assert main(["generate", str(tiny_gguf), "--prompt", "x", "--threads", "0"]) == 2
+    assert "--threads must be a positive integer, got 0" in capsys.readouterr().err
