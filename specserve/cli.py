@@ -153,7 +153,7 @@ def _prompt_and_prediction(
 
 
 def _format_label(model: Model) -> str:
-    """The weights' format, and for gguf the kernel path that runs it (``gguf, avx2``)."""
+    """The weights' format, and for gguf the kernel path that runs it (``gguf, avx2 kernels``)."""
     if model.fmt != "gguf":
         return model.fmt
     from specserve.model.qlinear import kernel_path

@@ -117,8 +117,8 @@ def _release_freed_memory() -> None:
 
 
 def _report_kernel_path(path: Path) -> None:
-    """Which kernel path the gguf format runs on, and a warning when it is the portable one
-    on its own accord: several times slower than the vector paths (docs/runtime.md)."""
+    """Which kernel path the gguf format runs on, and a warning when the CPU leaves only the
+    portable one: several times slower than the vector paths (docs/runtime.md)."""
     isa = kernel_path()
     log.info("%s: native kernels, %s path, %d threads", path.name, isa, native_threads())
     if isa == "generic" and not os.environ.get(ISA_ENV):
