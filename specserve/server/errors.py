@@ -7,7 +7,8 @@ exceptions; a stack trace is never sent, unexpected failures are logged here ins
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,6 +74,32 @@ def replica_lost(error: str) -> APIError:
     return APIError(503, message, "server_error", code="replica_unavailable")
 
 
+def _field_path(problem: dict[str, Any]) -> list[str]:
+    """A pydantic problem's location as the client's parameter path: field names and list
+    indices only (pydantic also names union branches: "str", "function-after[...]")."""
+    return [
+        str(part)
+        for part in problem.get("loc", ())
+        if part != "body" and not (isinstance(part, str) and ("[" in part or part == "str"))
+    ]
+
+
+def _reported_problem(problems: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The first problem, unless it is a text-or-list field's "not a string" and the list
+    branch says more: an image part sent as message content is then reported at its
+    part's type, not as "Input should be a valid string"."""
+    first = dict(problems[0]) if problems else {}
+    if first.get("type") != "string_type":
+        return first
+    path = _field_path(first)
+    deeper = [
+        dict(p)
+        for p in problems[1:]
+        if len(_field_path(p)) > len(path) and _field_path(p)[: len(path)] == path
+    ]
+    return max(deeper, key=lambda p: len(_field_path(p)), default=first)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -81,18 +108,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
-        first = problems[0] if problems else {}
-        # pydantic names union branches in the location ("str", "function-after[...]"):
-        # the client's parameter is the path of field names and list indices only.
-        where = [
-            str(part)
-            for part in first.get("loc", ())
-            if part != "body" and not (isinstance(part, str) and ("[" in part or part == "str"))
-        ]
+        first = _reported_problem(problems)
+        where = _field_path(first)
         param = ".".join(where) or None
         detail = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # its location is a position in the text
+            message, param = "the request body is not valid JSON", None
         elif not where:
             message = "the request body must be a JSON object (Content-Type: application/json)"
         else:

@@ -389,6 +389,9 @@ def test_penalties_and_logit_bias(client: openai.OpenAI) -> None:
 BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
 
 
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
 @pytest.mark.parametrize(
     ("model", "extra", "param"),
     [
@@ -417,6 +420,12 @@ BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"ty
         ("tiny", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ("tiny", {"logit_bias": {"100000": 1}}, "logit_bias"),
         ("tiny", {"n": 2, "prediction": {"type": "content", "content": "x"}}, "n"),
+        # an image part: named at its type, not as "content should be a valid string"
+        (
+            "tiny",
+            {"messages": [{"role": "user", "content": [IMAGE_PART]}]},
+            "messages.0.content.0.type",
+        ),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(

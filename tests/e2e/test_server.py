@@ -202,6 +202,7 @@ def test_malformed_and_oversized_bodies(server: RunningServer) -> None:
     for headers in ({"content-type": "application/json"}, {}):
         response = httpx.post(url, content=b"{not json", headers=headers, timeout=30)
         assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+        assert response.json()["error"]["param"] is None  # not pydantic's position "1"
     big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]}
     response = httpx.post(url, json=big, timeout=30)
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
