@@ -322,6 +322,25 @@ def test_a_bad_forced_isa_path_fails_only_the_commands_that_need_kernels(tmp_pat
     assert "Traceback" not in run.stderr
 
 
+def test_loading_names_the_kernel_path_and_warns_on_the_portable_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from specserve.model import loader
+
+    monkeypatch.delenv(qlinear.ISA_ENV, raising=False)
+    with caplog.at_level("INFO", logger=loader.__name__):
+        loader._report_kernel_path(Path("m.gguf"))
+    assert f"m.gguf: native kernels, {native_module().isa()} path" in caplog.text
+    monkeypatch.setattr(loader, "kernel_path", lambda: "generic")
+    caplog.clear()
+    loader._report_kernel_path(Path("m.gguf"))
+    assert "portable C++ kernels run, several times slower" in caplog.text
+    monkeypatch.setenv(qlinear.ISA_ENV, "generic")  # asked for: no warning
+    caplog.clear()
+    loader._report_kernel_path(Path("m.gguf"))
+    assert "WARNING" not in caplog.text and "slower" not in caplog.text
+
+
 def test_generate_names_the_kernel_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_tiny_gguf(tmp_path / "tiny-q4_0.gguf", TinySpec(linear_type=Q.Q4_0))
     argv = ["generate", str(path), "--prompt", "x", "--max-tokens", "2", "--dtype", "gguf"]
