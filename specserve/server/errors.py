@@ -88,16 +88,16 @@ def _reported_problem(problems: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The first problem, unless it is a text-or-list field's "not a string" and the list
     branch says more: an image part sent as message content is then reported at its
     part's type, not as "Input should be a valid string"."""
-    first = dict(problems[0]) if problems else {}
+    first = problems[0] if problems else {}
     if first.get("type") != "string_type":
         return first
     path = _field_path(first)
-    deeper = [
-        dict(p)
-        for p in problems[1:]
-        if len(_field_path(p)) > len(path) and _field_path(p)[: len(path)] == path
-    ]
-    return max(deeper, key=lambda p: len(_field_path(p)), default=first)
+    depth, deepest = len(path), first
+    for problem in problems[1:]:
+        under = _field_path(problem)
+        if len(under) > depth and under[: len(path)] == path:
+            depth, deepest = len(under), problem
+    return deepest
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -124,8 +124,6 @@ def run_serve(args: argparse.Namespace) -> int:
     limits += [("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 16)]
     limits += [("--prefix-cache-mb", args.prefix_cache_mb, 0)]
     limits += [("--max-body-bytes", args.max_body_bytes, 1024)]
-    if args.threads is not None:  # checked here: the compute thread cannot report it
-        limits += [("--threads", args.threads, 1)]
     for name, value, least in limits:
         if value < least:
             kind = "a positive integer" if least == 1 else f"at least {least}"
@@ -205,9 +203,9 @@ def _start_compute_thread(
     outcome: list[ServedDeployments | BaseException] = []
 
     def compute() -> None:
-        if threads is not None:
-            set_compute_threads(threads)
-        try:
+        try:  # a bad --threads included
+            if threads is not None:
+                set_compute_threads(threads)
             served = load_deployments(
                 deployments, lambda name: load_model(name, dtype=dtype), options, start=False
             )
