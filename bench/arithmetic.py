@@ -16,7 +16,10 @@ that ``bench/runtime.py`` measured (``bench/results/runtime.json``, each round's
   two loops (``register_fed`` and ``kernel_shape``) in the slowest copy;
 - ``ratio_floor[k]``: that floor over the measured 1-token forward, i.e. the best k-to-1 ratio
   the arithmetic allows even if everything else in the forward cost nothing;
-- ``kernel_fraction[k]``: the rate the measured forward implies, over that rate.
+- ``kernel_fraction[k]``: the rate the measured forward implies, over that rate;
+- on AVX2, ``mix_floor_ms[k]`` and ``ratio_mix_floor[k]``: the same at ``mix_unchained``'s rate,
+  the kernel's own instructions with none of their chains, which no arrangement of that
+  instruction mix can beat on this CPU.
 
 Usage (from the repository root; nothing else running)::
 
@@ -92,23 +95,41 @@ def products_per_token(name: str) -> int:
 
 
 def floors(
-    name: str, measured: dict[str, Any], rate: float, cores: int, per_instruction: int
+    name: str,
+    measured: dict[str, Any],
+    rate: float,
+    cores: int,
+    per_instruction: int,
+    mix_rate: float | None = None,
 ) -> dict[str, Any]:
-    """The floor of each k beside runtime.json's forwards (one entry per round)."""
+    """The floor of each k beside runtime.json's forwards (one entry per round); with
+    ``mix_rate`` (the AVX2 probe's ``mix_unchained``) also the floor of the kernel's
+    instruction mix with its latencies hidden."""
     products = products_per_token(name)
     forward = measured["specserve"]["forward"]["ms"]
-    # ms for k tokens' instructions at `rate` (giga per second) on every core
-    floor = {k: int(k) * products / per_instruction / (cores * rate * 1e6) for k in forward}
+
+    def floor_at(g_per_s: float) -> dict[str, float]:  # ms for k tokens' instructions
+        return {k: int(k) * products / per_instruction / (cores * g_per_s * 1e6) for k in forward}
+
+    floor = floor_at(rate)
+    mix = floor_at(mix_rate) if mix_rate else None
     rounds = []
     for i, one in enumerate(forward["1"]["rounds_ms"]):
         taken = {k: forward[k]["rounds_ms"][i] for k in forward}
-        rounds.append({
+        entry = {
             "k1_ms": one,
             "ratio_floor": {k: round(floor[k] / one, 3) for k in forward},
             "kernel_fraction": {k: round(floor[k] / taken[k], 3) for k in forward},
-        })  # fmt: skip
-    floor_ms = {k: round(v, 2) for k, v in floor.items()}
-    return {"products_per_token": products, "floor_ms": floor_ms, "rounds": rounds}
+        }
+        if mix:
+            entry["ratio_mix_floor"] = {k: round(mix[k] / one, 3) for k in forward}
+        rounds.append(entry)
+    result: dict[str, Any] = {"products_per_token": products}
+    result["floor_ms"] = {k: round(v, 2) for k, v in floor.items()}
+    result["rounds"] = rounds
+    if mix:
+        result["mix_floor_ms"] = {k: round(v, 2) for k, v in mix.items()}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     probe, instruction, per_instruction = kernel_probe()
     peak = peak_rates(cores, REPO_ROOT / "bench" / probe)
     rate = peak["floor_rate_g_per_s"]
+    mix_key = "mix_unchained_g_per_s"
     models = {
-        name: floors(name, runtime["results"][name], rate, cores, per_instruction)
+        name: floors(
+            name, runtime["results"][name], rate, cores, per_instruction, peak.get(mix_key)
+        )
         for name in args.models
         if name in runtime["results"]
     }
@@ -139,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, m in models.items():
         first = m["rounds"][0]
+        mix = f"; mix floor {first['ratio_mix_floor']}" if "ratio_mix_floor" in first else ""
         print(f"{name}: floor_ms {m['floor_ms']}; round 1 ratio floor {first['ratio_floor']}; "
-              f"kernel fraction {first['kernel_fraction']}", file=sys.stderr)  # fmt: skip
+              f"kernel fraction {first['kernel_fraction']}{mix}", file=sys.stderr)  # fmt: skip
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
