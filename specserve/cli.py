@@ -196,6 +196,7 @@ def _models() -> int:
         entry = CATALOG[name]
         mark = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{mark}\n    {entry.description}\n    package: {entry.package}")
+        print(f"    weights: {entry.status()}")
     return 0
 
 

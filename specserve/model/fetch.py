@@ -119,8 +119,34 @@ def ensure_joined(weights: ChunkedWeights) -> Path:
     return target
 
 
+def describe(weights: ChunkedWeights) -> str:
+    """Where ``weights`` stand, for `specserve models`: cheap (stats only, no hashing, no
+    join), so a listing never starts a 1 GB copy."""
+    target, size = models_dir() / weights.filename, human_size(weights.size)
+    if _marker_matches(target, weights):
+        return f"ready, {size} at {target}"
+    missing = [i for i, path in _found_parts(weights).items() if path is None]
+    if missing:
+        return (
+            f"not installed ({len(missing)} of {weights.parts} chunk packages missing; "
+            "`make models` installs them)"
+        )
+    return f"installed; joined and verified into {target} ({size}) when first used"
+
+
+def human_size(size: int) -> str:
+    """Bytes in decimal units, as download sizes are given: ``1.12 GB``, ``491 MB``, ``16 kB``."""
+    if size >= 10**9:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.0f} MB" if size >= 10**6 else f"{size / 1e3:.0f} kB"
+
+
+def _found_parts(weights: ChunkedWeights) -> dict[int, Path | None]:
+    return {i: locate_part(weights.module(i), weights.member(i)) for i in _numbers(weights)}
+
+
 def _locate_parts(weights: ChunkedWeights) -> list[Path]:
-    found = {i: locate_part(weights.module(i), weights.member(i)) for i in _numbers(weights)}
+    found = _found_parts(weights)
     missing = [i for i, path in found.items() if path is None]
     if missing:
         names = ", ".join(weights.package(i) for i in missing)

@@ -161,6 +161,43 @@ def test_interrupted_join_leaves_nothing(
     assert listing(home) == []
 
 
+def test_describe_says_where_weights_stand_without_joining_or_hashing(
+    home: Path, chunks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_join, real_hash = fetch._join, fetch._hash_file
+    monkeypatch.setattr(fetch, "_join", lambda *a: pytest.fail("a listing joined"))
+    monkeypatch.setattr(fetch, "_hash_file", lambda *a: pytest.fail("a listing hashed"))
+    target = home / "models" / "fake.gguf"
+    assert fetch.describe(weights()) == (
+        f"installed; joined and verified into {target} (16 kB) when first used"
+    )
+    assert listing(home) == []
+    monkeypatch.setattr(fetch, "_join", real_join)
+    monkeypatch.setattr(fetch, "_hash_file", real_hash)
+    fetch.ensure_joined(weights())
+    assert fetch.describe(weights()) == f"ready, 16 kB at {target}"
+    target.write_bytes(b"damaged")  # the marker no longer vouches for it
+    assert fetch.describe(weights()).startswith("installed; joined and verified into")
+    (chunks / "fake_model_part2" / "data" / "part02.bin").unlink()
+    assert fetch.describe(weights()) == (
+        "not installed (1 of 3 chunk packages missing; `make models` installs them)"
+    )
+    assert [fetch.human_size(n) for n in (1_117_320_768, 491_400_064)] == ["1.12 GB", "491 MB"]
+
+
+def test_the_models_listing_says_for_each_model_whether_its_weights_are_here(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specserve.cli import main
+
+    assert main(["models"]) == 0
+    blocks = capsys.readouterr().out.split("\n    weights: ")[1:]
+    assert len(blocks) == len(catalog.CATALOG)
+    states = [block.split("\n")[0] for block in blocks]
+    assert all(state.startswith(("ready, ", "installed; ", "not installed (")) for state in states)
+    assert listing(home) == []  # nothing joined into the empty data directory
+
+
 def test_the_real_catalog_pins() -> None:
     big, small = catalog.QWEN_CODER_1_5B, catalog.QWEN_CODER_0_5B
     assert (big.parts, big.size, big.package(22), big.member(22)) == (
