@@ -21,6 +21,7 @@ setup(
                     "pool.h",
                     "kernel_generic.inc",
                     "kernel_avx2.inc",
+                    "kernel_neon.inc",
                     "kernel_avx512.inc",
                     "kernel_dispatch.inc",
                     "layer_body.inc",

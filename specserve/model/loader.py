@@ -123,8 +123,9 @@ def _report_kernel_path(path: Path) -> None:
     log.info("%s: native kernels, %s path, %d threads", path.name, isa, native_threads())
     if isa == "generic" and not os.environ.get(ISA_ENV):
         log.warning(
-            "this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C: the portable C++ "
-            "kernels run, several times slower than on a CPU with AVX2"
+            "this CPU has neither AVX-512 VNNI nor AVX2 with FMA and F16C (x86), nor the "
+            "dot-product instructions (64-bit Arm): the portable C++ kernels run, several "
+            "times slower"
         )
 
 

@@ -24,7 +24,8 @@ try:
 except ImportError:  # not compiled on this machine: the PyTorch formats still work
     _native = None
 
-# Force a slower kernel path (avx2 or generic), as a machine without AVX-512 would run it.
+# Force a slower kernel path (avx2 or generic), as a machine without AVX-512 would run it
+# (on 64-bit Arm: neon, the dot-product path, or generic).
 ISA_ENV = "SPECSERVE_NATIVE_ISA"
 _isa_env_applied = False
 
@@ -60,7 +61,7 @@ def native_module() -> ModuleType:
 
 
 def kernel_path() -> str:
-    """The native kernels' path on this CPU (``avx512``, ``avx2`` or ``generic``), as the
+    """The native kernels' path on this CPU (``avx512``, ``avx2``, ``neon`` or ``generic``), as the
     logs and ``generate``'s statistics name it."""
     return str(native_module().isa())
 

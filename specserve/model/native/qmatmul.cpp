@@ -21,6 +21,17 @@
 #include <immintrin.h>
 #endif
 
+// The Arm path needs the dot-product instructions: GCC compiles them under a target pragma
+// (checked at run time before use); clang only where the target has them by default (Apple
+// M-series: arm64-apple-macos), else the portable path runs.
+#if defined(__aarch64__) && (defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__))
+#define SPECSERVE_NEON 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#endif
+
 namespace specserve {
 
 constexpr int64_t kRowChunk = 64;  // rows that share each decoded weight block
@@ -184,8 +195,32 @@ SPECSERVE_QUANTIZE_BODY
 #pragma GCC pop_options
 #endif
 
-enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
-static const char* kIsaNames[] = {"generic", "avx2", "avx512"};
+#if defined(SPECSERVE_NEON)
+#if !defined(__ARM_FEATURE_DOTPROD)
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+#endif
+namespace neon {
+#include "kernel_neon.inc"
+}  // namespace neon
+#if !defined(__ARM_FEATURE_DOTPROD)
+#pragma GCC pop_options
+#endif
+#endif
+
+enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2, NEON = 3, kIsaCount = 4 };
+static const char* kIsaNames[] = {"generic", "avx2", "avx512", "neon"};
+static const int kPreferred[] = {AVX512, AVX2, NEON};  // fastest first
+
+static bool neon_supported() {
+#if defined(SPECSERVE_NEON) && defined(__APPLE__)
+  return true;  // every arm64 Mac (M1 and later) has the dot-product instructions
+#elif defined(SPECSERVE_NEON) && defined(__linux__)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+  return false;
+#endif
+}
 
 static bool isa_supported(int isa) {
 #if defined(__x86_64__)
@@ -198,11 +233,12 @@ static bool isa_supported(int isa) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("avx512dq");
 #endif
+  if (isa == NEON) return neon_supported();
   return isa == GENERIC;
 }
 
 static int best_isa() {
-  for (int isa = AVX512; isa > GENERIC; isa--)
+  for (int isa : kPreferred)
     if (isa_supported(isa)) return isa;
   return GENERIC;
 }
@@ -237,6 +273,12 @@ static void run_tiles(const Job& job, const PackedWeights& pw, int64_t t, int64_
   }
   if (job.isa == AVX2) {
     avx2::tile_rows(pw, t, *job.rows, r0, static_cast<int>(r1 - r0), job.out, job.ldo);
+    return;
+  }
+#endif
+#if defined(SPECSERVE_NEON)
+  if (job.isa == NEON) {
+    neon::tile_rows(pw, t, *job.rows, r0, static_cast<int>(r1 - r0), job.out, job.ldo);
     return;
   }
 #endif
@@ -315,6 +357,7 @@ void linear(const float* x, int64_t m, int64_t k, float* out, int64_t ldo,
 }  // namespace specserve
 
 // ---- Python bindings -------------------------------------------------------------------
+#if !defined(SPECSERVE_NO_PYTHON)  // tests/native/kernel_paths.cpp builds the kernels alone
 
 using specserve::PackedWeights;
 
@@ -388,7 +431,7 @@ static PyObject* py_isa(PyObject*, PyObject*) {
 
 static PyObject* py_supported_isas(PyObject*, PyObject*) {
   PyObject* list = PyList_New(0);
-  for (int isa = specserve::GENERIC; isa <= specserve::AVX512; isa++)
+  for (int isa = specserve::GENERIC; isa < specserve::kIsaCount; isa++)
     if (specserve::isa_supported(isa))
       PyList_Append(list, PyUnicode_FromString(specserve::kIsaNames[isa]));
   return list;
@@ -397,7 +440,7 @@ static PyObject* py_supported_isas(PyObject*, PyObject*) {
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
-  for (int isa = specserve::GENERIC; isa <= specserve::AVX512; isa++)
+  for (int isa = specserve::GENERIC; isa < specserve::kIsaCount; isa++)
     if (std::string(name) == specserve::kIsaNames[isa]) {
       if (!specserve::isa_supported(isa)) {
         PyErr_Format(PyExc_ValueError, "this CPU does not support the %s path", name);
@@ -406,7 +449,7 @@ static PyObject* py_set_isa(PyObject*, PyObject* args) {
       specserve::g_isa = isa;
       Py_RETURN_NONE;
     }
-  PyErr_Format(PyExc_ValueError, "unknown ISA path %s (generic, avx2, avx512)", name);
+  PyErr_Format(PyExc_ValueError, "unknown ISA path %s (generic, avx2, avx512, neon)", name);
   return nullptr;
 }
 
@@ -420,7 +463,7 @@ static PyMethodDef kMethods[] = {
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads per matmul"},
     {"threads", py_threads, METH_NOARGS, "threads per matmul"},
     {"park", py_park, METH_NOARGS, "park(): the workers sleep now, not after spinning (idle)"},
-    {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2 or avx512"},
+    {"isa", py_isa, METH_NOARGS, "the kernel path in use: generic, avx2, avx512 or neon"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "paths this CPU can run"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): choose a path (tests)"},
     {nullptr, nullptr, 0, nullptr}};
@@ -445,3 +488,4 @@ PyMODINIT_FUNC PyInit__native(void) {
   keep_large_blocks();
   return PyModule_Create(&kModule);
 }
+#endif  // SPECSERVE_NO_PYTHON

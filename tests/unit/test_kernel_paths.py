@@ -1,0 +1,50 @@
+"""Every kernel path bit-identical to the portable one, by tests/native/kernel_paths.cpp.
+
+That program compiles the kernels without Python, so the Arm path (kernel_neon.inc) is
+checked too, although this machine is x86: built by Debian's cross compiler and run under
+qemu-aarch64, whose default CPU has the dot-product instructions (and a Cortex-A72, which
+has not, must not be given the path). .ci/run installs both tools; elsewhere that test is
+skipped when they are missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).parents[1] / "native" / "kernel_paths.cpp"
+FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-pthread"]
+
+
+def build(compiler: str, out: Path, *extra: str) -> Path:
+    subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(out)], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    return out
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(command), capture_output=True, text=True, timeout=300)
+
+
+def test_every_path_of_this_cpu_gives_the_portable_bits(tmp_path: Path) -> None:
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ (the native extension is not built either)")
+    result = run(str(build(compiler, tmp_path / "kernel_paths")))
+    assert result.returncode == 0, result.stdout
+    for line in result.stdout.splitlines():
+        assert line.endswith(": bit-identical"), result.stdout
+
+
+def test_the_arm_path_gives_the_portable_bits_under_emulation(tmp_path: Path) -> None:
+    compiler, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if compiler is None or qemu is None:
+        pytest.skip("needs Debian's g++-aarch64-linux-gnu and qemu-user (.ci/run installs them)")
+    binary = str(build(compiler, tmp_path / "kernel_paths_arm", "-static"))
+    result = run(qemu, binary, "--require", "neon")
+    assert (result.returncode, result.stdout) == (0, "neon: bit-identical\n")
+    without = run(qemu, "-cpu", "cortex-a72", binary, "--require", "neon")
+    assert (without.returncode, without.stdout) == (2, "this CPU does not run the neon path\n")
