@@ -44,7 +44,7 @@ def _gemma3_270m() -> Path:
     return Path(package.assemble())
 
 
-NOT_INSTALLED = "not installed (`make models` installs it)"
+NOT_INSTALLED = "not installed (`make setup` installs it)"
 
 
 def _smollm2_status() -> str:
