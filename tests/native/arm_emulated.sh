@@ -27,6 +27,8 @@ if [ ! -d "$SITE/torch" ]; then
 fi
 rm -rf "$REPO" && mkdir -p "$REPO"
 git ls-files -z | xargs -0 cp --parents -t "$REPO"
+# the tests read ../shared/data beside the checkout (tests/paths.py)
+if [ -d ../shared ]; then ln -sfn "$(cd ../shared && pwd)" "$(dirname "$REPO")/shared"; fi
 aarch64-linux-gnu-g++ -O3 -std=c++17 -ffp-contract=off -fno-trapping-math -fPIC -shared \
   -DNDEBUG -I"$ROOT/usr/include/python3.11" -I"$ROOT/usr/include" \
   specserve/model/native/qmatmul.cpp specserve/model/native/layer.cpp \
