@@ -83,7 +83,8 @@ int check(int isa, const Case& c, Rng& rng) {
   const Matrix w = random_matrix(c, rng);
   for (int64_t m : kRowCounts) {
     std::vector<float> x(m * kK);
-    for (auto& v : x) v = static_cast<float>(static_cast<int32_t>(rng.next() % 20001) - 10000) / 997.0f;
+    for (auto& v : x)  // -10.03 .. 10.03
+      v = static_cast<float>(static_cast<int32_t>(rng.next() % 20001) - 10000) / 997.0f;
     const std::vector<float> want = product(specserve::GENERIC, x, m, w, c);
     const std::vector<float> got = product(isa, x, m, w, c);
     for (int64_t i = 0; i < m * kN; i++)

@@ -20,8 +20,9 @@ FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-pthre
 
 
 def build(compiler: str, out: Path, *extra: str) -> Path:
-    subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(out)], check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    command = [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(out)]
+    built = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-4000:]  # the compiler's own message
     return out
 
 
