@@ -352,6 +352,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, help="new tokens per decode (128)")
     parser.add_argument("--prompt-tokens", type=int, help="prefill length and context (512)")
     parser.add_argument("--repeats", type=int, help="timed runs of each measurement")
+    parser.add_argument(
+        "--ks",
+        help="tokens per timed forward, comma-separated (1,2,4,8,16,32); fewer keep "
+        "long contexts short: llama-bench prefills the whole depth before each run",
+    )
     parser.add_argument("--rounds", type=int, help="workers per (model, engine), median kept")
     parser.add_argument("--profile-model", help=f"model to profile ({MODELS[0]}; 'none')")
     parser.add_argument("--out", type=Path, help="JSON file (default results/runtime[.quick].json)")
@@ -366,6 +371,8 @@ def settings_of(args: argparse.Namespace) -> Settings:
     overrides["llama_bin"] = args.llama_cpp_bin or os.environ.get(LLAMA_ENV)
     if args.models:
         overrides["models"] = tuple(m for m in args.models.split(",") if m)
+    if args.ks:
+        overrides["ks"] = tuple(int(k) for k in args.ks.split(",") if k)
     if args.profile_model:
         overrides["profile_model"] = None if args.profile_model == "none" else args.profile_model
     for name in ("llama_depth", "decode_tokens", "prompt_tokens", "repeats", "rounds"):
