@@ -17,6 +17,7 @@ setup(
                 NATIVE + name
                 for name in (
                     "api.h",
+                    "intrinsics.h",
                     "layout.h",
                     "pool.h",
                     "kernel_generic.inc",

@@ -14,10 +14,7 @@
 #include <vector>
 
 #include "api.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "intrinsics.h"
 
 namespace specserve {
 

@@ -16,10 +16,7 @@
 #include <vector>
 
 #include "api.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "intrinsics.h"
 
 // The Arm path needs the dot-product instructions: GCC compiles them under a target pragma
 // (checked at run time before use); clang only where the target has them by default (Apple
