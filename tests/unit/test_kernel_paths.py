@@ -3,8 +3,8 @@
 That program compiles the kernels without Python, so the Arm path (kernel_neon.inc) is
 checked too, although this machine is x86: built by Debian's cross compiler and run under
 qemu-aarch64, whose default CPU has the dot-product instructions (and a Cortex-A72, which
-has not, must not be given the path). .ci/run installs both tools; elsewhere that test is
-skipped when they are missing.
+has not, must not be given the path); and built by clang, which has its own target pragmas.
+.ci/run installs those tools; elsewhere a test whose tool is missing is skipped.
 """
 
 from __future__ import annotations
@@ -38,6 +38,26 @@ def test_every_path_of_this_cpu_gives_the_portable_bits(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout
     for line in result.stdout.splitlines():
         assert line.endswith(": bit-identical"), result.stdout
+
+
+def clang() -> str | None:
+    """clang++ under its plain name or a versioned one (Debian's clang-14 ... clang-19)."""
+    names = ["clang++", *(f"clang++-{v}" for v in range(19, 13, -1))]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def test_clang_builds_the_same_paths(tmp_path: Path) -> None:
+    """clang ignores GCC's target pragmas: intrinsics.h gives it its own, so it builds the
+    AVX2 and AVX-512 paths too (an Intel Mac's compiler), with the portable bits."""
+    compiler = clang()
+    if compiler is None:
+        pytest.skip("no clang++ (.ci/run installs Debian's clang where it can)")
+    result = run(str(build(compiler, tmp_path / "kernel_paths_clang")))
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert lines and all(line.endswith(": bit-identical") for line in lines), result.stdout
+    if "avx2" in Path("/proc/cpuinfo").read_text():  # the SIMD path was built and checked
+        assert any(line.startswith(("avx2", "avx512")) for line in lines), result.stdout
 
 
 def test_the_arm_path_gives_the_portable_bits_under_emulation(tmp_path: Path) -> None:

@@ -67,23 +67,21 @@ namespace generic {
 }  // namespace generic
 
 #if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+SPECSERVE_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 #define SPECSERVE_ATTENTION_AVX2 1
 #include "layer_body.inc"
 #undef SPECSERVE_ATTENTION_AVX2
 }  // namespace avx2
-#pragma GCC pop_options
+SPECSERVE_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+SPECSERVE_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
 #define SPECSERVE_ATTENTION_AVX512 1
 #include "layer_body.inc"
 #undef SPECSERVE_ATTENTION_AVX512
 }  // namespace avx512
-#pragma GCC pop_options
+SPECSERVE_TARGET_END
 #endif
 
 namespace {

@@ -118,8 +118,7 @@ SPECSERVE_QUANTIZE_BODY
 }  // namespace generic
 
 #if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+SPECSERVE_TARGET_BEGIN("avx2,fma,f16c")
 namespace avx2 {
 // The compiler leaves the scalar loops above unvectorized (a max that must skip NaN), which
 // cost ~5% of the 1.5B's 16-token forward; these are the same steps in vector registers.
@@ -161,10 +160,9 @@ static inline void block_codes(const float* v, float inv, int8_t* out, int32_t* 
 SPECSERVE_QUANTIZE_BODY
 #include "kernel_avx2.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+SPECSERVE_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
+SPECSERVE_TARGET_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
 namespace avx512 {
 // As the AVX2 path's, 16 lanes at a time.
 static inline float block_amax(const float* v) {
@@ -189,7 +187,7 @@ static inline void block_codes(const float* v, float inv, int8_t* out, int32_t* 
 SPECSERVE_QUANTIZE_BODY
 #include "kernel_avx512.inc"
 }  // namespace avx512
-#pragma GCC pop_options
+SPECSERVE_TARGET_END
 #endif
 
 #if defined(SPECSERVE_NEON)
@@ -206,7 +204,7 @@ namespace neon {
 #endif
 
 enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2, NEON = 3, kIsaCount = 4 };
-static const char* kIsaNames[] = {"generic", "avx2", "avx512", "neon"};
+[[maybe_unused]] static const char* kIsaNames[] = {"generic", "avx2", "avx512", "neon"};
 static const int kPreferred[] = {AVX512, AVX2, NEON};  // fastest first
 
 static bool neon_supported() {
@@ -219,12 +217,20 @@ static bool neon_supported() {
 #endif
 }
 
+#if defined(__x86_64__)
+// F16C by cpuid: clang's __builtin_cpu_supports has no name for it (the AVX2 test covers the
+// operating system's support of the registers).
+static bool has_f16c() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+#endif
+
 static bool isa_supported(int isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (isa == AVX2)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
   if (isa == AVX512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
