@@ -197,6 +197,9 @@ def _models() -> int:
         mark = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{mark}\n    {entry.description}\n    package: {entry.package}")
         print(f"    weights: {entry.status()}")
+    from specserve.model.qlinear import kernels_summary
+
+    print(f"\nkernels: {kernels_summary()}")
     return 0
 
 

@@ -66,6 +66,23 @@ def kernel_path() -> str:
     return str(native_module().isa())
 
 
+def kernels_summary() -> str:
+    """The native kernels in one line, for ``specserve models``: the path this CPU runs and
+    the ones it could, or why none runs."""
+    if _native is None:
+        return (
+            "not built: GGUF models run in PyTorch's int4 format instead (reinstall with a C++ "
+            "compiler present: pip install -e .)"
+        )
+    try:
+        isa = kernel_path()
+    except ValueError as exc:  # a $SPECSERVE_NATIVE_ISA this CPU cannot run
+        return str(exc)
+    runs = ", ".join(_native.supported_isas())
+    slow = "; the portable path is several times slower" if isa == "generic" else ""
+    return f"native, {isa} path on this CPU (it runs: {runs}){slow}"
+
+
 def set_threads(threads: int) -> None:
     """Threads per native matmul (the caller's thread is one of them)."""
     if _native is not None:

@@ -314,12 +314,28 @@ def test_a_bad_forced_isa_path_fails_only_the_commands_that_need_kernels(tmp_pat
     listing = subprocess.run([sys.executable, "-m", "specserve", "models"], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert listing.returncode == 0, listing.stderr
+    assert "\nkernels: SPECSERVE_NATIVE_ISA=sse9: " in listing.stdout  # said, not raised
     command = [sys.executable, "-m", "specserve", "generate", str(path), "--prompt", "x",
                "--max-tokens", "2", "--dtype", "gguf"]  # fmt: skip
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "specserve: error: SPECSERVE_NATIVE_ISA=sse9" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_models_listing_names_the_kernel_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from specserve.cli import main
+
+    monkeypatch.delenv(qlinear.ISA_ENV, raising=False)
+    qlinear._apply_isa_env(native_module())
+    assert main(["models"]) == 0
+    runs = ", ".join(native_module().supported_isas())
+    expected = f"\nkernels: native, {native_module().isa()} path on this CPU (it runs: {runs})"
+    assert expected in capsys.readouterr().out
+    monkeypatch.setattr(qlinear, "_native", None)
+    assert qlinear.kernels_summary().startswith("not built: GGUF models run in PyTorch's int4")
 
 
 def test_loading_names_the_kernel_path_and_warns_on_the_portable_one(
