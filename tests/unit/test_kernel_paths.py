@@ -56,7 +56,8 @@ def test_clang_builds_the_same_paths(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert lines and all(line.endswith(": bit-identical") for line in lines), result.stdout
-    if "avx2" in Path("/proc/cpuinfo").read_text():  # the SIMD path was built and checked
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and " avx2" in cpuinfo.read_text():  # a SIMD path was built, checked
         assert any(line.startswith(("avx2", "avx512")) for line in lines), result.stdout
 
 
